@@ -1,0 +1,83 @@
+"""Argument checks shared by the public functions of ood_jax.
+
+Everything here inspects only what is known outside a trace (shapes, dtypes) unless the value is
+concrete; value checks such as label ranges are skipped for tracers, because reading a traced value
+would force a host sync or fail under `jax.jit`. Errors name the offending argument.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when `x` holds values we may read on the host (not a tracer)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def floating(name: str, x, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int | None = None):
+  """Checks that `x` is a floating array of the given rank; returns it as a jax array."""
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None:
+    x = np.asarray(x)
+    dtype = x.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'{name} must have a floating dtype, got {dtype}.')
+  _rank(name, x, ndim=ndim, min_ndim=min_ndim)
+  return jnp.asarray(x)
+
+
+def integer(name: str, x, *, ndim: int | tuple[int, ...] | None = None):
+  """Checks that `x` is an integer array of the given rank; returns it as a jax array."""
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None:
+    x = np.asarray(x)
+    dtype = x.dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f'{name} must have an integer dtype, got {dtype}.')
+  _rank(name, x, ndim=ndim)
+  return jnp.asarray(x)
+
+
+def labels(name: str, x, num_classes: int, *, shape: tuple[int, ...] | None = None):
+  """Checks integer labels of the given shape and, when concrete, that they lie in [0, num_classes)."""
+  x = integer(name, x)
+  if shape is not None and tuple(x.shape) != tuple(shape):
+    raise ValueError(f'{name} must have shape {tuple(shape)} to match the logits, got {tuple(x.shape)}.')
+  if is_concrete(x) and x.size:
+    lo, hi = int(jnp.min(x)), int(jnp.max(x))
+    if lo < 0 or hi >= num_classes:
+      raise ValueError(f'{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}].')
+  return x
+
+
+def nonempty(name: str, x, *, axis: int = 0):
+  if x.shape[axis] == 0:
+    raise ValueError(f'{name} is empty (size 0 along axis {axis}).')
+  return x
+
+
+def positive(name: str, value) -> float:
+  if not np.isscalar(value) and np.ndim(value) != 0:
+    raise TypeError(f'{name} must be a scalar, got shape {np.shape(value)}.')
+  if is_concrete(value) and not float(value) > 0:
+    raise ValueError(f'{name} must be > 0, got {value}.')
+  return value
+
+
+def _rank(name, x, *, ndim=None, min_ndim=None):
+  rank = np.ndim(x)
+  if ndim is not None:
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if rank not in allowed:
+      want = ' or '.join(str(a) for a in allowed)
+      raise ValueError(f'{name} must have rank {want}, got shape {tuple(np.shape(x))}.')
+  if min_ndim is not None and rank < min_ndim:
+    raise ValueError(f'{name} must have rank >= {min_ndim}, got shape {tuple(np.shape(x))}.')
+
+
+def compute_dtype(*arrays):
+  """The dtype losses and scores compute in: at least float32, so bfloat16 inputs stay stable."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)

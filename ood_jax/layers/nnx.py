@@ -1,0 +1,59 @@
+"""NNX twins of the Linen logit layers in `ood_jax.layers`, for `flax.nnx` projects.
+
+Same names, same parameter names, same arithmetic (they call the same pure functions). NNX
+modules are built eagerly, so they take the input width `in_features` up front, as `nnx.Linear`.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from ood_jax.layers import cholesky_from_raw
+from ood_jax.layers import l2_normalize
+from ood_jax.layers import mahalanobis_logits
+from ood_jax.layers import negative_distances
+from ood_jax.layers import raw_from_cholesky
+
+__all__ = ['DistanceLogits', 'MahalanobisLogits', 'ProjectionHead']
+
+
+class DistanceLogits(nnx.Module):
+  """IsoMax / distance-OvA head; param `prototypes` `[num_classes, in_features]`, zeros by default."""
+
+  def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs,
+               prototype_init=nnx.initializers.zeros, param_dtype=jnp.float32):
+    self.prototypes = nnx.Param(prototype_init(rngs.params(), (num_classes, in_features), param_dtype))
+
+  def __call__(self, features):
+    return negative_distances(features, self.prototypes[...])
+
+
+class MahalanobisLogits(nnx.Module):
+  """ICE head; params `means` `[K, D]` ~ N(0, 1) and `cholesky_raw` `[D, D]` (identity factor)."""
+
+  def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs,
+               means_init=nnx.initializers.normal(stddev=1.0), param_dtype=jnp.float32):
+    self.means = nnx.Param(means_init(rngs.params(), (num_classes, in_features), param_dtype))
+    self.cholesky_raw = nnx.Param(raw_from_cholesky(jnp.eye(in_features, dtype=param_dtype)))
+
+  def cholesky(self) -> jax.Array:
+    """The lower-triangular factor L with positive diagonal."""
+    return cholesky_from_raw(self.cholesky_raw[...])
+
+  def __call__(self, features):
+    return mahalanobis_logits(features, self.means[...], self.cholesky())
+
+
+class ProjectionHead(nnx.Module):
+  """Dense → ReLU → Dense → L2-normalise; submodules `hidden` and `output` as in the Linen twin."""
+
+  def __init__(self, in_features: int, hidden_dim: int, output_dim: int = 128, *, rngs: nnx.Rngs,
+               dtype=None):
+    self.hidden = nnx.Linear(in_features, hidden_dim, dtype=dtype, rngs=rngs)
+    self.output = nnx.Linear(hidden_dim, output_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, features):
+    x = self.output(jax.nn.relu(self.hidden(features)))
+    return l2_normalize(x.astype(jnp.promote_types(x.dtype, jnp.float32)))

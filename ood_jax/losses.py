@@ -1,0 +1,403 @@
+"""Per-example losses of every ood_jax method, as pure functions.
+
+Conventions (as optax): logits are `[..., num_classes]`, labels `[...]` integers; every loss returns
+per-example values and never reduces — the caller takes the mean (or a weighted sum). Hyperparameters
+are keyword-only. Arithmetic runs in at least float32 whatever the input dtype (bfloat16 logits
+give float32 losses), and in log space, so valid inputs never give NaN or inf: logits of ±1e4,
+distances of 0 and 1e4 and ICE logits → 0⁻ included.
+
+Papers (in ../shared/papers): 000 IsoMax, 001 ICE (with OE and Energy), 002 one-vs-all,
+003 ReweightOOD (with SupCon), 004 SMOT.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ood_jax import _checks
+
+__all__ = [
+    'distance_one_vs_all',
+    'energy_in_margin',
+    'energy_out_margin',
+    'ice_in',
+    'ice_out',
+    'isomax',
+    'one_vs_all',
+    'outlier_exposure',
+    'reweighted_contrastive',
+    'smooth_training',
+    'smot_smoothing',
+    'softmax_cross_entropy',
+    'supervised_contrastive',
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _logits_and_labels(logits, labels, name='logits'):
+  logits = _checks.floating(name, logits, min_ndim=1)
+  if logits.shape[-1] < 1:
+    raise ValueError(f'{name} must have at least one class, got shape {tuple(logits.shape)}.')
+  labels = _checks.labels('labels', labels, logits.shape[-1], shape=logits.shape[:-1])
+  return logits.astype(_checks.compute_dtype(logits)), labels
+
+
+def _logits(logits, name):
+  logits = _checks.floating(name, logits, min_ndim=1)
+  if logits.shape[-1] < 1:
+    raise ValueError(f'{name} must have at least one class, got shape {tuple(logits.shape)}.')
+  return logits.astype(_checks.compute_dtype(logits))
+
+
+def _pick(values, labels):
+  return jnp.take_along_axis(values, labels[..., None], axis=-1)[..., 0]
+
+
+def _neg_log_one_minus_exp(a, eps):
+  """−log(1 − exp(a)) for a ≤ 0, as −log(−expm1(a)); a is capped at −eps so a → 0⁻ stays finite."""
+  return -jnp.log(-jnp.expm1(jnp.minimum(a, -eps)))
+
+
+def _masked_logsumexp(x, mask, axis=-1):
+  """logsumexp of x over the entries where mask holds; 0 (not −inf) for an empty mask.
+
+  Value and gradient stay finite for empty rows: masked-out entries enter as exp(−inf) = 0 and the
+  max-shift of an empty row is replaced by 0 before it is used.
+  """
+  top = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, keepdims=True)
+  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  total = jnp.sum(jnp.exp(jnp.where(mask, x - top, -jnp.inf)), axis=axis, keepdims=True)
+  out = top + jnp.log(jnp.where(total > 0, total, 1.0))
+  return jnp.squeeze(out, axis=axis)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification losses: softmax, IsoMax, one-vs-all.
+
+
+def softmax_cross_entropy(logits, labels):
+  """Softmax cross-entropy, −log softmax(z)_y: the SoftMax baseline of every paper.
+
+  Args:
+    logits: `[..., K]` logits.
+    labels: `[...]` integer labels in [0, K).
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  logits, labels = _logits_and_labels(logits, labels)
+  return -_pick(jax.nn.log_softmax(logits, axis=-1), labels)
+
+
+def isomax(logits, labels, *, entropic_scale=10.0):
+  """IsoMax loss (paper 000, eq. 5): −log softmax(E_s · logits)_y.
+
+  `logits` are negative distances −‖f − p_k‖ (`layers.negative_distances`). The entropic scale
+  E_s is applied during training only; scores and predictions use the logits without it
+  (`scores.entropic_score`). `entropic_scale=1` is the DM loss of paper 002.
+
+  Args:
+    logits: `[..., K]` negative distances.
+    labels: `[...]` integer labels in [0, K).
+    entropic_scale: E_s > 0, 10 in the paper.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  _checks.positive('entropic_scale', entropic_scale)
+  logits, labels = _logits_and_labels(logits, labels)
+  return -_pick(jax.nn.log_softmax(entropic_scale * logits, axis=-1), labels)
+
+
+def one_vs_all(logits, labels):
+  """One-vs-all loss (paper 002): −log σ(z_y) − Σ_{k≠y} log(1 − σ(z_k)).
+
+  Written as softplus(−z_y) + Σ_{k≠y} softplus(z_k), exact and finite for any logits.
+
+  Args:
+    logits: `[..., K]` affine logits.
+    labels: `[...]` integer labels in [0, K).
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  logits, labels = _logits_and_labels(logits, labels)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  # −log σ(z) = softplus(−z) for the target, −log(1 − σ(z)) = softplus(z) for the others.
+  return jnp.sum(jax.nn.softplus(jnp.where(onehot, -logits, logits)), axis=-1)
+
+
+def distance_one_vs_all(logits, labels, *, eps=1e-6):
+  """Distance one-vs-all loss, "OvA DM" (paper 002): p_k = 2σ(logits_k), −log p_y − Σ_{k≠y} log(1 − p_k).
+
+  With d = −logits ≥ 0 (distances, `layers.negative_distances`): log p = log 2 − softplus(d) and
+  log(1 − p) = log tanh(d/2) = log(−expm1(−d)) − softplus(−d). The second diverges as a
+  non-target distance d → 0, so non-target distances are floored at `eps` (the loss is exact for
+  d ≥ eps and capped at −log tanh(eps/2) ≈ 14.5 per class below it).
+
+  Args:
+    logits: `[..., K]` negative distances (≤ 0; positive values are treated as distance `eps`).
+    labels: `[...]` integer labels in [0, K).
+    eps: distance floor for the non-target terms.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  _checks.positive('eps', eps)
+  logits, labels = _logits_and_labels(logits, labels)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  d = -logits
+  target = jax.nn.softplus(d) - jnp.log(2.0).astype(d.dtype)  # −log p_y
+  d_other = jnp.maximum(d, eps)
+  other = -(jnp.log(-jnp.expm1(-d_other)) - jax.nn.softplus(-d_other))  # −log(1 − p_k)
+  return jnp.sum(jnp.where(onehot, target, other), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outlier exposure family (paper 001): OE, Energy, ICE.
+
+
+def outlier_exposure(outlier_logits):
+  """Outlier-exposure term (Hendrycks et al. 2019; paper 001 eq. 0.3): cross-entropy to uniform.
+
+  −(1/K) Σ_k log softmax(z̃)_k = logsumexp(z̃) − mean_k z̃_k. The OE objective is
+  CE(in) + λ·mean(outlier_exposure(outlier_logits)), λ = 0.5.
+
+  Args:
+    outlier_logits: `[..., K]` logits of auxiliary outliers.
+
+  Returns:
+    `[...]` per-outlier losses (≥ 0, zero for uniform predictions).
+  """
+  z = _logits(outlier_logits, 'outlier_logits')
+  return jax.nn.logsumexp(z, axis=-1) - jnp.mean(z, axis=-1)
+
+
+def energy_in_margin(logits, *, margin=-25.0):
+  """Energy-OE in-distribution term (Liu et al. 2020): relu(E(x) − m_in)², E = −logsumexp(z).
+
+  The Energy objective is CE + λ·[mean energy_in_margin(in) + mean energy_out_margin(out)],
+  λ = 0.1. Code defaults m_in = −25, m_out = −7; published runs used (−23, −5) on CIFAR-10 and
+  (−27, −5) on CIFAR-100.
+
+  Args:
+    logits: `[..., K]` in-distribution logits.
+    margin: m_in.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  energy = -jax.nn.logsumexp(_logits(logits, 'logits'), axis=-1)
+  return jnp.square(jax.nn.relu(energy - margin))
+
+
+def energy_out_margin(logits, *, margin=-7.0):
+  """Energy-OE outlier term (Liu et al. 2020): relu(m_out − E(x̃))², E = −logsumexp(z̃).
+
+  Args:
+    logits: `[..., K]` outlier logits.
+    margin: m_out.
+
+  Returns:
+    `[...]` per-outlier losses.
+  """
+  energy = -jax.nn.logsumexp(_logits(logits, 'logits'), axis=-1)
+  return jnp.square(jax.nn.relu(margin - energy))
+
+
+def ice_in(logits, labels):
+  """ICE in-distribution term (paper 001, eq. 0.14): −log exp(h_y) = −h_y.
+
+  ICE: CE(h) + λ·[mean ice_in(h, y) + mean ice_out(h̃)], λ = 1 (eq. 0.15), with h the
+  `layers.mahalanobis_logits`.
+
+  Args:
+    logits: `[..., K]` Mahalanobis logits h ≤ 0.
+    labels: `[...]` integer labels in [0, K).
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  logits, labels = _logits_and_labels(logits, labels)
+  return -_pick(logits, labels)
+
+
+def ice_out(outlier_logits, *, eps=1e-6):
+  """ICE outlier term (paper 001, eq. 0.13): −log(1 − exp(max_k h_k(z̃))).
+
+  Computed as −log(−expm1(a)), a = max_k h_k ≤ 0. It diverges as a → 0⁻ (an outlier on a class
+  mean), so a is capped at −eps: exact for a ≤ −eps, at most −log(−expm1(−eps)) ≈ 13.8 above.
+
+  Args:
+    outlier_logits: `[..., K]` Mahalanobis logits of outliers (≤ 0).
+    eps: cap on −max h.
+
+  Returns:
+    `[...]` per-outlier losses.
+  """
+  _checks.positive('eps', eps)
+  h = _logits(outlier_logits, 'outlier_logits')
+  return _neg_log_one_minus_exp(jnp.max(h, axis=-1), eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contrastive family (paper 003): SupCon and ReweightOOD.
+
+
+def _contrastive_inputs(embeddings, labels):
+  embeddings = _checks.floating('embeddings', embeddings, ndim=3)
+  n, v, _ = embeddings.shape
+  if n * v < 2:
+    raise ValueError(f'embeddings must hold at least two views in all (N·V ≥ 2), got shape {tuple(embeddings.shape)}.')
+  labels = _checks.integer('labels', labels, ndim=1)
+  if labels.shape[0] != n:
+    raise ValueError(f'labels must have shape ({n},) to match embeddings {tuple(embeddings.shape)}, got {tuple(labels.shape)}.')
+  flat = embeddings.reshape(n * v, -1).astype(_checks.compute_dtype(embeddings))
+  flat_labels = jnp.repeat(labels, v)  # anchor a = n·V + view, matching the reshape above
+  same = flat_labels[:, None] == flat_labels[None, :]
+  not_self = ~jnp.eye(n * v, dtype=bool)
+  return flat, flat @ flat.T, same & not_self, ~same
+
+
+def supervised_contrastive(embeddings, labels, *, temperature=0.1):
+  """Supervised contrastive loss (Khosla et al. 2020, L_out; the SupCon baseline of paper 003).
+
+  For anchor i with positives P(i) (other views/examples of its class) and all other entries A(i):
+  L_i = −(1/|P(i)|) Σ_{p∈P(i)} [s_ip/τ − log Σ_{a∈A(i)} exp(s_ia/τ)], s = cosine similarity.
+  Anchors without positives (a class seen once, one view) get 0, as in the SupCon reference.
+  The reference's extra factor τ/τ_base is not applied.
+
+  Args:
+    embeddings: `[N, V, D]` L2-normalised embeddings (`layers.ProjectionHead`), V views each.
+    labels: `[N]` integer class labels.
+    temperature: τ > 0 (0.1 in paper 003; 0.07 in SupCon).
+
+  Returns:
+    `[N·V]` per-anchor losses, anchor index n·V + v (reshape to `[N, V]`).
+  """
+  _checks.positive('temperature', temperature)
+  _, sim, positive, _ = _contrastive_inputs(embeddings, labels)
+  logits = sim / temperature
+  others = ~jnp.eye(sim.shape[0], dtype=bool)
+  log_denominator = _masked_logsumexp(logits, others)
+  count = jnp.sum(positive, axis=-1)
+  mean_positive = jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / jnp.maximum(count, 1)
+  return jnp.where(count > 0, log_denominator - mean_positive, 0.0)
+
+
+def _reweighting(sim, between, within, stop_gradient):
+  weights_sim = jax.lax.stop_gradient(sim) if stop_gradient else sim
+  m_b, c_b = between
+  m_w, c_w = within
+  weight_between = jax.nn.sigmoid(m_b * weights_sim + c_b)  # σ(T_B), grows with s_b
+  weight_within = jax.nn.sigmoid(-(m_w * weights_sim + c_w))  # reverse sigmoid σ'(T_W)
+  return weight_between, weight_within
+
+
+def reweighted_contrastive(embeddings, labels, *, temperature=0.1, between=(5.0, -4.0),
+                           within=(2.0, 1.0), stop_gradient_weights=True, variant='paper'):
+  """ReweightOOD loss (paper 003, eq. 2–3).
+
+  variant='paper' (default), per anchor k with negatives (other classes) and positives (same
+  class, excluding k itself):
+    L_k = log Σ_neg exp(σ(m_b·s_b + c_b)·s_b/τ) − log Σ_pos exp(σ'(m_w·s_w + c_w)·s_w/τ),
+  σ'(x) = 1/(1 + eˣ). Anchors with no positive or no negative get 0.
+
+  variant='openood' reproduces OpenOOD's trainer: one loss for the batch over the pairs i < j,
+  ELU(logsumexp_pos(−w_w·s/τ) + logsumexp_neg(w_b·s/τ)), with the same weight functions; it is
+  returned broadcast to `[N·V]`, so its *mean* is OpenOOD's loss. OpenOOD's defaults
+  (m_b, c_b, m_w, c_w) = (5, 4, 2, 1) in its sign convention are `between=(5, -4)`,
+  `within=(2, -1)` here.
+
+  The weights are stop-gradient by default (as OpenOOD; the paper does not say); pass
+  `stop_gradient_weights=False` to differentiate through them.
+
+  Args:
+    embeddings: `[N, V, D]` L2-normalised embeddings, V views each.
+    labels: `[N]` integer class labels.
+    temperature: τ > 0, 0.1 in the paper.
+    between: (m_b, c_b): (5, −4) for CIFAR-10, (5, −2) for CIFAR-100.
+    within: (m_w, c_w): (2, 1) for both.
+    stop_gradient_weights: treat the reweighting factors as constants.
+    variant: 'paper' or 'openood'.
+
+  Returns:
+    `[N·V]` per-anchor losses, anchor index n·V + v (reshape to `[N, V]`).
+  """
+  _checks.positive('temperature', temperature)
+  if variant not in ('paper', 'openood'):
+    raise ValueError(f"variant must be one of 'paper', 'openood', got {variant!r}.")
+  for name, pair in (('between', between), ('within', within)):
+    if len(pair) != 2:
+      raise ValueError(f'{name} must be a pair (slope, offset), got {pair!r}.')
+  _, sim, positive, negative = _contrastive_inputs(embeddings, labels)
+  weight_between, weight_within = _reweighting(sim, between, within, stop_gradient_weights)
+  if variant == 'paper':
+    log_between = _masked_logsumexp(weight_between * sim / temperature, negative)
+    log_within = _masked_logsumexp(weight_within * sim / temperature, positive)
+    valid = jnp.any(positive, axis=-1) & jnp.any(negative, axis=-1)
+    return jnp.where(valid, log_between - log_within, 0.0)
+  upper = jnp.triu(jnp.ones(sim.shape, dtype=bool), k=1)  # each unordered pair once
+  log_within = _masked_logsumexp((-weight_within * sim / temperature).ravel(), (positive & upper).ravel())
+  log_between = _masked_logsumexp((weight_between * sim / temperature).ravel(), (negative & upper).ravel())
+  return jnp.broadcast_to(jax.nn.elu(log_within + log_between), sim.shape[:1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Smooth training (paper 004): SMOT.
+
+
+def smot_smoothing(threshold, *, temperature=10.0):
+  """SMOT soft-label strength ε(t) = 1 − exp((t − 255)/T) (paper 004, eq. 9), as −expm1(·).
+
+  A threshold t near 255 masks only the most class-discriminative pixels, so little smoothing is
+  needed (ε → 0); lower thresholds mask more and get softer labels.
+
+  Args:
+    threshold: `[...]` CAM thresholds t in [0, 255] (t = 255·Beta(α, β) in the paper).
+    temperature: T > 0: 10 (CIFAR-10), 150 (CIFAR-100), 200 (ImageNet-200).
+
+  Returns:
+    `[...]` ε(t) in [0, 1).
+  """
+  _checks.positive('temperature', temperature)
+  t = _checks.floating('threshold', threshold)
+  t = t.astype(_checks.compute_dtype(t))
+  return -jnp.expm1((t - 255.0) / temperature)
+
+
+def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
+  """SMOT loss (paper 004, eq. 6/8): (1 − λ)·CE(f(x), y) + λ·CE(f(M ⊙ x), (1 − ε)·y + ε/K).
+
+  Args:
+    logits: `[..., K]` logits of the clean inputs.
+    masked_logits: `[..., K]` logits of the CAM-masked inputs.
+    labels: `[...]` integer labels in [0, K).
+    smoothing: ε, scalar or `[...]` (per example, `smot_smoothing(t)`), in [0, 1].
+    weight: λ in [0, 1], 0.1 in the paper.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f'weight must lie in [0, 1], got {weight}.')
+  logits, labels = _logits_and_labels(logits, labels)
+  masked_logits = _checks.floating('masked_logits', masked_logits)
+  if masked_logits.shape != logits.shape:
+    raise ValueError(f'masked_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(masked_logits.shape)}.')
+  smoothing = _checks.floating('smoothing', smoothing)
+  if smoothing.ndim and smoothing.shape != labels.shape:
+    raise ValueError(f'smoothing must be a scalar or have shape {tuple(labels.shape)}, got {tuple(smoothing.shape)}.')
+  if _checks.is_concrete(smoothing) and smoothing.size and not bool(jnp.all((smoothing >= 0) & (smoothing <= 1))):
+    raise ValueError('smoothing must lie in [0, 1].')
+  masked = masked_logits.astype(logits.dtype)
+  clean = -_pick(jax.nn.log_softmax(logits, axis=-1), labels)
+  log_q = jax.nn.log_softmax(masked, axis=-1)
+  # CE to (1 − ε)·onehot + ε/K = (1 − ε)·(−log q_y) + ε·(−mean_k log q_k).
+  eps = smoothing.astype(logits.dtype)
+  soft = (1.0 - eps) * -_pick(log_q, labels) + eps * -jnp.mean(log_q, axis=-1)
+  return (1.0 - weight) * clean + weight * soft

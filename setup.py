@@ -1,0 +1,40 @@
+"""ood_jax: out-of-distribution detection and calibration under dataset shift, in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    'jax>=0.6,<0.13',
+    'flax>=0.11,<0.14',
+    'optax>=0.2.4,<0.3',
+    'chex>=0.1.89,<0.2',
+    'absl-py>=2.1,<3',
+    'ml_collections>=1.0,<2',
+    'tensorflow-datasets>=4.9.7,<5',
+    'orbax-checkpoint>=0.11,<0.13',
+    'numpy>=1.26,<3',
+]
+
+EXTRAS_REQUIRE = {
+    # tensorflow-cpu backs the TFDS input pipelines; the CPU build keeps TF off the accelerator.
+    'tf': ['tensorflow-cpu>=2.16,<2.22'],
+    'test': [
+        'pytest>=8,<10',
+        'pytest-xdist>=3.5,<4',
+        'scikit-learn>=1.4,<2',
+        'scipy>=1.11,<2',
+        'tensorflow-cpu>=2.16,<2.22',
+    ],
+}
+
+setuptools.setup(
+    name='ood_jax',
+    version='0.1.0',
+    description='Out-of-distribution detection and calibration under dataset shift in JAX/Flax.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['ood_jax', 'ood_jax.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license='Apache-2.0',
+)
