@@ -17,6 +17,15 @@ def is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def host_value(x):
+  """`x` as a NumPy array when concrete, else None.
+
+  Reductions must run in NumPy: a jnp op on a concrete array inside a `jax.jit` trace (a closed-over
+  constant) would itself return a tracer.
+  """
+  return np.asarray(x) if is_concrete(x) else None
+
+
 def floating(name: str, x, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int | None = None):
   """Checks that `x` is a floating array of the given rank; returns it as a jax array."""
   dtype = getattr(x, 'dtype', None)
@@ -46,8 +55,9 @@ def labels(name: str, x, num_classes: int, *, shape: tuple[int, ...] | None = No
   x = integer(name, x)
   if shape is not None and tuple(x.shape) != tuple(shape):
     raise ValueError(f'{name} must have shape {tuple(shape)} to match the logits, got {tuple(x.shape)}.')
-  if is_concrete(x) and x.size:
-    lo, hi = int(jnp.min(x)), int(jnp.max(x))
+  value = host_value(x)
+  if value is not None and value.size:
+    lo, hi = int(value.min()), int(value.max())
     if lo < 0 or hi >= num_classes:
       raise ValueError(f'{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}].')
   return x
@@ -81,3 +91,20 @@ def _rank(name, x, *, ndim=None, min_ndim=None):
 def compute_dtype(*arrays):
   """The dtype losses and scores compute in: at least float32, so bfloat16 inputs stay stable."""
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def nonnegative(name: str, value) -> float:
+  if not np.isscalar(value) and np.ndim(value) != 0:
+    raise TypeError(f'{name} must be a scalar, got shape {np.shape(value)}.')
+  if is_concrete(value) and not float(value) >= 0:
+    raise ValueError(f'{name} must be >= 0, got {value}.')
+  return value
+
+
+def positive_int(name: str, value) -> int:
+  """Checks a static (Python or NumPy) integer >= 1, such as a size or a count; returns an int."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be a Python int, got {type(value).__name__}.')
+  if value < 1:
+    raise ValueError(f'{name} must be >= 1, got {value}.')
+  return int(value)

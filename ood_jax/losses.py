@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ood_jax import _checks
 
@@ -171,7 +172,7 @@ def outlier_exposure(outlier_logits):
     outlier_logits: `[..., K]` logits of auxiliary outliers.
 
   Returns:
-    `[...]` per-outlier losses (≥ 0, zero for uniform predictions).
+    `[...]` per-outlier losses, minimal (= log K) for uniform predictions.
   """
   z = _logits(outlier_logits, 'outlier_logits')
   return jax.nn.logsumexp(z, axis=-1) - jnp.mean(z, axis=-1)
@@ -392,7 +393,8 @@ def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
   smoothing = _checks.floating('smoothing', smoothing)
   if smoothing.ndim and smoothing.shape != labels.shape:
     raise ValueError(f'smoothing must be a scalar or have shape {tuple(labels.shape)}, got {tuple(smoothing.shape)}.')
-  if _checks.is_concrete(smoothing) and smoothing.size and not bool(jnp.all((smoothing >= 0) & (smoothing <= 1))):
+  value = _checks.host_value(smoothing)
+  if value is not None and not np.all((value >= 0) & (value <= 1)):
     raise ValueError('smoothing must lie in [0, 1].')
   masked = masked_logits.astype(logits.dtype)
   clean = -_pick(jax.nn.log_softmax(logits, axis=-1), labels)

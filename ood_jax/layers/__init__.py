@@ -16,6 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ood_jax import _checks
 
@@ -91,7 +92,8 @@ def mahalanobis_logits(features, means, cholesky):
   d = features.shape[-1]
   if cholesky.shape != (d, d):
     raise ValueError(f'cholesky must have shape {(d, d)} to match the features, got {tuple(cholesky.shape)}.')
-  if _checks.is_concrete(cholesky) and not bool(jnp.all(jnp.diagonal(cholesky) > 0)):
+  value = _checks.host_value(cholesky)
+  if value is not None and not np.all(np.diagonal(value) > 0):
     raise ValueError('cholesky must have a strictly positive diagonal (a lower-triangular Cholesky factor).')
   dtype = _checks.compute_dtype(features, means, cholesky)
   lower = cholesky.astype(dtype)

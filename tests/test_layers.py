@@ -1,0 +1,225 @@
+"""Tests of ood_jax.layers against float64 NumPy formulas, explicit inverses and finite differences."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import pytest
+
+from ood_jax import layers
+from ood_jax.layers import nnx as layers_nnx
+
+
+def _np_negative_distances(f, p):
+  f = np.asarray(f, np.float64)
+  p = np.asarray(p, np.float64)
+  out = np.empty(f.shape[:-1] + (p.shape[0],))
+  for idx in np.ndindex(*f.shape[:-1]):
+    for k in range(p.shape[0]):
+      out[idx + (k,)] = -np.sqrt(np.sum((f[idx] - p[k]) ** 2))
+  return out
+
+
+def _np_mahalanobis(f, m, lower):
+  f = np.asarray(f, np.float64)
+  m = np.asarray(m, np.float64)
+  lower = np.tril(np.asarray(lower, np.float64))
+  precision = np.linalg.inv(lower @ lower.T)  # the explicit inverse the library must not use
+  out = np.empty(f.shape[:-1] + (m.shape[0],))
+  for idx in np.ndindex(*f.shape[:-1]):
+    for k in range(m.shape[0]):
+      diff = f[idx] - m[k]
+      out[idx + (k,)] = -diff @ precision @ diff
+  return out
+
+
+def _random_cholesky(rng, d):
+  lower = np.tril(rng.normal(size=(d, d)) * 0.3, k=-1)
+  return lower + np.diag(rng.uniform(0.5, 1.5, size=d))
+
+
+@pytest.mark.parametrize('batch_shape', [(7,), (3, 4), ()])
+def test_negative_distances_matches_numpy(batch_shape):
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=batch_shape + (5,)).astype(np.float32)
+  p = rng.normal(size=(6, 5)).astype(np.float32)
+  got = jax.jit(layers.negative_distances)(f, p)
+  assert got.shape == batch_shape + (6,)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, _np_negative_distances(f, p), rtol=1e-6, atol=1e-6)
+
+
+def test_negative_distances_extremes():
+  # Zero distance (every example at IsoMax initialisation) and distances of 1e4.
+  f = np.array([[0.0, 0.0, 0.0], [1e4, 0.0, 0.0], [3.0, 4.0, 0.0]], np.float32)
+  p = np.zeros((2, 3), np.float32)
+  got = np.asarray(jax.jit(layers.negative_distances)(f, p))
+  np.testing.assert_array_equal(got, [[0.0, 0.0], [-1e4, -1e4], [-5.0, -5.0]])
+
+
+def test_negative_distances_gradient_finite_at_zero_distance():
+  f = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+  p = jnp.array([[1.0, 2.0], [4.0, 6.0]])  # f[0] sits exactly on p[0]
+
+  def loss(f, p):
+    return jnp.sum(layers.negative_distances(f, p) * jnp.array([[1.0, 1.0], [1.0, 1.0]]))
+
+  gf, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(f, p)
+  assert np.all(np.isfinite(gf)) and np.all(np.isfinite(gp))
+  # Away from the singular point the gradient is −(f − p)/‖f − p‖; at it, the subgradient 0.
+  expected_f0 = -(np.array([1.0, 2.0]) - np.array([4.0, 6.0])) / 5.0
+  expected_f1 = -(np.array([0.0, 0.0]) - np.array([1.0, 2.0])) / np.sqrt(5.0) - (
+      np.array([0.0, 0.0]) - np.array([4.0, 6.0])) / np.sqrt(52.0)
+  np.testing.assert_allclose(gf[0], expected_f0, rtol=1e-6)
+  np.testing.assert_allclose(gf[1], expected_f1, rtol=1e-6)
+
+
+def test_negative_distances_check_grads():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    f = jnp.asarray(rng.normal(size=(4, 3)))
+    p = jnp.asarray(rng.normal(size=(5, 3)))
+    check_grads(layers.negative_distances, (f, p), order=2, modes=['rev', 'fwd'])
+
+
+def test_negative_distances_bfloat16():
+  rng = np.random.default_rng(2)
+  f = jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)
+  p = jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16)
+  got = jax.jit(layers.negative_distances)(f, p)
+  assert got.dtype == jnp.float32  # computed in float32
+  want = _np_negative_distances(np.asarray(f, np.float64), np.asarray(p, np.float64))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('batch_shape', [(9,), (2, 3)])
+def test_mahalanobis_logits_matches_explicit_inverse(batch_shape):
+  rng = np.random.default_rng(3)
+  d = 4
+  f = rng.normal(size=batch_shape + (d,))
+  m = rng.normal(size=(5, d))
+  lower = _random_cholesky(rng, d)
+  got = jax.jit(layers.mahalanobis_logits)(f.astype(np.float32), m.astype(np.float32), lower.astype(np.float32))
+  np.testing.assert_allclose(got, _np_mahalanobis(f, m, lower), rtol=2e-5, atol=2e-5)
+  with jax.enable_x64(True):
+    got64 = layers.mahalanobis_logits(f, m, lower)
+    assert got64.dtype == jnp.float64
+    np.testing.assert_allclose(got64, _np_mahalanobis(f, m, lower), rtol=1e-12)
+
+
+def test_mahalanobis_logits_ignores_upper_triangle_and_check_grads():
+  rng = np.random.default_rng(4)
+  lower = _random_cholesky(rng, 3)
+  noisy = lower + np.triu(rng.normal(size=(3, 3)), k=1)
+  f = rng.normal(size=(2, 3)).astype(np.float32)
+  m = rng.normal(size=(4, 3)).astype(np.float32)
+  np.testing.assert_allclose(layers.mahalanobis_logits(f, m, noisy.astype(np.float32)),
+                             layers.mahalanobis_logits(f, m, lower.astype(np.float32)), rtol=1e-6)
+  with jax.enable_x64(True):
+    check_grads(layers.mahalanobis_logits, (jnp.asarray(f, jnp.float64), jnp.asarray(m, jnp.float64),
+                                            jnp.asarray(lower)), order=1, modes=['rev'])
+    # A feature exactly on a mean: value 0 and a finite gradient.
+    g = jax.grad(lambda x: layers.mahalanobis_logits(x, jnp.asarray(m, jnp.float64), jnp.asarray(lower)).sum())(
+        jnp.asarray(m[:1], jnp.float64))
+    assert np.all(np.isfinite(g))
+
+
+def test_cholesky_parametrisation_round_trip():
+  rng = np.random.default_rng(5)
+  raw = rng.normal(size=(4, 4)) * 3
+  lower = np.asarray(layers.cholesky_from_raw(jnp.asarray(raw, jnp.float32)))
+  assert np.all(np.triu(lower, k=1) == 0)
+  assert np.all(np.diag(lower) > 0)
+  np.testing.assert_allclose(np.diag(lower), np.log1p(np.exp(np.diag(raw))), rtol=1e-6)
+  back = np.asarray(layers.raw_from_cholesky(jnp.asarray(lower)))
+  np.testing.assert_allclose(np.tril(back), np.tril(raw), rtol=1e-4, atol=1e-5)
+
+
+def test_linen_distance_logits():
+  f = jnp.asarray(np.random.default_rng(6).normal(size=(3, 4)), jnp.float32)
+  module = layers.DistanceLogits(num_classes=5)
+  variables = module.init(jax.random.key(0), f)
+  protos = variables['params']['prototypes']
+  assert protos.shape == (5, 4)
+  np.testing.assert_array_equal(protos, 0.0)  # zero-initialised, paper 000
+  got = jax.jit(module.apply)(variables, f)
+  np.testing.assert_allclose(got, np.repeat(-np.linalg.norm(f, axis=-1, keepdims=True), 5, axis=1), rtol=1e-6)
+  # The IsoMax start: gradient w.r.t. the zero prototypes is finite and non-zero.
+  g = jax.grad(lambda v: module.apply(v, f)[:, 0].sum())(variables)['params']['prototypes']
+  np.testing.assert_allclose(g[0], np.sum(f / np.linalg.norm(f, axis=-1, keepdims=True), axis=0), rtol=1e-5)
+  np.testing.assert_array_equal(g[1:], 0.0)
+
+
+def test_linen_mahalanobis_logits():
+  rng = np.random.default_rng(7)
+  f = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  module = layers.MahalanobisLogits(num_classes=4)
+  variables = module.init(jax.random.key(1), f)
+  params = variables['params']
+  assert params['means'].shape == (4, 3) and params['cholesky_raw'].shape == (3, 3)
+  np.testing.assert_allclose(layers.cholesky_from_raw(params['cholesky_raw']), np.eye(3), atol=1e-6)
+  got = jax.jit(module.apply)(variables, f)
+  np.testing.assert_allclose(got, _np_mahalanobis(f, params['means'], np.eye(3)), rtol=1e-5)
+
+
+def test_linen_projection_head_unit_norm_and_zero_input():
+  module = layers.ProjectionHead(hidden_dim=16, output_dim=8)
+  f = jnp.asarray(np.random.default_rng(8).normal(size=(5, 10)), jnp.float32)
+  variables = module.init(jax.random.key(2), f)
+  out = jax.jit(module.apply)(variables, f)
+  assert out.shape == (5, 8)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, rtol=1e-6)
+  # Hand-computed forward pass.
+  p = variables['params']
+  hidden = np.maximum(f @ p['hidden']['kernel'] + p['hidden']['bias'], 0)
+  raw = hidden @ p['output']['kernel'] + p['output']['bias']
+  np.testing.assert_allclose(out, raw / np.linalg.norm(raw, axis=-1, keepdims=True), rtol=1e-5, atol=1e-6)
+  # An all-zero projection normalises to zero with a finite gradient instead of NaN.
+  zero_vars = jax.tree.map(jnp.zeros_like, variables)
+  g = jax.grad(lambda v: module.apply(v, f).sum())(zero_vars)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
+
+
+def test_nnx_twins_match_linen():
+  rng = np.random.default_rng(9)
+  f = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+
+  dist = layers_nnx.DistanceLogits(3, 5, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(dist.prototypes[...], 0.0)
+  dist.prototypes[...] = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+  linen_vars = {'params': {'prototypes': dist.prototypes[...]}}
+  np.testing.assert_allclose(dist(f), layers.DistanceLogits(5).apply(linen_vars, f), rtol=1e-6)
+
+  maha = layers_nnx.MahalanobisLogits(3, 4, rngs=nnx.Rngs(1))
+  np.testing.assert_allclose(maha.cholesky(), np.eye(3), atol=1e-6)
+  linen_vars = {'params': {'means': maha.means[...], 'cholesky_raw': maha.cholesky_raw[...]}}
+  np.testing.assert_allclose(maha(f), layers.MahalanobisLogits(4).apply(linen_vars, f), rtol=1e-6)
+
+  head = layers_nnx.ProjectionHead(3, 16, 8, rngs=nnx.Rngs(2))
+  linen_vars = {'params': {
+      'hidden': {'kernel': head.hidden.kernel[...], 'bias': head.hidden.bias[...]},
+      'output': {'kernel': head.output.kernel[...], 'bias': head.output.bias[...]}}}
+  np.testing.assert_allclose(head(f), layers.ProjectionHead(16, 8).apply(linen_vars, f), rtol=1e-6)
+
+  # NNX modules train under nnx.jit / nnx.grad like any other.
+  grads = nnx.grad(lambda m: m(f).sum())(dist)
+  assert np.all(np.isfinite(grads.prototypes[...]))
+
+
+def test_layer_errors():
+  f = np.zeros((2, 3), np.float32)
+  with pytest.raises(TypeError, match='features'):
+    layers.negative_distances(np.zeros((2, 3), np.int32), np.zeros((4, 3), np.float32))
+  with pytest.raises(ValueError, match='prototypes'):
+    layers.negative_distances(f, np.zeros((4, 2), np.float32))
+  with pytest.raises(ValueError, match='prototypes'):
+    layers.negative_distances(f, np.zeros((4, 3, 1), np.float32))
+  with pytest.raises(ValueError, match='means'):
+    layers.mahalanobis_logits(f, np.zeros((4, 2), np.float32), np.eye(3, dtype=np.float32))
+  with pytest.raises(ValueError, match='cholesky'):
+    layers.mahalanobis_logits(f, np.zeros((4, 3), np.float32), np.eye(2, dtype=np.float32))
+  with pytest.raises(ValueError, match='positive diagonal'):
+    layers.mahalanobis_logits(f, np.zeros((4, 3), np.float32), np.diag([1.0, 0.0, 1.0]).astype(np.float32))
+  with pytest.raises(TypeError, match='cholesky'):
+    layers.mahalanobis_logits(f, np.zeros((4, 3), np.float32), np.eye(3, dtype=np.int32))

@@ -1,0 +1,407 @@
+"""Tests of ood_jax.losses against float64 NumPy formulas written from the papers' equations.
+
+The references below are deliberately naive (loops, explicit probabilities, mpmath-free float64)
+and share no code with the library; extreme regimes are checked against closed forms.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import pytest
+
+from ood_jax import layers
+from ood_jax import losses
+
+
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  shifted = z - z.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _np_logsumexp(z, axis=-1):
+  z = np.asarray(z, np.float64)
+  top = z.max(axis=axis, keepdims=True)
+  return np.squeeze(top + np.log(np.exp(z - top).sum(axis=axis, keepdims=True)), axis=axis)
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def _pick(a, y):
+  return np.take_along_axis(np.asarray(a), np.asarray(y)[..., None], axis=-1)[..., 0]
+
+
+def _data(shape=(6, 5), seed=0, scale=2.0, negative=False):
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=shape) * scale
+  if negative:
+    z = -np.abs(z)
+  y = rng.integers(0, shape[-1], size=shape[:-1])
+  return z.astype(np.float32), y.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# Value tests against the paper formulas, under jit.
+
+REFERENCES = {
+    'softmax_cross_entropy': lambda z, y: -_pick(_np_log_softmax(z), y),
+    # Paper 000 eq. 5: −log(exp(−E_s·D_y) / Σ_j exp(−E_s·D_j)) with logits = −D.
+    'isomax': lambda z, y: -_pick(_np_log_softmax(10.0 * np.asarray(z, np.float64)), y),
+    # Paper 002: −log σ(z_y) − Σ_{k≠y} log(1 − σ(z_k)).
+    'one_vs_all': lambda z, y: np.array([
+        -np.log(_sigmoid(zi[yi])) - sum(np.log(1 - _sigmoid(zi[k])) for k in range(len(zi)) if k != yi)
+        for zi, yi in zip(np.reshape(z, (-1, np.shape(z)[-1])), np.ravel(y))]).reshape(np.shape(y)),
+    # Paper 002: p = 2σ(−d), −log p_y − Σ_{k≠y} log(1 − p_k).
+    'distance_one_vs_all': lambda z, y: np.array([
+        -np.log(2 * _sigmoid(zi[yi])) - sum(np.log(1 - 2 * _sigmoid(zi[k])) for k in range(len(zi)) if k != yi)
+        for zi, yi in zip(np.reshape(z, (-1, np.shape(z)[-1])), np.ravel(y))]).reshape(np.shape(y)),
+    # Paper 001 eq. 0.14.
+    'ice_in': lambda z, y: -_pick(np.asarray(z, np.float64), y),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REFERENCES))
+@pytest.mark.parametrize('shape', [(7, 5), (2, 3, 4), (5, 1)])
+def test_labelled_losses_match_reference(name, shape):
+  z, y = _data(shape, seed=len(name), negative=name in ('isomax', 'distance_one_vs_all', 'ice_in'))
+  got = jax.jit(getattr(losses, name))(z, y)
+  assert got.shape == shape[:-1] and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, REFERENCES[name](z, y), rtol=2e-5, atol=2e-6)
+
+
+def test_isomax_entropic_scale_and_dm():
+  z, y = _data((8, 4), seed=3, negative=True)
+  got = jax.jit(functools.partial(losses.isomax, entropic_scale=3.0))(z, y)
+  np.testing.assert_allclose(got, -_pick(_np_log_softmax(3.0 * z.astype(np.float64)), y), rtol=1e-5)
+  # E_s = 1 is the DM loss: softmax cross-entropy on the distance logits.
+  np.testing.assert_allclose(losses.isomax(z, y, entropic_scale=1.0), losses.softmax_cross_entropy(z, y), rtol=1e-6)
+
+
+def test_outlier_exposure_is_cross_entropy_to_uniform():
+  z, _ = _data((9, 6), seed=4)
+  got = jax.jit(losses.outlier_exposure)(z)
+  want = -np.mean(_np_log_softmax(z), axis=-1)  # −Σ_k (1/K) log p_k
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(losses.outlier_exposure(np.full((2, 6), 3.0, np.float32)), np.log(6.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize('m_in,m_out', [(-25.0, -7.0), (-23.0, -5.0), (-1.0, -2.0)])
+def test_energy_margins(m_in, m_out):
+  z, _ = _data((10, 4), seed=5, scale=8.0)
+  energy = -_np_logsumexp(z)
+  got_in = jax.jit(functools.partial(losses.energy_in_margin, margin=m_in))(z)
+  got_out = jax.jit(functools.partial(losses.energy_out_margin, margin=m_out))(z)
+  np.testing.assert_allclose(got_in, np.maximum(energy - m_in, 0) ** 2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_out, np.maximum(m_out - energy, 0) ** 2, rtol=1e-5, atol=1e-5)
+
+
+def test_ice_out_matches_paper():
+  h, _ = _data((8, 5), seed=6, negative=True)
+  got = jax.jit(losses.ice_out)(h)
+  want = -np.log(1 - np.exp(h.astype(np.float64).max(axis=-1)))  # paper 001 eq. 0.13
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_smot_smoothing_and_loss():
+  t = np.array([255.0, 245.0, 100.0, 0.0], np.float32)
+  got = jax.jit(functools.partial(losses.smot_smoothing, temperature=10.0))(t)
+  np.testing.assert_allclose(got, 1 - np.exp((t.astype(np.float64) - 255) / 10), rtol=1e-6, atol=1e-7)
+  assert float(got[0]) == 0.0
+  np.testing.assert_allclose(float(got[1]), 1 - np.exp(-1.0), rtol=1e-6)
+
+  z, y = _data((4, 3), seed=7)
+  zm, _ = _data((4, 3), seed=8)
+  eps = np.asarray(got)
+  loss = jax.jit(functools.partial(losses.smooth_training, weight=0.1))(z, zm, y, eps)
+  soft = (1 - eps[:, None]) * np.eye(3)[y] + eps[:, None] / 3  # paper 004 eq. 5
+  want = 0.9 * -_pick(_np_log_softmax(z), y) + 0.1 * -np.sum(soft * _np_log_softmax(zm), axis=-1)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  # A scalar ε broadcasts.
+  np.testing.assert_allclose(losses.smooth_training(z, zm, y, np.float32(eps[1])),
+                             losses.smooth_training(z, zm, y, np.full(4, eps[1], np.float32)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Contrastive losses: loop references over anchors and pairs.
+
+
+def _embeddings(n=6, v=2, d=5, seed=0, labels=(0, 1, 0, 2, 1, 0)):
+  rng = np.random.default_rng(seed)
+  e = rng.normal(size=(n, v, d))
+  e /= np.linalg.norm(e, axis=-1, keepdims=True)
+  return e.astype(np.float32), np.asarray(labels[:n], np.int32)
+
+
+def _np_supcon(e, y, tau):
+  n, v, d = e.shape
+  flat = e.reshape(n * v, d).astype(np.float64)
+  lab = np.repeat(y, v)
+  out = []
+  for i in range(n * v):
+    others = [a for a in range(n * v) if a != i]
+    denom = np.log(sum(np.exp(flat[i] @ flat[a] / tau) for a in others))
+    pos = [p for p in others if lab[p] == lab[i]]
+    out.append(-np.mean([flat[i] @ flat[p] / tau - denom for p in pos]) if pos else 0.0)
+  return np.array(out)
+
+
+def _np_reweight_paper(e, y, tau, mb, cb, mw, cw):
+  n, v, d = e.shape
+  flat = e.reshape(n * v, d).astype(np.float64)
+  lab = np.repeat(y, v)
+  out = []
+  for k in range(n * v):
+    neg = [flat[k] @ flat[i] for i in range(n * v) if lab[i] != lab[k]]
+    pos = [flat[k] @ flat[j] for j in range(n * v) if j != k and lab[j] == lab[k]]
+    if not neg or not pos:
+      out.append(0.0)
+      continue
+    # Paper 003 eq. 3, literally.
+    between = np.log(sum(np.exp(1 / (1 + np.exp(-s * mb - cb)) * s / tau) for s in neg))
+    within = np.log(sum(np.exp(1 / (1 + np.exp(s * mw + cw)) * s / tau) for s in pos))
+    out.append(between - within)
+  return np.array(out)
+
+
+def _np_reweight_openood(e, y, tau, m_b, c_b, m_w, c_w):
+  # OpenOOD's trainer in its own sign convention: views concatenated view-major, pairs i < j.
+  flat = np.concatenate([e[:, 0], e[:, 1]], axis=0).astype(np.float64)
+  lab = np.concatenate([y, y])
+  pos, neg = [], []
+  for i in range(len(flat)):
+    for j in range(i + 1, len(flat)):
+      (pos if lab[i] == lab[j] else neg).append(flat[i] @ flat[j])
+  pos, neg = np.array(pos), np.array(neg)
+  w_pos = _sigmoid(-(pos * m_w - c_w))
+  w_neg = _sigmoid(neg * m_b - c_b)
+  total = _np_logsumexp(-w_pos * pos / tau, axis=0) + _np_logsumexp(w_neg * neg / tau, axis=0)
+  return total if total > 0 else np.exp(total) - 1  # ELU
+
+
+@pytest.mark.parametrize('tau', [0.1, 0.07, 1.0])
+def test_supervised_contrastive_matches_loop(tau):
+  e, y = _embeddings(labels=(0, 1, 0, 2, 1, 3))  # class 2 and 3: only their own other view
+  got = jax.jit(functools.partial(losses.supervised_contrastive, temperature=tau))(e, y)
+  assert got.shape == (12,)
+  np.testing.assert_allclose(got, _np_supcon(e, y, tau), rtol=1e-5, atol=1e-5)
+
+
+def test_supervised_contrastive_anchor_without_positive_is_zero():
+  e, y = _embeddings(n=3, v=1, labels=(0, 1, 1))
+  got = losses.supervised_contrastive(e, y)
+  assert float(got[0]) == 0.0
+  np.testing.assert_allclose(got, _np_supcon(e, y, 0.1), rtol=1e-5)
+
+
+@pytest.mark.parametrize('between,within', [((5.0, -4.0), (2.0, 1.0)), ((5.0, -2.0), (2.0, 1.0)), ((1.0, 0.5), (-1.0, 0.0))])
+def test_reweighted_contrastive_paper_matches_eq3(between, within):
+  e, y = _embeddings(n=5, v=2, labels=(0, 1, 0, 2, 1), seed=1)
+  fn = functools.partial(losses.reweighted_contrastive, between=between, within=within)
+  got = jax.jit(fn)(e, y)
+  np.testing.assert_allclose(got, _np_reweight_paper(e, y, 0.1, *between, *within), rtol=1e-5, atol=1e-5)
+
+
+def test_reweighted_contrastive_single_class_batch_is_zero():
+  e, y = _embeddings(n=3, labels=(1, 1, 1))
+  np.testing.assert_array_equal(losses.reweighted_contrastive(e, y), 0.0)
+
+
+def test_reweighted_contrastive_openood_variant():
+  e, y = _embeddings(n=6, v=2, labels=(0, 1, 0, 2, 1, 0), seed=2)
+  # OpenOOD (m_b, c_b, m_w, c_w) = (5, 4, 2, 1) == between=(5, −4), within=(2, −1) here.
+  fn = functools.partial(losses.reweighted_contrastive, between=(5.0, -4.0), within=(2.0, -1.0), variant='openood')
+  got = jax.jit(fn)(e, y)
+  assert got.shape == (12,)
+  np.testing.assert_allclose(float(jnp.mean(got)), _np_reweight_openood(e, y, 0.1, 5.0, 4.0, 2.0, 1.0), rtol=1e-5)
+
+
+def test_reweighted_contrastive_stop_gradient_weights():
+  with jax.enable_x64(True):
+    e, y = _embeddings(n=4, v=2, labels=(0, 1, 0, 1), seed=3)
+    e = jnp.asarray(e, jnp.float64)
+    base = np.asarray(e)
+
+    def frozen_weights_loss(x):
+      # Loss with the reweighting factors computed from the fixed point `base`, in NumPy.
+      flat_b = base.reshape(8, -1)
+      flat = x.reshape(8, -1)
+      lab = np.repeat(np.asarray(y), 2)
+      total = 0.0
+      for k in range(8):
+        neg = [(flat_b[k] @ flat_b[i], flat[k] @ flat[i]) for i in range(8) if lab[i] != lab[k]]
+        pos = [(flat_b[k] @ flat_b[j], flat[k] @ flat[j]) for j in range(8) if j != k and lab[j] == lab[k]]
+        total += np.log(sum(np.exp(_sigmoid(5 * sb - 4) * s / 0.1) for sb, s in neg))
+        total -= np.log(sum(np.exp(_sigmoid(-(2 * sw + 1)) * s / 0.1) for sw, s in pos))
+      return total
+
+    grad = jax.grad(lambda x: losses.reweighted_contrastive(x, y).sum())(e)
+    numeric = np.zeros(base.size)
+    for i in range(base.size):
+      step = np.zeros(base.size)
+      step[i] = 1e-6
+      numeric[i] = (frozen_weights_loss(base + step.reshape(base.shape)) -
+                    frozen_weights_loss(base - step.reshape(base.shape))) / 2e-6
+    np.testing.assert_allclose(np.ravel(grad), numeric, rtol=1e-5, atol=1e-7)
+    grad_through = jax.grad(lambda x: losses.reweighted_contrastive(x, y, stop_gradient_weights=False).sum())(e)
+    assert np.max(np.abs(grad_through - grad)) > 1e-3
+    check_grads(lambda x: losses.reweighted_contrastive(x, y, stop_gradient_weights=False), (e,), order=1, modes=['rev'])
+
+
+# ------------------------------------------------------------------------------------------
+# Gradients, extremes, dtypes.
+
+LABELLED = ['softmax_cross_entropy', 'isomax', 'one_vs_all', 'distance_one_vs_all', 'ice_in']
+UNLABELLED = ['outlier_exposure', 'energy_in_margin', 'energy_out_margin', 'ice_out']
+
+
+@pytest.mark.parametrize('name', LABELLED + UNLABELLED)
+def test_check_grads(name):
+  with jax.enable_x64(True):
+    z, y = _data((4, 3), seed=9, scale=3.0, negative=True)
+    z = jnp.asarray(z, jnp.float64) - 0.5  # away from the floors at 0
+    fn = getattr(losses, name)
+    if name in ('energy_in_margin', 'energy_out_margin'):
+      fn = functools.partial(fn, margin=-1.0)  # active margins so the gradient is not trivially 0
+    args = (z, jnp.asarray(y)) if name in LABELLED else (z,)
+    f = (lambda x: fn(x, args[1])) if name in LABELLED else fn
+    check_grads(f, (z,), order=2 if name != 'ice_out' else 1, modes=['rev'])
+
+
+def test_contrastive_check_grads():
+  with jax.enable_x64(True):
+    e, y = _embeddings(n=4, v=2, labels=(0, 1, 0, 2))
+    check_grads(lambda x: losses.supervised_contrastive(x, y), (jnp.asarray(e, jnp.float64),), order=1, modes=['rev'])
+    # Numerical differentiation moves the weights too, so compare with the weights differentiated.
+    check_grads(lambda x: losses.reweighted_contrastive(x, y, stop_gradient_weights=False),
+                (jnp.asarray(e, jnp.float64),), order=1, modes=['rev'])
+
+
+def test_isomax_through_zero_prototypes_has_finite_nonzero_gradient():
+  # The IsoMax start: zero prototypes, and features that sit on them too.
+  features = jnp.zeros((4, 3))
+  prototypes = jnp.zeros((5, 3))
+  y = jnp.array([0, 1, 2, 3])
+
+  def loss(f, p):
+    return jnp.mean(losses.isomax(layers.negative_distances(f, p), y))
+
+  gf, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(features, prototypes)
+  assert np.all(np.isfinite(gf)) and np.all(np.isfinite(gp))
+  value = loss(features, prototypes)
+  np.testing.assert_allclose(float(value), np.log(5.0), rtol=1e-6)  # uniform at the start
+  # One step off the singular point, the gradient is the analytic one and non-zero.
+  f1 = jnp.array([[1.0, 0.0, 0.0]] * 4)
+  gp1 = jax.grad(loss, argnums=1)(f1, prototypes)
+  assert np.all(np.isfinite(gp1)) and np.abs(gp1).max() > 0
+
+
+def test_extreme_regimes_are_finite_and_exact():
+  big = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, -1e4]], np.float32)
+  y = np.array([0, 0], np.int32)
+  for name in ('softmax_cross_entropy', 'one_vs_all'):
+    out = np.asarray(getattr(losses, name)(big, y))
+    assert np.all(np.isfinite(out)), name
+  np.testing.assert_allclose(losses.softmax_cross_entropy(big, y), [0.0, 2e4], rtol=1e-6)
+  np.testing.assert_allclose(losses.one_vs_all(big, y), [np.log1p(np.exp(-1e4)) + np.log(2), 2e4], rtol=1e-6)
+  for name in ('outlier_exposure', 'energy_in_margin', 'energy_out_margin'):
+    assert np.all(np.isfinite(np.asarray(getattr(losses, name)(big)))), name
+  np.testing.assert_allclose(losses.outlier_exposure(big), [1e4 - 0.0, 1e4 + 1e4 / 3], rtol=1e-6)
+
+  # Distances 0 and 1e4.
+  dist = np.array([[0.0, -1e4, 0.0], [-1e4, 0.0, -1e4]], np.float32)
+  for name in ('isomax', 'distance_one_vs_all'):
+    value = np.asarray(getattr(losses, name)(dist, np.array([0, 1], np.int32)))
+    assert np.all(np.isfinite(value)), name
+    grad = jax.grad(lambda d: getattr(losses, name)(d, jnp.array([0, 1])).sum())(jnp.asarray(dist))
+    assert np.all(np.isfinite(grad)), name
+  # Non-target at distance 0 is floored at eps = 1e-6: −log tanh(5e-7) + target term at d = 0.
+  np.testing.assert_allclose(losses.distance_one_vs_all(dist, np.array([0, 1], np.int32)),
+                             [-np.log(np.tanh(5e-7)) + np.log1p(np.exp(-1e4)) * 0, 0.0],
+                             rtol=1e-5, atol=1e-6)
+
+  # ICE: max h → 0⁻ stays finite; exact away from the cap.
+  h = np.array([[-1e-30, -5.0], [0.0, -1.0], [-1e-3, -2.0], [-1e4, -1e4]], np.float32)
+  out = np.asarray(losses.ice_out(h))
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out[2], -np.log(-np.expm1(-1e-3)), rtol=1e-6)
+  np.testing.assert_allclose(out[3], 0.0, atol=1e-30)
+  grad = jax.grad(lambda x: losses.ice_out(x).sum())(jnp.asarray(h))
+  assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize('name', LABELLED)
+def test_bfloat16_inputs(name):
+  z, y = _data((6, 4), seed=10, negative=name in ('isomax', 'distance_one_vs_all', 'ice_in'))
+  zb = jnp.asarray(z, jnp.bfloat16)
+  got = jax.jit(getattr(losses, name))(zb, y)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, REFERENCES[name](np.asarray(zb, np.float64), y), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_contrastive_and_unlabelled():
+  e, y = _embeddings()
+  eb = jnp.asarray(e, jnp.bfloat16)
+  got = losses.supervised_contrastive(eb, y)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, _np_supcon(np.asarray(eb, np.float64), y, 0.1), rtol=1e-4, atol=1e-4)
+  z, _ = _data((5, 4), seed=11)
+  zb = jnp.asarray(z, jnp.bfloat16)
+  np.testing.assert_allclose(losses.outlier_exposure(zb), -np.mean(_np_log_softmax(np.asarray(zb, np.float64)), -1), rtol=1e-5)
+
+
+def test_losses_vmap():
+  z, y = _data((3, 4, 5), seed=12)
+  got = jax.vmap(losses.isomax)(z, y)
+  np.testing.assert_allclose(got, losses.isomax(z, y), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_errors():
+  z, y = _data((4, 3))
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 3\)'):
+    losses.isomax(z, np.array([0, 1, 2, 3], np.int32))
+  with pytest.raises(ValueError, match='labels must lie'):
+    losses.one_vs_all(z, np.array([0, -1, 2, 1], np.int32))
+  with pytest.raises(ValueError, match='labels must have shape'):
+    losses.softmax_cross_entropy(z, y[:3])
+  with pytest.raises(TypeError, match='labels'):
+    losses.ice_in(z, y.astype(np.float32))
+  with pytest.raises(TypeError, match='logits'):
+    losses.distance_one_vs_all(z.astype(np.int32), y)
+  with pytest.raises(ValueError, match='logits must have rank'):
+    losses.isomax(np.float32(1.0), np.int32(0))
+  with pytest.raises(TypeError, match='outlier_logits'):
+    losses.outlier_exposure(np.ones((2, 3), np.int32))
+  with pytest.raises(ValueError, match='entropic_scale'):
+    losses.isomax(z, y, entropic_scale=0.0)
+  with pytest.raises(TypeError):
+    losses.isomax(z, y, 10.0)  # hyperparameters are keyword-only
+  e, ye = _embeddings()
+  with pytest.raises(ValueError, match='embeddings must have rank 3'):
+    losses.supervised_contrastive(e[:, 0], ye)
+  with pytest.raises(ValueError, match='labels must have shape'):
+    losses.reweighted_contrastive(e, ye[:-1])
+  with pytest.raises(ValueError, match='temperature'):
+    losses.supervised_contrastive(e, ye, temperature=-0.1)
+  with pytest.raises(ValueError, match='variant'):
+    losses.reweighted_contrastive(e, ye, variant='simclr')
+  with pytest.raises(ValueError, match='N·V'):
+    losses.supervised_contrastive(e[:1, :1], ye[:1])
+  with pytest.raises(ValueError, match='masked_logits'):
+    losses.smooth_training(z, z[:2], y, 0.1)
+  with pytest.raises(ValueError, match='smoothing must lie'):
+    losses.smooth_training(z, z, y, np.float32(1.5))
+  with pytest.raises(ValueError, match='smoothing must be a scalar'):
+    losses.smooth_training(z, z, y, np.zeros(3, np.float32))
+  with pytest.raises(ValueError, match='weight'):
+    losses.smooth_training(z, z, y, 0.1, weight=1.5)
+  with pytest.raises(TypeError, match='threshold'):
+    losses.smot_smoothing(np.array([3], np.int32))
