@@ -12,17 +12,17 @@ INSTALL_REQUIRES = [
     'tensorflow-datasets>=4.9.7,<5',
     'orbax-checkpoint>=0.11,<0.13',
     'numpy>=1.26,<3',
+    'pillow>=10,<14',  # image folders and scikit-learn's sample photos
+    'scikit-learn>=1.4,<2',  # the offline digits benchmark ships inside scikit-learn
+    # TFDS needs TensorFlow to read datasets; the CPU build keeps it off the accelerators.
+    'tensorflow-cpu>=2.16,<2.22',
 ]
 
 EXTRAS_REQUIRE = {
-    # tensorflow-cpu backs the TFDS input pipelines; the CPU build keeps TF off the accelerator.
-    'tf': ['tensorflow-cpu>=2.16,<2.22'],
     'test': [
         'pytest>=8,<10',
         'pytest-xdist>=3.5,<4',
-        'scikit-learn>=1.4,<2',
         'scipy>=1.11,<2',
-        'tensorflow-cpu>=2.16,<2.22',
     ],
 }
 

@@ -1,0 +1,467 @@
+"""OOD-detection, calibration and embedding-quality metrics, computed on the host.
+
+Metrics are evaluated once per run on scores already gathered from the devices, so they live in
+NumPy (float64 internally) rather than in traced JAX code: exact tie handling needs sorting and
+data-dependent shapes, which are natural on the host and awkward under `jax.jit`. Every detection
+metric is an O(n log n) sweep over the distinct score values, fast enough for millions of scores.
+
+Conventions (see also the project's REFERENCE.md):
+
+* Scores are "higher = more in-distribution". Detection metrics take `(in_scores, out_scores)` and
+  treat in-distribution (ID) as the POSITIVE class, as the IsoMax, ODIN, Mahalanobis and Energy
+  papers do. OpenOOD v1.5 instead reports FPR@95 with OOD as the positive class; numbers from this
+  module are therefore not directly comparable with its FPR column.
+* `auroc` counts ties as one half (equal to `sklearn.metrics.roc_auc_score` with ID = 1).
+* `aupr_in` / `aupr_out` are average precision (`sklearn.metrics.average_precision_score`) with ID
+  positive on the scores, and with OOD positive on the negated scores.
+* `fpr_at_tpr` picks the largest threshold t whose ID acceptance rate P_in(s >= t) reaches `tpr`
+  and reports P_out(s >= t); tied scores always share one threshold.
+* `detection_accuracy` is eq. 8 of the IsoMax paper (Macêdo et al., "Entropic Out-of-Distribution
+  Detection") with equal priors:
+  DTACC = 1 - min_delta {0.5 P_in(s < delta) + 0.5 P_out(s >= delta)}.
+* `expected_calibration_error` bins the top-label confidence into equal-width bins as
+  robustness_metrics / uncertainty-baselines do (not torchmetrics, which mishandles 0 and 1).
+* `mes_radius` and `centroid_dispersion` are the embedding statistics of the ReweightOOD paper
+  ("Loss Reweighting for Distance-Based OOD Detection", section 4.1): eq. 4, the radius of each
+  class's minimum enclosing sphere, and eq. 5, the cosine similarity of class centroids.
+
+All functions accept NumPy arrays, JAX arrays (including bfloat16 / float16) and Python lists, and
+raise `ValueError` / `TypeError` naming the offending argument. They cannot be called on tracers.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ood_jax import _checks
+
+__all__ = [
+    'auroc',
+    'aupr_in',
+    'aupr_out',
+    'fpr_at_tpr',
+    'tnr_at_tpr',
+    'detection_accuracy',
+    'expected_calibration_error',
+    'reliability_diagram',
+    'mes_radius',
+    'centroid_dispersion',
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument conversion.
+
+
+def _host_array(name: str, x, *, ndim: int, kinds: tuple[str, ...]) -> np.ndarray:
+  """Checks dtype kind and rank of `x` and returns it as a NumPy array (dtype unchanged).
+
+  Args:
+    name: argument name used in error messages.
+    x: array-like (NumPy, JAX or nested lists).
+    ndim: required rank.
+    kinds: accepted dtype kinds, a subset of ('floating', 'integer'). Booleans and complex numbers
+      are never accepted: a boolean "score" or "probability" is almost always a caller bug.
+
+  Returns:
+    `x` as a NumPy array.
+  """
+  if not _checks.is_concrete(x):
+    raise TypeError(f'{name} is a tracer; ood_jax.metrics run on the host, call them outside jax.jit.')
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None:
+    x = np.asarray(x)
+    dtype = x.dtype
+  ok = any(jnp.issubdtype(dtype, {'floating': jnp.floating, 'integer': jnp.integer}[k]) for k in kinds)
+  if not ok:
+    want = ' or '.join(kinds)
+    article = 'an' if want[0] in 'aeiou' else 'a'
+    raise TypeError(f'{name} must have {article} {want} dtype, got {dtype}.')
+  _checks._rank(name, x, ndim=ndim)  # pylint: disable=protected-access
+  return np.asarray(x)
+
+
+def _float64(name: str, x, *, ndim: int, allow_integer: bool = False) -> np.ndarray:
+  """Validated, non-empty, NaN-free float64 copy of `x`."""
+  kinds = ('floating', 'integer') if allow_integer else ('floating',)
+  # float64 on the host whatever the input dtype: bfloat16 sums and counts would lose precision.
+  x = _host_array(name, x, ndim=ndim, kinds=kinds).astype(np.float64)
+  _checks.nonempty(name, x)
+  if np.isnan(x).any():
+    raise ValueError(f'{name} contains NaN.')
+  return x
+
+
+def _scores(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
+  """Both score vectors as float64; ±inf is legal (it sorts), NaN is not."""
+  return (_float64('in_scores', in_scores, ndim=1, allow_integer=True),
+          _float64('out_scores', out_scores, ndim=1, allow_integer=True))
+
+
+def _labels(name: str, x, *, size: int, num_classes: int | None, match: str) -> np.ndarray:
+  """Integer labels of shape [size]; in [0, num_classes) when `num_classes` is given, else >= 0."""
+  x = _host_array(name, x, ndim=1, kinds=('integer',)).astype(np.int64)
+  if x.shape[0] != size:
+    raise ValueError(f'{name} must have shape ({size},) to match {match}, got {x.shape}.')
+  if x.size:
+    lo, hi = int(x.min()), int(x.max())
+    if num_classes is not None and (lo < 0 or hi >= num_classes):
+      raise ValueError(f'{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}].')
+    if lo < 0:
+      raise ValueError(f'{name} must be >= 0, got minimum {lo}.')
+  return x
+
+
+def _positive_int(name: str, value) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be an int, got {value!r}.')
+  return int(_checks.positive(name, value))
+
+
+# ----------------------------------------------------------------------------------------------
+# OOD detection.
+
+
+def _roc_counts(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Cumulative ID / OOD counts at every distinct threshold, from the highest score down.
+
+  Entry i describes the classifier "accept as ID iff s >= v_i", where v_0 > v_1 > ... are the
+  distinct values among all scores; so tied scores always enter together, which is what makes every
+  metric below count ties exactly as scikit-learn does. Sorting the two sets separately and
+  counting with `searchsorted` is several times faster than an argsort of the merged scores.
+
+  Args:
+    in_scores: [P] float64 ID scores.
+    out_scores: [N] float64 OOD scores.
+
+  Returns:
+    tp: [T] int64, number of ID scores >= v_i (non-decreasing, ends at P).
+    fp: [T] int64, number of OOD scores >= v_i (non-decreasing, ends at N).
+  """
+  ins = np.sort(in_scores)
+  outs = np.sort(out_scores)
+  # Merging two sorted runs is cheap for the stable sort (timsort). Compare with `!=` rather than
+  # np.diff, whose inf - inf = NaN would warn and split a run of infinite scores.
+  merged = np.sort(np.concatenate([ins, outs]), kind='stable')
+  distinct = merged[np.append(merged[1:] != merged[:-1], True)][::-1]
+  tp = ins.size - np.searchsorted(ins, distinct, side='left')
+  fp = outs.size - np.searchsorted(outs, distinct, side='left')
+  return tp.astype(np.int64), fp.astype(np.int64)
+
+
+def auroc(in_scores, out_scores) -> float:
+  """Area under the ROC curve, ID positive; ties count one half.
+
+  Equal to the Mann-Whitney probability P(s_in > s_out) + 0.5 P(s_in = s_out), i.e.
+  `sklearn.metrics.roc_auc_score(y, s)` with y = 1 for ID.
+
+  Args:
+    in_scores: [P] scores of in-distribution examples (higher = more ID).
+    out_scores: [N] scores of OOD examples.
+
+  Returns:
+    AUROC in [0, 1] as a Python float.
+  """
+  ins, outs = _scores(in_scores, out_scores)
+  tp, fp = _roc_counts(ins, outs)
+  # Trapezoids in integer arithmetic are exact: each step adds d_fp * (tp_prev + tp) / 2, which
+  # is exactly half a tie's worth of area. int64 holds 2 * P * N for P, N up to ~2e9.
+  tp_prev = np.concatenate([[0], tp[:-1]])
+  dfp = np.diff(fp, prepend=0)
+  twice_area = int(np.sum(dfp * (tp + tp_prev)))
+  return twice_area / (2.0 * ins.size * outs.size)
+
+
+def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
+  """Average precision Σ_n (R_n - R_{n-1}) P_n over distinct thresholds, `pos` the positives."""
+  tp, fp = _roc_counts(pos, neg)
+  precision = tp / (tp + fp)
+  recall_step = np.diff(tp, prepend=0) / pos.size
+  return float(np.sum(recall_step * precision))
+
+
+def aupr_in(in_scores, out_scores) -> float:
+  """Area under the precision-recall curve with ID as the positive class (average precision).
+
+  Step-wise, as `sklearn.metrics.average_precision_score(y, s)` with y = 1 for ID:
+  AP = Σ_n (R_n - R_{n-1}) P_n over the distinct thresholds, from the highest score down. Not the
+  trapezoidal area, which is optimistic for PR curves.
+
+  Args:
+    in_scores: [P] scores of in-distribution examples (higher = more ID).
+    out_scores: [N] scores of OOD examples.
+
+  Returns:
+    AUPR-In in (0, 1] as a Python float.
+  """
+  ins, outs = _scores(in_scores, out_scores)
+  return _average_precision(ins, outs)
+
+
+def aupr_out(in_scores, out_scores) -> float:
+  """Area under the precision-recall curve with OOD as the positive class, on negated scores.
+
+  Equal to `sklearn.metrics.average_precision_score(y, -s)` with y = 1 for OOD.
+
+  Args:
+    in_scores: [P] scores of in-distribution examples (higher = more ID).
+    out_scores: [N] scores of OOD examples.
+
+  Returns:
+    AUPR-Out in (0, 1] as a Python float.
+  """
+  ins, outs = _scores(in_scores, out_scores)
+  return _average_precision(-outs, -ins)
+
+
+def _tpr_arg(tpr) -> float:
+  if np.ndim(tpr) != 0 or isinstance(tpr, (bool, np.bool_, str)):
+    raise TypeError(f'tpr must be a real scalar, got {tpr!r}.')
+  tpr = float(tpr)
+  if not 0.0 < tpr < 1.0:  # NaN fails too.
+    raise ValueError(f'tpr must lie in the open interval (0, 1), got {tpr}.')
+  return tpr
+
+
+def fpr_at_tpr(in_scores, out_scores, *, tpr: float = 0.95) -> float:
+  """False-positive rate (OOD accepted as ID) at the first threshold reaching the given TPR.
+
+  The threshold t is the largest score such that P_in(s >= t) >= tpr; the result is
+  P_out(s >= t). This equals the FPR of `sklearn.metrics.roc_curve(y, s,
+  drop_intermediate=False)` (y = 1 for ID) at the first point whose TPR >= tpr. Tied scores share
+  one threshold, so with heavy ties the achieved TPR may exceed `tpr`. ID is positive here;
+  OpenOOD v1.5's FPR@95 treats OOD as positive and is a different number.
+
+  Args:
+    in_scores: [P] scores of in-distribution examples (higher = more ID).
+    out_scores: [N] scores of OOD examples.
+    tpr: target true-positive rate in (0, 1).
+
+  Returns:
+    FPR in [0, 1] as a Python float.
+  """
+  tpr = _tpr_arg(tpr)
+  ins, outs = _scores(in_scores, out_scores)
+  tp, fp = _roc_counts(ins, outs)
+  # Same float expression as scikit-learn (tp / P) so the ">=" comparison agrees bit for bit;
+  # the last entry has tp / P == 1 > tpr, so argmax always finds a True.
+  first = int(np.argmax(tp / ins.size >= tpr))
+  return float(fp[first] / outs.size)
+
+
+def tnr_at_tpr(in_scores, out_scores, *, tpr: float = 0.95) -> float:
+  """True-negative rate (OOD rejected) at the TPR threshold: 1 - `fpr_at_tpr`.
+
+  Args:
+    in_scores: [P] scores of in-distribution examples (higher = more ID).
+    out_scores: [N] scores of OOD examples.
+    tpr: target true-positive rate in (0, 1).
+
+  Returns:
+    TNR in [0, 1] as a Python float (the IsoMax paper's "TNR@TPR95" for tpr = 0.95).
+  """
+  return 1.0 - fpr_at_tpr(in_scores, out_scores, tpr=tpr)
+
+
+def detection_accuracy(in_scores, out_scores) -> float:
+  """Detection accuracy (DTACC), IsoMax paper eq. 8 with equal priors.
+
+  DTACC = 1 - min_delta {0.5 P_in(s < delta) + 0.5 P_out(s >= delta)}, the best balanced accuracy
+  of a threshold rule "ID iff s >= delta". Only the accepted set matters, so delta ranges over
+  every distinct score plus one value above all scores (everything rejected, error 0.5); the
+  paper's form with "<=" and ">" over real delta gives the same accepted sets. Equivalently
+  DTACC = 0.5 + 0.5 max(0, max_delta (TPR - FPR)), so DTACC >= 0.5.
+
+  Args:
+    in_scores: [P] scores of in-distribution examples (higher = more ID).
+    out_scores: [N] scores of OOD examples.
+
+  Returns:
+    DTACC in [0.5, 1] as a Python float.
+  """
+  ins, outs = _scores(in_scores, out_scores)
+  tp, fp = _roc_counts(ins, outs)
+  error = 0.5 * (ins.size - tp) / ins.size + 0.5 * fp / outs.size
+  # 0.5 is the "reject everything" candidate. It ties with the last entry ("accept everything",
+  # error exactly 0.5), so it never changes the minimum; it is kept to spell out the candidate set.
+  return float(1.0 - min(0.5, float(error.min())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration.
+
+
+def _calibration_bins(probs, labels, num_bins) -> dict[str, np.ndarray]:
+  """Per-bin example counts, confidence sums and correct-prediction sums.
+
+  The one place that defines the binning: bin = clip(floor(conf * num_bins), 0, num_bins - 1), so
+  a confidence of exactly 1.0 falls in the last bin and exactly b / num_bins in bin b.
+
+  Args:
+    probs: [N, K] predictive probabilities (rows need not sum to 1, e.g. one-vs-all sigmoids).
+    labels: [N] integer labels in [0, K).
+    num_bins: number of equal-width bins on [0, 1].
+
+  Returns:
+    Dict with 'counts' [num_bins] int64, 'confidence_sum' and 'correct_sum' [num_bins] float64.
+  """
+  num_bins = _positive_int('num_bins', num_bins)
+  probs = _float64('probs', probs, ndim=2)
+  if probs.shape[1] == 0:
+    raise ValueError('probs has no classes (shape[1] == 0).')
+  if probs.min() < 0.0 or probs.max() > 1.0:
+    raise ValueError(f'probs must lie in [0, 1], got values in [{probs.min()}, {probs.max()}].')
+  labels = _labels('labels', labels, size=probs.shape[0], num_classes=probs.shape[1],
+                   match='probs')
+  confidence = probs.max(axis=1)
+  # argmax takes the first of tied maxima, as jnp.argmax / np.argmax do elsewhere in the project.
+  correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+  bins = np.clip(np.floor(confidence * num_bins), 0, num_bins - 1).astype(np.int64)
+  return {
+      'counts': np.bincount(bins, minlength=num_bins),
+      'confidence_sum': np.bincount(bins, weights=confidence, minlength=num_bins),
+      'correct_sum': np.bincount(bins, weights=correct, minlength=num_bins),
+  }
+
+
+def _ece_from_bins(bins: dict[str, np.ndarray]) -> float:
+  # (n_b / N) |acc_b - conf_b| = |Σ correct_b - Σ conf_b| / N: no division by empty bins needed.
+  return float(np.sum(np.abs(bins['correct_sum'] - bins['confidence_sum'])) / bins['counts'].sum())
+
+
+def expected_calibration_error(probs, labels, *, num_bins: int = 15) -> float:
+  """Top-label expected calibration error with equal-width bins.
+
+  ECE = Σ_b (n_b / N) |acc_b - conf_b| over non-empty bins, where confidence = max_k probs[:, k],
+  prediction = argmax_k probs[:, k] and bin = clip(floor(confidence * num_bins), 0, num_bins - 1)
+  (so 1.0 lands in the last bin and 0.0 in the first), as robustness_metrics and
+  uncertainty-baselines compute it.
+
+  Args:
+    probs: [N, K] predictive probabilities in [0, 1]. Rows need not sum to 1 (one-vs-all models
+      give independent sigmoids); only the top-label confidence and the argmax are used.
+    labels: [N] integer labels in [0, K).
+    num_bins: number of equal-width bins on [0, 1].
+
+  Returns:
+    ECE in [0, 1] as a Python float.
+  """
+  return _ece_from_bins(_calibration_bins(probs, labels, num_bins))
+
+
+def reliability_diagram(probs, labels, *, num_bins: int = 15) -> dict[str, np.ndarray | float]:
+  """Per-bin accuracy and confidence for a reliability diagram, binned as in the ECE.
+
+  Args:
+    probs: [N, K] predictive probabilities in [0, 1] (see `expected_calibration_error`).
+    labels: [N] integer labels in [0, K).
+    num_bins: number of equal-width bins on [0, 1].
+
+  Returns:
+    Dict with
+      'bin_edges': [num_bins + 1] float64, 0 to 1.
+      'counts': [num_bins] int64 examples per bin (sums to N).
+      'accuracy': [num_bins] float64 mean correctness per bin; 0 for empty bins.
+      'confidence': [num_bins] float64 mean confidence per bin; 0 for empty bins (rather than NaN,
+        so plots and sums never see NaN; use `counts == 0` to mask empty bins).
+      'ece': Python float, identical to `expected_calibration_error(probs, labels, ...)`.
+  """
+  bins = _calibration_bins(probs, labels, num_bins)
+  counts = bins['counts']
+  nonempty = counts > 0
+  denom = np.where(nonempty, counts, 1)
+  return {
+      'bin_edges': np.linspace(0.0, 1.0, counts.size + 1),
+      'counts': counts,
+      'accuracy': np.where(nonempty, bins['correct_sum'] / denom, 0.0),
+      'confidence': np.where(nonempty, bins['confidence_sum'] / denom, 0.0),
+      'ece': _ece_from_bins(bins),
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding quality (ReweightOOD paper, section 4.1).
+
+
+def _class_means(embeddings, labels, num_classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Validated float64 embeddings, labels and class means μ_c = mean of h_i over class c.
+
+  Returns:
+    embeddings [N, D] float64, labels [N] int64, means [K, D] float64.
+  """
+  emb = _float64('embeddings', embeddings, ndim=2)
+  if not np.isfinite(emb).all():
+    raise ValueError('embeddings contains inf.')  # It would turn centroids into silent NaNs.
+  if num_classes is not None:
+    num_classes = _positive_int('num_classes', num_classes)
+  labels = _labels('labels', labels, size=emb.shape[0], num_classes=num_classes,
+                   match='embeddings')
+  if num_classes is None:
+    num_classes = int(labels.max()) + 1
+  counts = np.bincount(labels, minlength=num_classes)
+  missing = np.flatnonzero(counts == 0)
+  if missing.size:
+    # A class without examples has no centroid, so its radius / dispersion is undefined.
+    shown = ', '.join(str(c) for c in missing[:10]) + (', ...' if missing.size > 10 else '')
+    raise ValueError(f'labels has no example of class {shown} (of {num_classes} classes); every '
+                     'class in [0, num_classes) needs at least one embedding.')
+  sums = np.zeros((num_classes, emb.shape[1]))
+  np.add.at(sums, labels, emb)
+  return emb, labels, sums / counts[:, None]
+
+
+def mes_radius(embeddings, labels, *, num_classes: int | None = None) -> np.ndarray:
+  """Radius of each class's enclosing sphere around its centroid, ReweightOOD eq. 4.
+
+  r_c = max_{i: y_i = c} ||h_i - μ_c||_2 with μ_c the mean of the class's embeddings. The paper
+  applies it to L2-normalised embeddings; pass them normalised, this function uses them as given.
+  Smaller is better; the paper reports the mean over classes (`radius.mean()`).
+
+  Args:
+    embeddings: [N, D] floating embeddings h_i.
+    labels: [N] integer class labels.
+    num_classes: K; defaults to labels.max() + 1. Every class in [0, K) must occur.
+
+  Returns:
+    [K] float64 NumPy array of radii.
+  """
+  emb, labels, means = _class_means(embeddings, labels, num_classes)
+  distance = np.linalg.norm(emb - means[labels], axis=1)
+  radius = np.zeros(means.shape[0])  # Distances are >= 0 and every class occurs.
+  np.maximum.at(radius, labels, distance)
+  return radius
+
+
+def centroid_dispersion(embeddings, labels, *, num_classes: int | None = None) -> dict:
+  """Cosine similarity between class centroids, ReweightOOD eq. 5, and its mean over class pairs.
+
+  d_ab = μ_a · μ_b / (||μ_a||_2 ||μ_b||_2) for a != b. The paper's Table 2 reports the mean of d_ab
+  over all pairs of distinct classes, returned here as 'mean' so callers need not mask the
+  diagonal themselves. (The paper's prose calls this an angular distance where higher is better,
+  but its eq. 5 is a cosine similarity; we implement the equation as written.)
+
+  Args:
+    embeddings: [N, D] floating embeddings h_i.
+    labels: [N] integer class labels.
+    num_classes: K >= 2; defaults to labels.max() + 1. Every class in [0, K) must occur.
+
+  Returns:
+    Dict with 'matrix': [K, K] float64 NumPy array of d_ab (diagonal exactly 1), and 'mean': Python
+    float, the mean of d_ab over a != b.
+  """
+  _, _, means = _class_means(embeddings, labels, num_classes)
+  num_classes = means.shape[0]
+  if num_classes < 2:
+    raise ValueError('centroid_dispersion needs at least 2 classes in labels, got 1.')
+  norms = np.linalg.norm(means, axis=1)
+  zero = np.flatnonzero(norms == 0)
+  if zero.size:
+    raise ValueError(f'the centroid of class {int(zero[0])} is the zero vector; its cosine '
+                     'similarity is undefined (embeddings of that class average to 0).')
+  unit = means / norms[:, None]
+  # Clip: rounding can push |d_ab| a hair past 1 for (anti)parallel centroids.
+  matrix = np.clip(unit @ unit.T, -1.0, 1.0)
+  np.fill_diagonal(matrix, 1.0)  # cos(μ, μ) = 1 exactly; avoids 1 ± ulp on the diagonal.
+  off_diagonal = (matrix.sum() - num_classes) / (num_classes * (num_classes - 1))
+  return {'matrix': matrix, 'mean': float(off_diagonal)}
