@@ -67,6 +67,14 @@ def negative_distances(features, prototypes):
     `[..., K]` logits ≤ 0, in the promoted dtype of the inputs (at least float32).
   """
   features, prototypes = _check_features_and_centres(features, prototypes, 'prototypes')
+  return _negative_distances(features, prototypes)
+
+
+# The [..., K, D] differences below are fused into the reduction by XLA and never materialised,
+# but only under jit: the cores are jitted so eager calls (e.g. scoring 10⁴ × 100 × 512) stay
+# within memory too.
+@jax.jit
+def _negative_distances(features, prototypes):
   dtype = _checks.compute_dtype(features, prototypes)
   diff = features.astype(dtype)[..., None, :] - prototypes.astype(dtype)
   return -_safe_sqrt(jnp.sum(jnp.square(diff), axis=-1))
@@ -95,6 +103,12 @@ def mahalanobis_logits(features, means, cholesky):
   value = _checks.host_value(cholesky)
   if value is not None and not np.all(np.diagonal(value) > 0):
     raise ValueError('cholesky must have a strictly positive diagonal (a lower-triangular Cholesky factor).')
+  return _mahalanobis_logits(features, means, cholesky)
+
+
+@jax.jit
+def _mahalanobis_logits(features, means, cholesky):
+  d = features.shape[-1]
   dtype = _checks.compute_dtype(features, means, cholesky)
   lower = cholesky.astype(dtype)
   batch_shape = features.shape[:-1]
