@@ -26,28 +26,25 @@ def host_value(x):
   return np.asarray(x) if is_concrete(x) else None
 
 
-def floating(name: str, x, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int | None = None):
-  """Checks that `x` is a floating array of the given rank; returns it as a jax array."""
+def _typed(name, x, kind, kind_name, ndim, min_ndim):
   dtype = getattr(x, 'dtype', None)
   if dtype is None:
     x = np.asarray(x)
     dtype = x.dtype
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f'{name} must have a floating dtype, got {dtype}.')
+  if not jnp.issubdtype(dtype, kind):
+    raise TypeError(f'{name} must have {kind_name} dtype, got {dtype}.')
   _rank(name, x, ndim=ndim, min_ndim=min_ndim)
   return jnp.asarray(x)
 
 
+def floating(name: str, x, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int | None = None):
+  """Checks that `x` is a floating array of the given rank; returns it as a jax array."""
+  return _typed(name, x, jnp.floating, 'a floating', ndim, min_ndim)
+
+
 def integer(name: str, x, *, ndim: int | tuple[int, ...] | None = None):
   """Checks that `x` is an integer array of the given rank; returns it as a jax array."""
-  dtype = getattr(x, 'dtype', None)
-  if dtype is None:
-    x = np.asarray(x)
-    dtype = x.dtype
-  if not jnp.issubdtype(dtype, jnp.integer):
-    raise TypeError(f'{name} must have an integer dtype, got {dtype}.')
-  _rank(name, x, ndim=ndim)
-  return jnp.asarray(x)
+  return _typed(name, x, jnp.integer, 'an integer', ndim, None)
 
 
 def labels(name: str, x, num_classes: int, *, shape: tuple[int, ...] | None = None):

@@ -211,3 +211,5 @@ class ProjectionHead(nn.Module):
     x = nn.relu(x)
     x = nn.Dense(self.output_dim, dtype=self.dtype, name='output')(x)
     return l2_normalize(x.astype(_checks.compute_dtype(x)))
+
+from ood_jax.layers import nnx  # noqa: E402  (the NNX twins, importable as ood_jax.layers.nnx)
