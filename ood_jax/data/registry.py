@@ -47,7 +47,7 @@ _DATASETS = (
     DatasetInfo('svhn_cropped', 'svhn_cropped', 10, (32, 32, 3),
                 mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970)),
     # Built from scikit-learn's bundled digits (ood_jax.data.digits): classes 0–5 in-distribution.
-    DatasetInfo('digits', None, 6, (32, 32, 1), mean=(0.0,), std=(1.0,)),
+    DatasetInfo('digits', None, 6, (32, 32, 1), mean=(0.3084,), std=(0.3512,)),
 )
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in _DATASETS}
