@@ -6,13 +6,17 @@ Import the pieces into your own Flax project:
 
 `layers` holds logit layers (pure functions, Linen modules; NNX twins in `ood_jax.layers.nnx`),
 `losses` per-example losses of every method, `scores` post-hoc OOD scores (higher = more
-in-distribution), `metrics` detection and calibration metrics.
+in-distribution), `metrics` detection and calibration metrics, `models` backbones and the
+`Classifier`, `methods` the training methods. The data layer (`ood_jax.data`) and the trainer
+(`ood_jax.train`, `ood_jax.evaluate`) are imported on demand.
 """
 
 from ood_jax import layers
 from ood_jax import losses
+from ood_jax import methods
 from ood_jax import metrics
+from ood_jax import models
 from ood_jax import scores
 
 __version__ = '0.1.0'
-__all__ = ['layers', 'losses', 'metrics', 'scores']
+__all__ = ['layers', 'losses', 'methods', 'metrics', 'models', 'scores']

@@ -1,0 +1,34 @@
+"""Training methods: how a batch becomes a loss, and how a trained model is read out.
+
+A method is a `Method` record in a small module of its own, plus one line in `METHODS`. The trainer
+runs the model once per step on `method.inputs(batch)` and hands the logits and features to
+`method.loss`; the evaluator turns logits into predictive probabilities with `method.probabilities`
+(softmax, σ or 2σ) and computes every score in `method.scores`, the first being the method's
+default (e.g. the entropic score for IsoMax).
+"""
+
+from __future__ import annotations
+
+from ood_jax.methods.base import Method
+from ood_jax.methods import isomax
+from ood_jax.methods import ova
+from ood_jax.methods import softmax
+
+METHODS: dict[str, Method] = {
+    'softmax': softmax.SOFTMAX,
+    'isomax': isomax.ISOMAX,
+    'dm': isomax.DM,
+    'one_vs_all': ova.ONE_VS_ALL,
+    'distance_one_vs_all': ova.DISTANCE_ONE_VS_ALL,
+}
+
+
+def get_method(name: str) -> Method:
+  """The method called `name`; unknown names fail with the list of valid ones."""
+  try:
+    return METHODS[name]
+  except KeyError:
+    raise ValueError(f'Unknown method {name!r}; valid methods: {", ".join(sorted(METHODS))}.') from None
+
+
+__all__ = ['METHODS', 'Method', 'get_method']
