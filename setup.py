@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     'flax>=0.11,<0.14',
     'optax>=0.2.4,<0.3',
     'chex>=0.1.89,<0.2',
+    'clu>=0.0.12,<0.1',  # metric writers: TensorBoard + logging
     'absl-py>=2.1,<3',
     'ml_collections>=1.0,<2',
     'tensorflow-datasets>=4.9.7,<5',
@@ -16,6 +17,7 @@ INSTALL_REQUIRES = [
     'scikit-learn>=1.4,<2',  # the offline digits benchmark ships inside scikit-learn
     # TFDS needs TensorFlow to read datasets; the CPU build keeps it off the accelerators.
     'tensorflow-cpu>=2.16,<2.22',
+    'tensorboard>=2.16,<2.22',  # clu's summary writer
 ]
 
 EXTRAS_REQUIRE = {

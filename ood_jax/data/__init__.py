@@ -5,6 +5,8 @@
 * `ood_sets`: OOD test sets (`load_ood`) and covariate-shifted sets (`load_corrupted`).
 * `digits`: the offline benchmark built from scikit-learn's bundled digits and photos.
 * `registry`: class counts, image shapes and normalisation statistics (`get_info`).
+* `pipeline` / `augment`: the in-memory device pipeline (batch = pure function of (seed, step),
+  sharded over the mesh axis 'data') and on-device augmentation.
 
 TensorFlow is imported only when a TFDS dataset is first read, and never sees an accelerator.
 """
@@ -27,3 +29,9 @@ from ood_jax.data.sources import load_outliers
 from ood_jax.data.sources import load_split
 from ood_jax.data.sources import read_tfds
 from ood_jax.data.sources import resize_images
+from ood_jax.data import augment
+from ood_jax.data import pipeline
+from ood_jax.data.pipeline import TrainStream
+from ood_jax.data.pipeline import eval_batches
+from ood_jax.data.pipeline import make_mesh
+from ood_jax.data.pipeline import outlier_stream

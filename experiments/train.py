@@ -1,0 +1,37 @@
+r"""Train and evaluate a method: python -m experiments.train --config=configs/<x>.py --workdir=<dir>.
+
+Override any config field on the command line, e.g. --config.method=isomax --config.num_epochs=5.
+Re-running the same command after an interruption resumes from the latest checkpoint in workdir.
+Prints the results table at the end (also in <workdir>/results.md and results.json).
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ood_jax import evaluate
+from ood_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  # Orbax narrates every save at INFO; keep the progress lines readable.
+  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(evaluate.markdown(results))
+
+
+if __name__ == '__main__':
+  app.run(main)

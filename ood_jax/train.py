@@ -1,0 +1,312 @@
+"""The trainer: `train_and_evaluate(config, workdir)`, used by the CLI, the notebook and the tests.
+
+One jitted `train_step` over a `Mesh` of every device: parameters replicated, the global batch
+sharded over the mesh axis 'data', state donated. The step's randomness is fold_in(key(seed), step)
+and the batch is a pure function of (seed, step) (`ood_jax.data.pipeline`), so a run restored from
+its latest orbax checkpoint continues bitwise as if it had never stopped. A non-finite loss or
+gradient leaves the state untouched, is recorded with its step, and stops the run at the next host
+check before anything is saved, so the last good checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+
+from ood_jax import methods as methods_lib
+from ood_jax import models as models_lib
+from ood_jax.data import pipeline
+from ood_jax.data import registry
+from ood_jax.data import sources
+
+OPTIMIZERS = ('sgd', 'adam')
+SCHEDULES = ('constant', 'step', 'cosine')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; exactly what a checkpoint holds."""
+
+  step: jax.Array  # int32 scalar: the number of steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  bad_step: jax.Array  # int32 scalar: first step with a non-finite loss or gradient, −1 if none
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration checks: every name is resolved before any data is read or compiled.
+
+
+def _choice(kind: str, value: str, valid) -> str:
+  if value not in valid:
+    raise ValueError(f'Unknown {kind} {value!r}; valid {kind}s: {", ".join(sorted(valid))}.')
+  return value
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, with the list of valid names, on unknown dataset/model/method/optimizer names."""
+  registry.get_info(config.dataset)
+  method = methods_lib.get_method(config.method)
+  _choice('model', config.model, models_lib.BACKBONES)
+  _choice('optimizer', config.optimizer.name, OPTIMIZERS)
+  _choice('schedule', config.optimizer.schedule, SCHEDULES)
+  _choice('dtype', config.dtype, DTYPES)
+  unknown = set(config.get('method_kwargs', {})) - set(method.hparams)
+  if unknown:
+    raise ValueError(f'Unknown method_kwargs {sorted(unknown)} for method {method.name!r}; '
+                     f'valid: {sorted(method.hparams) or "none"}.')
+  if config.batch_size % jax.device_count():
+    raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
+                     f'({jax.device_count()}).')
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and learning-rate schedule (the papers' recipes).
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
+  """Learning rate per step: constant, step decay at given epochs, or cosine; optional linear warm-up."""
+  base = cfg.learning_rate
+  warmup = int(round(cfg.get('warmup_epochs', 0) * steps_per_epoch))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if cfg.schedule == 'step':
+      epoch = jnp.floor(step / steps_per_epoch)
+      drops = sum((epoch >= e).astype(jnp.float32) for e in cfg.decay_epochs)
+      lr = base * cfg.decay_factor**drops
+    elif cfg.schedule == 'cosine':
+      progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+      lr = base * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    else:
+      lr = jnp.asarray(base, jnp.float32)
+    if warmup:
+      lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup)
+    return lr
+
+  return schedule
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+  """SGD (momentum, Nesterov) or Adam, with L2 weight decay on every parameter.
+
+  Decay is added to the gradient before momentum, as PyTorch's `weight_decay` does in the papers'
+  code, and applies to all parameters, prototypes included (the IsoMax recipe).
+  """
+  decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
+  if cfg.name == 'sgd':
+    step = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+  else:
+    step = optax.adam(schedule)
+  return optax.chain(*decay, step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+
+def _variables(params, batch_stats):
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def train_step(state: TrainState, batch, *, model, method, optimizer, schedule, hparams, key):
+  """One optimisation step; pure in (state, batch), randomness fold_in(key, step)."""
+  rng = jax.random.fold_in(key, state.step)
+  input_rng, dropout_rng = jax.random.split(rng)
+  inputs = method.inputs(batch, input_rng)
+
+  def loss_fn(params):
+    (logits, features), updates = model.apply(
+        _variables(params, state.batch_stats), inputs, train=True, mutable=['batch_stats'],
+        rngs={'dropout': dropout_rng})
+    loss, metrics = method.loss(logits, features, batch, **hparams)
+    return loss, (metrics, updates.get('batch_stats', state.batch_stats))
+
+  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
+  return new_state, {'loss': loss, 'learning_rate': schedule(state.step), **metrics}
+
+
+def create_state(model, optimizer, image_shape, key) -> TrainState:
+  """Initial parameters (from key(seed)), batch statistics and optimiser state."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = model.init({'params': key, 'dropout': key}, dummy, train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
+                    bad_step=jnp.full((), -1, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when a step produced a non-finite loss or gradient."""
+
+
+def _check_finite(state: TrainState, manager: ocp.CheckpointManager) -> None:
+  bad = int(state.bad_step)
+  if bad >= 0:
+    raise NonFiniteLossError(
+        f'Non-finite loss or gradient at step {bad}; training stopped. The parameters are those '
+        f'before that step; the last good checkpoint (step {manager.latest_step()}) was left intact.')
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def build(config: ml_collections.ConfigDict):
+  """The model, method and dataset info a config names (no data read, nothing compiled)."""
+  check_config(config)
+  info = registry.get_info(config.dataset)
+  method = methods_lib.get_method(config.method)
+  model = models_lib.make_classifier(config.model, method.head, info.num_classes, dtype=DTYPES[config.dtype],
+                                     **config.get('model_kwargs', {}))
+  return model, method, info
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the configured model, checkpointing to <workdir>/checkpoints, then evaluates it.
+
+  Restores the latest checkpoint in `workdir` if there is one, so re-running the same command
+  after an interruption resumes exactly.
+
+  Returns:
+    the evaluation results (also written to <workdir>/results.json and results.md).
+  """
+  from ood_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top  (it imports us)
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+  if config.get('distributed', False):
+    jax.distributed.initialize()
+  model, method, info = build(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = pipeline.make_mesh(jax.devices()[:config.num_devices] if config.get('num_devices') else None)
+  train_data = sources.load_split(config.dataset, info.train_split, data_dir=config.get('data_dir'))
+  mean, std = normalization(config, info)
+  stream = pipeline.TrainStream(train_data.images, train_data.labels, global_batch_size=config.batch_size,
+                                seed=config.seed, mesh=mesh, augment=config.augment, mean=mean, std=std)
+  steps_per_epoch = math.ceil(stream.steps_per_epoch)
+  total_steps = config.get('num_steps') or config.num_epochs * steps_per_epoch
+  schedule = make_schedule(config.optimizer, steps_per_epoch, total_steps)
+  optimizer = make_optimizer(config.optimizer, schedule)
+  key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(key)
+
+  replicated = pipeline.replicated(mesh)
+  state_fn = functools.partial(create_state, model, optimizer, info.image_shape)
+  abstract_state = jax.eval_shape(state_fn, init_key)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.get('keep_checkpoints', 2), create=True))
+  if manager.latest_step() is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding)
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
+    logging.info('Restored checkpoint at step %d from %s.', int(state.step), manager.directory)
+  else:
+    state = jax.jit(state_fn, out_shardings=state_sharding)(init_key)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, method=method, optimizer=optimizer, schedule=schedule,
+                        hparams={**method.hparams, **config.get('method_kwargs', {})}, key=step_key),
+      in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  start = int(state.step)
+  log_every = config.get('log_every_steps', 100)
+  checkpoint_every = config.get('checkpoint_every_steps', steps_per_epoch)
+  interval_start, interval_step, sums = time.perf_counter(), start, None
+  for step in range(start, total_steps):
+    state, metrics = step_fn(state, stream.batch(step))
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    done = step + 1
+    if done % log_every == 0 or done == total_steps:
+      _check_finite(state, manager)
+      means = {k: float(v) / (done - interval_step) for k, v in sums.items()}
+      elapsed = time.perf_counter() - interval_start
+      steps_per_sec = (done - interval_step) / max(elapsed, 1e-9)
+      writer.write_scalars(done, {**means, 'steps_per_sec': steps_per_sec})
+      _append_jsonl(os.path.join(workdir, 'metrics.jsonl'), {'step': done, **means, 'steps_per_sec': steps_per_sec})
+      logging.info('step %d/%d epoch %.2f loss %.4f %.2f steps/s ETA %s', done, total_steps,
+                   done / steps_per_epoch, means['loss'], steps_per_sec,
+                   _format_eta((total_steps - done) / steps_per_sec))
+      interval_start, interval_step, sums = time.perf_counter(), done, None
+    if done % checkpoint_every == 0 or done == total_steps:
+      _check_finite(state, manager)
+      manager.save(done, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  writer.flush()
+
+  results = evaluate_lib.evaluate_model(config, model, method, info, _variables(state.params, state.batch_stats), mesh)
+  evaluate_lib.write_results(results, workdir)
+  return results
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+  # A plain-text copy of the logged scalars, for scripts and tests that should not parse TensorBoard.
+  if jax.process_index() == 0:
+    with open(path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def normalization(config, info):
+  """Per-channel (mean, std) on [0, 1]: the dataset's statistics, or 0.5/0.5 ([−1, 1]) if symmetric."""
+  if config.get('normalization', 'dataset') == 'symmetric':
+    return registry.SYMMETRIC[0][:info.image_shape[-1]], registry.SYMMETRIC[1][:info.image_shape[-1]]
+  return info.mean, info.std
+
+
+def restore_variables(workdir: str, mesh):
+  """Parameters and batch statistics of the latest checkpoint in `workdir`, replicated over `mesh`."""
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}; train first with '
+                            f'`python -m experiments.train --config=... --workdir={workdir}`.')
+  # Restored as saved, without a target: the optimiser state is read but not needed here.
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  variables = _variables(restored['params'], restored.get('batch_stats') or {})
+  return jax.device_put(variables, pipeline.replicated(mesh))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in `workdir`."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir} the workdir of a training run?')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
