@@ -171,9 +171,12 @@ class NonFiniteLossError(FloatingPointError):
 def _check_finite(state: TrainState, manager: ocp.CheckpointManager) -> None:
   bad = int(state.bad_step)
   if bad >= 0:
+    manager.wait_until_finished()  # let the last good (asynchronous) save complete before we stop
+    last = manager.latest_step()
+    kept = f'the last good checkpoint (step {last}) was left intact' if last is not None else 'no checkpoint was saved'
     raise NonFiniteLossError(
         f'Non-finite loss or gradient at step {bad}; training stopped. The parameters are those '
-        f'before that step; the last good checkpoint (step {manager.latest_step()}) was left intact.')
+        f'before that step; {kept}.')
 
 
 def _format_eta(seconds: float) -> str:
