@@ -22,6 +22,9 @@ def get_config(arg=None):
   c.augment = 'crop'               # pad-4 crop, no flip: a mirrored digit is another symbol
   c.optimizer.learning_rate = 0.05
   c.optimizer.schedule = 'cosine'
+  # Used by the outlier-exposure methods (oe, energy, ice): train digits 6–9, disjoint from the test sets.
+  c.outliers.source = 'digits/outliers'
+  c.outliers.batch_size = 128
   c.log_every_steps = 50
   c.checkpoint_every_steps = 100
   c.eval.batch_size = 256

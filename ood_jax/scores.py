@@ -169,6 +169,8 @@ def max_likelihood(logits):
   """ICE confidence, exp(max_k h_k) for Mahalanobis logits h_k ≤ 0 (paper 001).
 
   exp(h_k) is the unnormalised Gaussian likelihood of class k; the maximum is 1 at a class mean.
+  It ranks examples exactly as `max_logit` does, but in float32 it underflows to 0 once
+  max h < −87, where all such examples tie; rank with `max_logit` when distances are large.
 
   Args:
     logits: `[..., num_classes]` ICE logits h_k = −(f − m_k)ᵀΣ⁻¹(f − m_k) ≤ 0, e.g. from

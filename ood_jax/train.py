@@ -22,11 +22,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 from ood_jax import methods as methods_lib
 from ood_jax import models as models_lib
+from ood_jax.data import digits
 from ood_jax.data import pipeline
 from ood_jax.data import registry
 from ood_jax.data import sources
@@ -69,6 +71,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f'Unknown method_kwargs {sorted(unknown)} for method {method.name!r}; '
                      f'valid: {sorted(method.hparams) or "none"}.')
+  if method.needs_outliers and not config.get('outliers', {}).get('source'):
+    raise ValueError(f'Method {method.name!r} trains with auxiliary outliers: set config.outliers.source '
+                     "(a TFDS name, a .npy file of uint8 images, or 'digits/outliers').")
+  _choice('init_head policy', config.get('init_head', 'auto'), ('auto', 'keep', 'reinit'))
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
@@ -102,17 +108,19 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_st
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
-  """SGD (momentum, Nesterov) or Adam, with L2 weight decay on every parameter.
+  """SGD (momentum, Nesterov) or Adam, with L2 weight decay on every parameter, optional clipping.
 
   Decay is added to the gradient before momentum, as PyTorch's `weight_decay` does in the papers'
   code, and applies to all parameters, prototypes included (the IsoMax recipe).
   """
+  # Clipping (off by default) tames heads whose loss grows with squared distances, e.g. ICE.
+  clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.get('grad_clip_norm') else []
   decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
   if cfg.name == 'sgd':
     step = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
   else:
     step = optax.adam(schedule)
-  return optax.chain(*decay, step)
+  return optax.chain(*clip, *decay, step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +227,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mean, std = normalization(config, info)
   stream = pipeline.TrainStream(train_data.images, train_data.labels, global_batch_size=config.batch_size,
                                 seed=config.seed, mesh=mesh, augment=config.augment, mean=mean, std=std)
+  outliers = None
+  if method.needs_outliers:
+    outlier_data = load_outliers(config, info)
+    outliers = pipeline.outlier_stream(
+        outlier_data.images, global_batch_size=config.outliers.batch_size, seed=config.seed, mesh=mesh,
+        augment=config.outliers.get('augment') or config.augment, mean=mean, std=std)
+
+  def batch_at(step):
+    batch = stream.batch(step)
+    if outliers is not None:
+      batch['outlier'] = outliers.batch(step)['image']
+    return batch
+
   steps_per_epoch = math.ceil(stream.steps_per_epoch)
   total_steps = config.get('num_steps') or config.num_epochs * steps_per_epoch
   schedule = make_schedule(config.optimizer, steps_per_epoch, total_steps)
@@ -239,6 +260,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('Restored checkpoint at step %d from %s.', int(state.step), manager.directory)
   else:
     state = jax.jit(state_fn, out_shardings=state_sharding)(init_key)
+    if config.get('init_from'):
+      params, batch_stats = merge_pretrained(
+          {'params': state.params, 'batch_stats': state.batch_stats}, load_pretrained(config.init_from),
+          head=config.get('init_head', 'auto'))
+      state = jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, method=method, optimizer=optimizer, schedule=schedule,
@@ -253,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint_every = config.get('checkpoint_every_steps', steps_per_epoch)
   interval_start, interval_step, sums = time.perf_counter(), start, None
   for step in range(start, total_steps):
-    state, metrics = step_fn(state, stream.batch(step))
+    state, metrics = step_fn(state, batch_at(step))
     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     done = step + 1
     if done % log_every == 0 or done == total_steps:
@@ -276,6 +302,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = evaluate_lib.evaluate_model(config, model, method, info, _variables(state.params, state.batch_stats), mesh)
   evaluate_lib.write_results(results, workdir)
   return results
+
+
+def load_outliers(config, info) -> sources.ArrayData:
+  """The auxiliary outliers `config.outliers.source` names, at the in-distribution image shape."""
+  cfg = config.outliers
+  if cfg.source == 'digits/outliers':
+    return digits.load_outliers()
+  return sources.load_outliers(cfg.source, data_dir=config.get('data_dir'), split=cfg.get('split', 'train'),
+                               image_size=info.image_shape[:2], channels=info.image_shape[-1],
+                               max_examples=cfg.get('max_examples'), seed=config.seed)
+
+
+def _checkpoint_location(path: str) -> tuple[str, int | None]:
+  """(CheckpointManager directory, step or None for the latest) of a workdir / checkpoints / step path."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), None
+  if os.path.basename(path).isdigit():
+    return os.path.dirname(path), int(os.path.basename(path))
+  return path, None
+
+
+def load_pretrained(path: str) -> dict:
+  """{'params', 'batch_stats'} of a checkpoint: a workdir, its checkpoints folder or one step folder."""
+  directory, step = _checkpoint_location(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'init_from={path!r}: no such workdir or checkpoint directory.')
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f'init_from={path!r}: no checkpoint found in {directory}.')
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  logging.info('init_from: read step %d of %s.', step, directory)
+  return {'params': restored['params'], 'batch_stats': restored.get('batch_stats') or {}}
+
+
+def _same_structure(a, b) -> bool:
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  return tree_a == tree_b and all(np.shape(x) == np.shape(y) for x, y in zip(leaves_a, leaves_b))
+
+
+def merge_pretrained(fresh: dict, pretrained: dict, *, head: str = 'auto'):
+  """Fresh variables with the backbone (and, if `head` allows, the head) taken from `pretrained`.
+
+  The backbone ('params'/'batch_stats' entries other than 'head') must match exactly in structure and
+  shapes; a mismatch raises ValueError naming the parameter. The head is kept with head='keep'
+  (error if it does not fit), re-initialised with 'reinit', and with 'auto' kept exactly when it has
+  the same structure and shapes (fine-tuning the same method) and re-initialised otherwise (e.g. a
+  Mahalanobis head on a softmax-pretrained backbone, paper 001).
+
+  Returns:
+    (params, batch_stats).
+  """
+  merged = {}
+  for collection in ('params', 'batch_stats'):
+    new, old = dict(fresh[collection] or {}), dict(pretrained.get(collection) or {})
+    for name, value in new.items():
+      if name == 'head':
+        fits = name in old and _same_structure(value, old[name])
+        if head == 'keep' and not fits:
+          raise ValueError('init_head=keep but the pretrained head does not match this model\'s head.')
+        if head == 'keep' or (head == 'auto' and fits):
+          new[name] = jax.tree.map(lambda o, v: np.asarray(o, dtype=np.asarray(v).dtype), old[name], value)
+        continue
+      if name not in old:
+        raise ValueError(f'init_from: the pretrained checkpoint has no {collection}/{name}.')
+      flat_new = jax.tree_util.tree_flatten_with_path(value)[0]
+      flat_old = dict(jax.tree_util.tree_flatten_with_path(old[name])[0])
+      for key, leaf in flat_new:
+        path = f'{collection}/{name}' + jax.tree_util.keystr(key)
+        if key not in flat_old:
+          raise ValueError(f'init_from: the pretrained checkpoint has no {path}.')
+        if np.shape(flat_old[key]) != np.shape(leaf):
+          raise ValueError(f'init_from: shape mismatch at {path}: pretrained {np.shape(flat_old[key])}, '
+                           f'model {np.shape(leaf)}.')
+      new[name] = jax.tree.map(lambda o, v: np.asarray(o, dtype=np.asarray(v).dtype), old[name], value)
+    merged[collection] = new
+  return merged['params'], merged['batch_stats']
 
 
 def _append_jsonl(path: str, record: dict) -> None:

@@ -133,6 +133,27 @@ def load_corrupted(name: str, severity: int, *, corrupt_fn: ood_sets.CorruptFn |
   return ood_sets.load_corrupted('digits', name, severity, corrupt_fn=corrupt_fn, seed=seed)
 
 
+def load_outliers() -> ArrayData:
+  """Auxiliary outliers for outlier exposure: the 477 *train* digits of classes 6–9.
+
+  Disjoint from every test set, but of the same classes as the near-OOD test set: a model trained
+  with them has seen near-OOD classes (as OE with 80M Tiny Images sees many test OOD classes), while
+  the far-OOD sets (photos, noise) stay unseen.
+
+  Returns:
+    ArrayData named 'digits/outliers': images uint8 [477, 32, 32, 1], labels all
+    `sources.OUTLIER_LABEL`; shared, read-only.
+  """
+  return _outliers()
+
+
+@functools.lru_cache(maxsize=None)
+def _outliers() -> ArrayData:
+  images, labels, is_test = _all_digits()
+  images = images[np.isin(labels, OOD_CLASSES) & ~is_test]
+  return _shared(ArrayData(images, np.full(len(images), sources.OUTLIER_LABEL, np.int32), 'digits/outliers'))
+
+
 @functools.lru_cache(maxsize=None)
 def _id_split(split: str) -> ArrayData:
   images, labels, is_test = _all_digits()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ood_jax.methods.base import Method
 from ood_jax.methods import isomax
+from ood_jax.methods import outlier_exposure
 from ood_jax.methods import ova
 from ood_jax.methods import softmax
 
@@ -20,6 +21,9 @@ METHODS: dict[str, Method] = {
     'dm': isomax.DM,
     'one_vs_all': ova.ONE_VS_ALL,
     'distance_one_vs_all': ova.DISTANCE_ONE_VS_ALL,
+    'oe': outlier_exposure.OE,
+    'energy': outlier_exposure.ENERGY,
+    'ice': outlier_exposure.ICE,
 }
 
 

@@ -33,6 +33,8 @@ class Method:
     scores: names of functions in `ood_jax.scores` taking logits; the first is the default.
     inputs: `inputs(batch, rng)` → the images the model runs on in a training step.
     hparams: default keyword arguments of `loss`; config values override them.
+    needs_outliers: the trainer adds `batch['outlier']`, a batch of auxiliary outliers
+      (`config.outliers`), to every training batch.
   """
 
   name: str
@@ -42,6 +44,7 @@ class Method:
   scores: tuple[str, ...]
   inputs: Callable[[Batch, jax.Array], jax.Array] = image_inputs
   hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+  needs_outliers: bool = False
 
 
 def classification_loss(per_example: Callable[..., jax.Array]) -> LossFn:

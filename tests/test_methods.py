@@ -1,0 +1,167 @@
+"""Methods: their losses equal the papers' objectives composed by hand; outlier training and
+fine-tuning (`init_from`) run end to end on the offline digits benchmark."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits as digits_config
+from ood_jax import methods
+from ood_jax import train
+
+
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_lse(z):
+  z = np.asarray(z, np.float64)
+  top = z.max(-1)
+  return top + np.log(np.exp(z - top[:, None]).sum(-1))
+
+
+def _batch(seed=0, n_in=6, n_out=10, k=4, negative=False):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(n_in + n_out, k)).astype(np.float32) * 3
+  if negative:
+    logits = -np.abs(logits)
+  labels = rng.integers(0, k, size=n_in).astype(np.int32)
+  return jnp.asarray(logits), {'label': jnp.asarray(labels)}, logits[:n_in], logits[n_in:], labels
+
+
+def test_registry_lists_names():
+  assert {'softmax', 'isomax', 'dm', 'one_vs_all', 'distance_one_vs_all', 'oe', 'energy', 'ice'} <= set(methods.METHODS)
+  with pytest.raises(ValueError, match='valid methods: .*oe'):
+    methods.get_method('mixup')
+
+
+def test_oe_objective():
+  logits, batch, z_in, z_out, y = _batch()
+  method = methods.get_method('oe')
+  loss, aux = jax.jit(lambda l, b: method.loss(l, None, b, **method.hparams))(logits, batch)
+  ce = -np.mean(_np_log_softmax(z_in)[np.arange(len(y)), y])
+  uniform = np.mean(-np.mean(_np_log_softmax(z_out), axis=-1))  # paper 001 eq. 0.16
+  np.testing.assert_allclose(float(loss), ce + 0.5 * uniform, rtol=1e-5)
+  np.testing.assert_allclose(float(aux['accuracy']), np.mean(z_in.argmax(-1) == y))
+
+
+@pytest.mark.parametrize('m_in,m_out', [(-25.0, -7.0), (-3.0, -1.0)])
+def test_energy_objective(m_in, m_out):
+  logits, batch, z_in, z_out, y = _batch(seed=1)
+  method = methods.get_method('energy')
+  hp = {**method.hparams, 'margin_in': m_in, 'margin_out': m_out}
+  loss, _ = jax.jit(lambda l, b: method.loss(l, None, b, **hp))(logits, batch)
+  ce = -np.mean(_np_log_softmax(z_in)[np.arange(len(y)), y])
+  e_in, e_out = -_np_lse(z_in), -_np_lse(z_out)
+  reg = np.mean(np.maximum(e_in - m_in, 0) ** 2) + np.mean(np.maximum(m_out - e_out, 0) ** 2)
+  np.testing.assert_allclose(float(loss), ce + 0.1 * reg, rtol=1e-5)
+
+
+def test_ice_objective():
+  logits, batch, h_in, h_out, y = _batch(seed=2, negative=True)
+  method = methods.get_method('ice')
+  assert method.head == 'mahalanobis' and method.scores[:2] == ('max_logit', 'max_likelihood')
+  loss, _ = jax.jit(lambda l, b: method.loss(l, None, b, **method.hparams))(logits, batch)
+  ce = -np.mean(_np_log_softmax(h_in)[np.arange(len(y)), y])
+  ice_in = np.mean(-h_in.astype(np.float64)[np.arange(len(y)), y])  # eq. 0.14
+  ice_out = np.mean(-np.log(1 - np.exp(h_out.astype(np.float64).max(-1))))  # eq. 0.13
+  np.testing.assert_allclose(float(loss), ce + 1.0 * (ice_in + ice_out), rtol=1e-5)
+
+
+def test_outlier_methods_feed_images_and_outliers_through_one_forward():
+  batch = {'image': jnp.zeros((3, 2, 2, 1)), 'outlier': jnp.ones((5, 2, 2, 1)), 'label': jnp.zeros(3, jnp.int32)}
+  for name in ('oe', 'energy', 'ice'):
+    inputs = methods.get_method(name).inputs(batch, jax.random.key(0))
+    assert inputs.shape == (8, 2, 2, 1)
+    np.testing.assert_array_equal(inputs[:3], 0.0)
+    np.testing.assert_array_equal(inputs[3:], 1.0)
+
+
+def test_outlier_method_without_source_fails_early(tmp_path):
+  config = digits_config.get_config('smoke')
+  config.method = 'oe'
+  config.outliers.source = None
+  with pytest.raises(ValueError, match='outliers.source'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def _tree(*shapes_by_name):
+  return {name: np.full(shape, value, np.float32) for name, shape, value in shapes_by_name}
+
+
+def test_merge_pretrained_restores_exactly_the_backbone_and_fitting_head():
+  fresh = {'params': {'backbone': {'conv': _tree(('kernel', (3, 3), 0.0))}, 'head': _tree(('kernel', (3, 2), 0.0))},
+           'batch_stats': {'backbone': {'bn': _tree(('mean', (3,), 0.0))}}}
+  pretrained = {'params': {'backbone': {'conv': _tree(('kernel', (3, 3), 1.0))}, 'head': _tree(('kernel', (3, 2), 2.0))},
+                'batch_stats': {'backbone': {'bn': _tree(('mean', (3,), 3.0))}}}
+  params, stats = train.merge_pretrained(fresh, pretrained, head='auto')
+  np.testing.assert_array_equal(params['backbone']['conv']['kernel'], 1.0)
+  np.testing.assert_array_equal(params['head']['kernel'], 2.0)  # same head shape: kept (fine-tune)
+  np.testing.assert_array_equal(stats['backbone']['bn']['mean'], 3.0)
+  params, _ = train.merge_pretrained(fresh, pretrained, head='reinit')
+  np.testing.assert_array_equal(params['head']['kernel'], 0.0)
+  np.testing.assert_array_equal(params['backbone']['conv']['kernel'], 1.0)
+
+  # A different head (e.g. Mahalanobis on a softmax backbone) is re-initialised under 'auto' ...
+  other_head = {**pretrained, 'params': {**pretrained['params'], 'head': _tree(('means', (2, 3), 5.0))}}
+  params, _ = train.merge_pretrained(fresh, other_head, head='auto')
+  np.testing.assert_array_equal(params['head']['kernel'], 0.0)
+  # ... and refused under 'keep'.
+  with pytest.raises(ValueError, match='init_head=keep'):
+    train.merge_pretrained(fresh, other_head, head='keep')
+
+
+def test_merge_pretrained_shape_mismatch_names_the_parameter():
+  fresh = {'params': {'backbone': {'conv': _tree(('kernel', (3, 3), 0.0))}}, 'batch_stats': {}}
+  wrong = {'params': {'backbone': {'conv': _tree(('kernel', (3, 4), 1.0))}}, 'batch_stats': {}}
+  with pytest.raises(ValueError, match=r"shape mismatch at params/backbone\['conv'\]\['kernel'\].*\(3, 4\).*\(3, 3\)"):
+    train.merge_pretrained(fresh, wrong)
+  missing = {'params': {'other': {}}, 'batch_stats': {}}
+  with pytest.raises(ValueError, match='has no params/backbone'):
+    train.merge_pretrained(fresh, missing)
+
+
+def _smoke(method, **overrides):
+  config = digits_config.get_config('smoke')
+  config.method = method
+  config.num_steps = 8
+  config.log_every_steps = 4
+  config.checkpoint_every_steps = 8
+  config.outliers.batch_size = 64
+  config.eval.ood_sets = ('digits/near', 'digits/photos')
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_outlier_exposure_trains_end_to_end_and_ice_fine_tunes_from_its_checkpoint(tmp_path):
+  base = str(tmp_path / 'energy')
+  results = train.train_and_evaluate(_smoke('energy'), base)
+  assert results['default_score'] == 'energy'
+  assert set(results['ood']['digits/near']) == {'energy', 'max_softmax', 'max_logit'}
+
+  config = _smoke('ice', init_from=base)
+  config.optimizer.learning_rate = 0.01  # the paper's fine-tuning rate
+  config.optimizer.grad_clip_norm = 1.0  # without it the squared-distance loss diverges within steps
+  config.optimizer.schedule = 'cosine'
+  results = train.train_and_evaluate(config, str(tmp_path / 'ice'))
+  assert results['method'] == 'ice' and 0.0 <= results['in_distribution']['accuracy'] <= 1.0
+  for per_score in results['ood'].values():
+    assert 0.0 <= per_score['max_likelihood']['auroc'] <= 1.0
+
+  # With a zero learning rate the fine-tuned backbone is bitwise the Energy run's backbone, and the
+  # Mahalanobis head (which does not fit the dense one) is freshly initialised.
+  frozen = _smoke('ice', init_from=base)
+  frozen.optimizer.learning_rate = 0.0
+  frozen.optimizer.schedule = 'constant'
+  frozen.eval.ood_sets = ()
+  train.train_and_evaluate(frozen, str(tmp_path / 'frozen'))
+  source = train.load_pretrained(base)['params']
+  tuned = train.load_pretrained(str(tmp_path / 'frozen'))['params']
+  for a, b in zip(jax.tree.leaves(source['backbone']), jax.tree.leaves(tuned['backbone'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert set(tuned['head']) == {'means', 'cholesky_raw'} and set(source['head']) == {'kernel', 'bias'}
