@@ -1,13 +1,14 @@
 """Defaults shared by every config; each config file changes what its recipe needs."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The full set of fields the trainer and evaluator read, with neutral defaults."""
   c = ml_collections.ConfigDict()
   c.dataset = 'cifar10'           # ood_jax.data.registry name
-  c.data_dir = None               # TFDS data_dir (None: TFDS default, ~/tensorflow_datasets)
+  c.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default, ~/tensorflow_datasets)
   c.model = 'resnet18'            # ood_jax.models.BACKBONES name
   c.model_kwargs = ml_collections.ConfigDict()
   c.method = 'softmax'            # ood_jax.methods.METHODS name; the method picks the head
@@ -21,12 +22,70 @@ def base_config() -> ml_collections.ConfigDict:
   c.normalization = 'dataset'     # or 'symmetric' ([−1, 1] inputs, paper 002)
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-      schedule='step', decay_epochs=(), decay_factor=0.1, warmup_epochs=0.0))
+      schedule='step', decay_epochs=(), decay_factor=0.1, warmup_epochs=0.0,
+      grad_clip_norm=0.0))  # > 0: clip the global gradient norm first
+  c.outliers = ml_collections.ConfigDict(dict(  # auxiliary outliers (methods oe, energy, ice)
+      source=config_dict.placeholder(str), batch_size=256, augment=config_dict.placeholder(str),
+      split='train', max_examples=config_dict.placeholder(int)))
+  c.init_from = config_dict.placeholder(str)  # fine-tune from a workdir or checkpoint (see init_head)
+  c.init_head = 'auto'            # 'auto': keep the pretrained head if it fits, else re-init; 'keep'; 'reinit'
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   c.num_devices = 0               # 0: every device; n: the first n (e.g. to compare with 1 device)
   c.distributed = False           # jax.distributed.initialize() for multi-host runs
   c.eval = ml_collections.ConfigDict(dict(
-      batch_size=500, ood_sets=(), corruptions=(), severities=(1, 2, 3, 4, 5)))
+      batch_size=512,  # global; a power of two splits evenly over 1, 2, 4, 8, ... devices
+      ood_sets=(), corruptions=(), severities=(1, 2, 3, 4, 5)))
   return c
+
+
+def parse_arg(arg, **groups) -> dict:
+  """Reads a config argument such as 'cifar100,resnet34,smoke' into one choice per group.
+
+  ml_collections hands a config file the text after ':' of `--config=file.py:text`; every config
+  takes a comma-separated list of tokens, at most one from each group, plus 'smoke' (in any order).
+
+  Args:
+    arg: the text after ':', or None.
+    **groups: group name → its valid tokens, e.g. dataset=('cifar10', 'cifar100').
+
+  Returns:
+    group name → the token given, or None where the group had none; and 'smoke' → bool.
+
+  Raises:
+    ValueError: for an unknown token or two tokens of one group; the message lists the valid ones.
+  """
+  chosen = dict.fromkeys(groups)
+  chosen['smoke'] = False
+  for token in (arg or '').split(','):
+    token = token.strip()
+    if not token:
+      continue
+    if token == 'smoke':
+      chosen['smoke'] = True
+      continue
+    group = next((name for name, tokens in groups.items() if token in tokens), None)
+    if group is None:
+      valid = '; '.join(f'{name}: {", ".join(tokens)}' for name, tokens in groups.items())
+      raise ValueError(f'Unknown config argument {token!r}; valid ({valid}; and smoke), comma-separated.')
+    if chosen[group] is not None:
+      raise ValueError(f'Config argument gives two {group}s: {chosen[group]!r} and {token!r}.')
+    chosen[group] = token
+  return chosen
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
+  """Cuts a paper config down to a CPU smoke run: same data, model and method, a few tiny steps.
+
+  The evaluation keeps one OOD set (the noise sets hold 10,000 images, too many for a CPU smoke
+  run) and two corruptions at the extreme severities.
+  """
+  c.num_steps = 4
+  c.batch_size = 16  # divisible by the 8 fake devices of the tests
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.eval.batch_size = 16
+  c.eval.ood_sets = tuple(c.eval.ood_sets)[:1]
+  c.eval.corruptions = tuple(c.eval.corruptions)[:2]
+  c.eval.severities = (1, 5)
