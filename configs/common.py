@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
       source=config_dict.placeholder(str), batch_size=256, augment=config_dict.placeholder(str),
       split='train', max_examples=config_dict.placeholder(int)))
   c.init_from = config_dict.placeholder(str)  # fine-tune from a workdir or checkpoint (see init_head)
+  c.base_model = config_dict.placeholder(str)  # workdir of the frozen base model (method smot)
   c.init_head = 'auto'            # 'auto': keep the pretrained head if it fits, else re-init; 'keep'; 'reinit'
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000

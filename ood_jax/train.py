@@ -74,6 +74,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if method.needs_outliers and not config.get('outliers', {}).get('source'):
     raise ValueError(f'Method {method.name!r} trains with auxiliary outliers: set config.outliers.source '
                      "(a TFDS name, a .npy file of uint8 images, or 'digits/outliers').")
+  if method.needs_base_model and not config.get('base_model'):
+    raise ValueError(f'Method {method.name!r} needs a pretrained base model: set config.base_model to the '
+                     'workdir of a softmax run of the same architecture and dataset.')
+  if method.augment and config.augment != method.augment:
+    raise ValueError(f'Method {method.name!r} needs config.augment={method.augment!r}, got {config.augment!r}.')
   _choice('init_head policy', config.get('init_head', 'auto'), ('auto', 'keep', 'reinit'))
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
@@ -131,11 +136,16 @@ def _variables(params, batch_stats):
   return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
-def train_step(state: TrainState, batch, *, model, method, optimizer, schedule, hparams, key):
+def train_step(state: TrainState, batch, base_variables=None, *, model, method, optimizer, schedule, hparams,
+               key, base_model=None):
   """One optimisation step; pure in (state, batch), randomness fold_in(key, step)."""
   rng = jax.random.fold_in(key, state.step)
   input_rng, dropout_rng = jax.random.split(rng)
-  inputs = method.inputs(batch, input_rng)
+  base = None if base_model is None else methods_lib.BaseModel(base_model, base_variables)
+  inputs = method.inputs(batch, input_rng, hparams, base)
+  if isinstance(inputs, tuple):
+    inputs, extra = inputs
+    batch = {**batch, **extra}
 
   def loss_fn(params):
     (logits, features), updates = model.apply(
@@ -266,10 +276,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           head=config.get('init_head', 'auto'))
       state = jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)
 
+  base_model, base_variables = None, None
+  if method.needs_base_model:
+    base_model, _, _ = build(load_config(config.base_model))
+    base_variables = jax.device_put(load_pretrained(config.base_model), replicated)
+    base_variables = _variables(base_variables['params'], base_variables['batch_stats'])
   step_fn = jax.jit(
       functools.partial(train_step, model=model, method=method, optimizer=optimizer, schedule=schedule,
-                        hparams={**method.hparams, **config.get('method_kwargs', {})}, key=step_key),
-      in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
+                        hparams={**method.hparams, **config.get('method_kwargs', {})}, key=step_key,
+                        base_model=base_model),
+      in_shardings=(state_sharding, pipeline.batch_sharding(mesh), replicated),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0)
 
@@ -279,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint_every = config.get('checkpoint_every_steps', steps_per_epoch)
   interval_start, interval_step, sums = time.perf_counter(), start, None
   for step in range(start, total_steps):
-    state, metrics = step_fn(state, batch_at(step))
+    state, metrics = step_fn(state, batch_at(step), base_variables)
     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     done = step + 1
     if done % log_every == 0 or done == total_steps:

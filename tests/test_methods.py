@@ -1,6 +1,8 @@
 """Methods: their losses equal the papers' objectives composed by hand; outlier training and
 fine-tuning (`init_from`) run end to end on the offline digits benchmark."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +76,7 @@ def test_ice_objective():
 def test_outlier_methods_feed_images_and_outliers_through_one_forward():
   batch = {'image': jnp.zeros((3, 2, 2, 1)), 'outlier': jnp.ones((5, 2, 2, 1)), 'label': jnp.zeros(3, jnp.int32)}
   for name in ('oe', 'energy', 'ice'):
-    inputs = methods.get_method(name).inputs(batch, jax.random.key(0))
+    inputs = methods.get_method(name).inputs(batch, jax.random.key(0), {}, None)
     assert inputs.shape == (8, 2, 2, 1)
     np.testing.assert_array_equal(inputs[:3], 0.0)
     np.testing.assert_array_equal(inputs[3:], 1.0)
@@ -165,3 +167,61 @@ def test_outlier_exposure_trains_end_to_end_and_ice_fine_tunes_from_its_checkpoi
   for a, b in zip(jax.tree.leaves(source['backbone']), jax.tree.leaves(tuned['backbone'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert set(tuned['head']) == {'means', 'cholesky_raw'} and set(source['head']) == {'kernel', 'bias'}
+
+
+def test_class_activation_map_matches_explicit_computation():
+  from ood_jax.methods import smot  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  fmap = rng.normal(size=(2, 4, 4, 5)).astype(np.float32)
+  kernel = rng.normal(size=(5, 3)).astype(np.float32)
+  labels = np.array([2, 0])
+  cam = np.asarray(jax.jit(smot.class_activation_map, static_argnums=3)(fmap, kernel, labels, (4, 4)))
+  for b in range(2):
+    raw = np.zeros((4, 4))
+    for i in range(4):
+      for j in range(4):
+        raw[i, j] = sum(fmap[b, i, j, d] * kernel[d, labels[b]] for d in range(5))
+    expected = 255 * (raw - raw.min()) / (raw.max() - raw.min())
+    np.testing.assert_allclose(cam[b], expected, rtol=1e-4, atol=1e-3)
+  # Upsampling 4 → 8 keeps the range [0, 255] and the location of the maximum's neighbourhood.
+  up = np.asarray(smot.class_activation_map(fmap, kernel, labels, (8, 8)))
+  assert up.shape == (2, 8, 8) and up.min() >= 0 and up.max() <= 255 + 1e-3
+
+
+def test_smot_mask_and_soft_labels_follow_the_paper():
+  from ood_jax.methods import smot  # pylint: disable=g-import-not-at-top
+  images = np.ones((2, 2, 2, 3), np.float32)
+  cam = np.array([[[0.0, 100.0], [200.0, 255.0]], [[10.0, 20.0], [30.0, 40.0]]], np.float32)
+  threshold = np.array([150.0, 25.0], np.float32)
+  masked = np.asarray(smot.mask_images(images, cam, threshold))
+  # M = 0 where CAM ≥ t, else 1 (paper eq. 7).
+  np.testing.assert_array_equal(masked[..., 0], [[[1, 1], [0, 0]], [[1, 1], [0, 0]]])
+  np.testing.assert_array_equal(masked[..., 0], masked[..., 2])
+
+  method = methods.get_method('smot')
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  batch = {'label': jnp.array([0, 1, 2, 0]), 'threshold': jnp.array([255.0, 245.0, 180.0, 0.0])}
+  loss, aux = jax.jit(lambda l, b: method.loss(l, None, b, **method.hparams))(logits, batch)
+  eps = 1 - np.exp((np.array([255.0, 245.0, 180.0, 0.0]) - 255) / 10)  # eq. 9, T = 10
+  y = np.eye(3)[[0, 1, 2, 0]]
+  soft = (1 - eps[:, None]) * y + eps[:, None] / 3
+  ls = _np_log_softmax(np.asarray(logits))
+  expected = np.mean(0.9 * -np.sum(y * ls[:4], -1) + 0.1 * -np.sum(soft * ls[4:], -1))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(aux['smoothing']), eps.mean(), rtol=1e-5)
+
+
+def test_smot_trains_from_a_base_model_checkpoint(tmp_path):
+  base = str(tmp_path / 'base')
+  train.train_and_evaluate(_smoke('softmax'), base)
+  config = _smoke('smot', base_model=base)
+  results = train.train_and_evaluate(config, str(tmp_path / 'smot'))
+  assert results['method'] == 'smot' and results['default_score'] == 'max_softmax'
+  logged = [json.loads(line) for line in open(tmp_path / 'smot' / 'metrics.jsonl')]
+  # ε(t) with t = 255·Beta(50, 20) ≈ 182 and T = 10 is ≈ 1 − e^(−7.3).
+  assert 0.99 < logged[0]['smoothing'] < 1.0
+
+  missing = _smoke('smot')
+  with pytest.raises(ValueError, match='base_model'):
+    train.train_and_evaluate(missing, str(tmp_path / 'no_base'))

@@ -184,7 +184,18 @@ def digits_batch():
   return x, y
 
 
-@pytest.mark.parametrize('head', models.HEADS)
+def test_classifier_projection_head(digits_batch):
+  x, _ = digits_batch
+  model = models.make_classifier('digits_cnn', 'projection', 5)
+  variables = _init(model, x)
+  embeddings, features = jax.jit(model.apply)(variables, x)
+  assert embeddings.shape == (6, 128) and features.shape == (6, 128)
+  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
+  head = variables['params']['head']
+  assert head['hidden']['kernel'].shape == (128, 128) and head['output']['kernel'].shape == (128, 128)
+
+
+@pytest.mark.parametrize('head', [h for h in models.HEADS if h != 'projection'])
 def test_classifier_heads(head, digits_batch):
   x, _ = digits_batch
   model = models.make_classifier('digits_cnn', head, 5)

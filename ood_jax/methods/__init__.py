@@ -9,10 +9,13 @@ default (e.g. the entropic score for IsoMax).
 
 from __future__ import annotations
 
+from ood_jax.methods.base import BaseModel
 from ood_jax.methods.base import Method
+from ood_jax.methods import contrastive
 from ood_jax.methods import isomax
 from ood_jax.methods import outlier_exposure
 from ood_jax.methods import ova
+from ood_jax.methods import smot
 from ood_jax.methods import softmax
 
 METHODS: dict[str, Method] = {
@@ -24,6 +27,9 @@ METHODS: dict[str, Method] = {
     'oe': outlier_exposure.OE,
     'energy': outlier_exposure.ENERGY,
     'ice': outlier_exposure.ICE,
+    'supcon': contrastive.SUPCON,
+    'reweightood': contrastive.REWEIGHTOOD,
+    'smot': smot.SMOT,
 }
 
 
@@ -35,4 +41,4 @@ def get_method(name: str) -> Method:
     raise ValueError(f'Unknown method {name!r}; valid methods: {", ".join(sorted(METHODS))}.') from None
 
 
-__all__ = ['METHODS', 'Method', 'get_method']
+__all__ = ['METHODS', 'BaseModel', 'Method', 'get_method']

@@ -13,9 +13,9 @@ Batch = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def image_inputs(batch: Batch, rng: jax.Array) -> jax.Array:
+def image_inputs(batch: Batch, rng: jax.Array, hparams: dict, base) -> jax.Array:
   """The default model input: the in-distribution images of the batch."""
-  del rng
+  del rng, hparams, base
   return batch['image']
 
 
@@ -29,10 +29,16 @@ class Method:
     loss: `loss(logits, features, batch, **hparams) -> (loss, metrics)`, mean over the batch.
       `hparams` come from `config.method_kwargs`.
     probabilities: logits `[B, K]` → predictive probabilities `[B, K]` used for accuracy, NLL
-      and ECE (rows of one-vs-all probabilities need not sum to one).
-    scores: names of functions in `ood_jax.scores` taking logits; the first is the default.
-    inputs: `inputs(batch, rng)` → the images the model runs on in a training step.
+      and ECE (rows of one-vs-all probabilities need not sum to one); None for embedding models
+      (contrastive), evaluated with a linear probe and feature scores instead.
+    scores: names of functions in `ood_jax.scores` taking logits, or for embedding models of
+      feature scores ('knn', 'mahalanobis'); the first is the default.
+    inputs: `inputs(batch, rng, hparams, base)` → the images the model runs on in a training
+      step, or `(images, extra)` where the dict `extra` is added to the batch the loss sees.
+      `base` is `BaseModel` when `needs_base_model`, else None.
     hparams: default keyword arguments of `loss`; config values override them.
+    augment: the augmentation the method requires (e.g. 'two_views'), or None for any.
+    needs_base_model: the trainer loads `config.base_model` (a workdir) and passes it to `inputs`.
     needs_outliers: the trainer adds `batch['outlier']`, a batch of auxiliary outliers
       (`config.outliers`), to every training batch.
   """
@@ -40,11 +46,21 @@ class Method:
   name: str
   head: str
   loss: LossFn
-  probabilities: Callable[[jax.Array], jax.Array]
+  probabilities: Callable[[jax.Array], jax.Array] | None  # None: an embedding model, no classifier
   scores: tuple[str, ...]
-  inputs: Callable[[Batch, jax.Array], jax.Array] = image_inputs
+  inputs: Callable[..., Any] = image_inputs
   hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+  augment: str | None = None
   needs_outliers: bool = False
+  needs_base_model: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+  """A frozen, pretrained model a method consults inside the step (SMOT's class activation maps)."""
+
+  model: Any  # a models.Classifier
+  variables: Any  # its {'params', 'batch_stats'}, passed to the step as an argument, not a constant
 
 
 def classification_loss(per_example: Callable[..., jax.Array]) -> LossFn:

@@ -18,8 +18,8 @@ from ood_jax import losses
 from ood_jax.methods import base
 
 
-def _inputs(batch, rng):
-  del rng
+def _inputs(batch, rng, hparams, base):
+  del rng, hparams, base
   return jnp.concatenate([batch['image'], batch['outlier']], axis=0)
 
 

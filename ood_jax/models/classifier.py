@@ -2,7 +2,8 @@
 
 The head decides the method family: 'dense' (affine logits: softmax, OvA, outlier exposure,
 energy), 'distance' (IsoMax / distance-OvA, `ood_jax.layers.DistanceLogits`) or 'mahalanobis'
-(ICE, `ood_jax.layers.MahalanobisLogits`). Any other Linen module mapping `[B, D]` features to
+(ICE, `ood_jax.layers.MahalanobisLogits`) or 'projection' (SupCon / ReweightOOD: the
+`ood_jax.layers.ProjectionHead` MLP to 128-d unit embeddings, returned in place of logits). Any other Linen module mapping `[B, D]` features to
 `[B, K]` logits can be passed instead of a name. The head's parameters live under 'head', so the
 class activation map of SMOT for a dense head is
 `feature_map @ params['params']['head']['kernel'][:, y]`.
@@ -16,10 +17,12 @@ import jax.numpy as jnp
 from ood_jax import _checks
 from ood_jax import layers
 
+# name → factory(num_classes, feature_dim): the projection head's width follows the features (SupCon).
 _HEAD_MODULES = {
-    'dense': nn.Dense,
-    'distance': layers.DistanceLogits,
-    'mahalanobis': layers.MahalanobisLogits,
+    'dense': lambda k, d: nn.Dense(k, name='head'),
+    'distance': lambda k, d: layers.DistanceLogits(k, name='head'),
+    'mahalanobis': lambda k, d: layers.MahalanobisLogits(k, name='head'),
+    'projection': lambda k, d: layers.ProjectionHead(hidden_dim=d, output_dim=128, name='head'),
 }
 HEADS = tuple(_HEAD_MODULES)
 
@@ -79,7 +82,7 @@ class Classifier(nn.Module):
       raise ValueError('the backbone must return a [B, h, w, D] feature map or [B, D] features, '
                        f'got shape {feature_map.shape}.')
     if isinstance(self.head, str):
-      head = _HEAD_MODULES[self.head](self.num_classes, name='head')
+      head = _HEAD_MODULES[self.head](self.num_classes, features.shape[-1])
     else:
       head = self.head
     logits = head(features)
