@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     'chex>=0.1.89,<0.2',
     'clu>=0.0.12,<0.1',  # metric writers: TensorBoard + logging
     'absl-py>=2.1,<3',
+    'matplotlib>=3.8,<4',  # ood_jax.plots
     'ml_collections>=1.0,<2',
     'tensorflow-datasets>=4.9.7,<5',
     'orbax-checkpoint>=0.11,<0.13',

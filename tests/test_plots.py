@@ -1,0 +1,227 @@
+"""Tests for ood_jax.plots: the numbers each figure draws, read back from its artists."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn import decomposition
+
+from ood_jax import evaluate
+from ood_jax import metrics
+from ood_jax import plots
+
+CORRUPTIONS = ('gaussian_noise', 'motion_blur', 'jpeg_compression')
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def _probs(rng, n=400, k=5, sharpness=3.0):
+  logits = sharpness * rng.normal(size=(n, k))
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  return probs / probs.sum(axis=1, keepdims=True), rng.integers(0, k, n)
+
+
+def _results(seed):
+  """Evaluator-layout results: clean test metrics plus every corruption × severity pair."""
+  rng = np.random.default_rng(seed)
+  results = {'in_distribution': evaluate.classification_metrics(*_probs(rng))}
+  per_pair = {}
+  for corruption in CORRUPTIONS:
+    for severity in SEVERITIES:
+      cm = evaluate.classification_metrics(*_probs(rng, sharpness=3.0 / severity))
+      per_pair[f'{corruption}_{severity}'] = {m: cm[m] for m in ('accuracy', 'ece', 'nll')}
+  results['corrupted'] = {'per_pair': per_pair}
+  return results
+
+
+def test_no_pyplot_state():
+  # Importing and drawing must leave pyplot (and its backend selection) untouched.
+  code = ('import sys; from ood_jax import plots; import numpy as np; '
+          'plots.score_histograms(np.arange(5.0), {"ood": np.arange(3.0)}, score_name="s"); '
+          'assert "matplotlib.pyplot" not in sys.modules')
+  subprocess.run([sys.executable, '-c', code], check=True)
+
+
+@pytest.mark.parametrize('source', ['diagram', 'results'])
+def test_reliability_diagram_draws_the_bins(source):
+  rng = np.random.default_rng(0)
+  probs, labels = _probs(rng)
+  diagram = metrics.reliability_diagram(probs, labels, num_bins=15)
+  given = diagram if source == 'diagram' else {'in_distribution': evaluate.classification_metrics(probs, labels)}
+  fig = plots.reliability_diagram(given, title='CE')
+  (ax,) = fig.axes
+  accuracy_bars, gap_bars = ax.containers
+  np.testing.assert_allclose([b.get_height() for b in accuracy_bars], diagram['accuracy'])
+  np.testing.assert_allclose([b.get_x() for b in accuracy_bars], diagram['bin_edges'][:-1])
+  np.testing.assert_allclose([b.get_width() for b in accuracy_bars], np.diff(diagram['bin_edges']))
+  nonempty = diagram['counts'] > 0
+  assert len(gap_bars) == nonempty.sum() < 15  # sharp random softmaxes leave low bins empty
+  np.testing.assert_allclose([b.get_y() for b in gap_bars], diagram['accuracy'][nonempty])
+  np.testing.assert_allclose([b.get_y() + b.get_height() for b in gap_bars], diagram['confidence'][nonempty])
+  ece = metrics.expected_calibration_error(probs, labels)
+  assert ax.get_legend().get_title().get_text() == f'ECE = {ece:.4f}'
+  assert ax.get_title() == 'CE'
+  fig.savefig(io.BytesIO(), format='png')
+
+
+def test_reliability_diagram_rejects_other_dicts():
+  with pytest.raises(ValueError, match='missing'):
+    plots.reliability_diagram({'accuracy': [1.0]})
+
+
+def test_shift_box_data_is_the_evaluators_values():
+  results = {'CE': _results(0), 'OvA DM': _results(1)}
+  for metric in ('ece', 'accuracy', 'nll'):
+    data = plots.shift_box_data(results, metric)
+    assert list(data) == ['CE', 'OvA DM']
+    for method, by_severity in data.items():
+      assert list(by_severity) == [0, *SEVERITIES]
+      assert by_severity[0] == [results[method]['in_distribution'][metric]]
+      for s in SEVERITIES:
+        assert by_severity[s] == [results[method]['corrupted']['per_pair'][f'{c}_{s}'][metric] for c in CORRUPTIONS]
+  with pytest.raises(ValueError, match='metric'):
+    plots.shift_box_data(results, 'auroc')
+
+
+def test_shift_box_plots_draw_quartiles_and_extremes():
+  results = {'CE': _results(0), 'DM': _results(1), 'OvA': _results(2)}
+  data = plots.shift_box_data(results, 'ece')
+  fig = plots.shift_box_plots(results, metric='ece')
+  (ax,) = fig.axes
+  boxes = ax.patches  # method by method, severities in order
+  values = [v for by_severity in data.values() for v in by_severity.values()]
+  assert len(boxes) == len(values) == 3 * 6
+  for box, box_values in zip(boxes, values):
+    ys = box.get_path().vertices[:, 1]
+    np.testing.assert_allclose([ys.min(), ys.max()], np.percentile(box_values, [25, 75]))
+  drawn_y = np.concatenate([line.get_ydata() for line in ax.lines])
+  for box_values in values:  # whiskers reach the minimum and maximum (caps drawn there)
+    assert np.isclose(drawn_y, min(box_values)).any() and np.isclose(drawn_y, max(box_values)).any()
+  centres = [box.get_path().vertices[:, 0].mean() for box in boxes]
+  assert np.all(np.diff(np.reshape(centres, (3, 6)), axis=0) > 0)  # methods side by side per severity
+  assert [t.get_text() for t in ax.get_xticklabels()] == ['Test', '1', '2', '3', '4', '5']
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ['CE', 'DM', 'OvA']
+  assert ax.get_ylabel() == 'ECE'
+
+
+def test_shift_box_whiskers_span_outliers():
+  # 1.0 lies far beyond 1.5 IQR of the rest: the paper's whiskers still reach it, not a flier.
+  per_pair = {f'c{i}_1': {'ece': v} for i, v in enumerate([0.01, 0.02, 0.03, 0.04, 1.0])}
+  fig = plots.shift_box_plots({'CE': {'in_distribution': {'ece': 0.05}, 'corrupted': {'per_pair': per_pair}}})
+  (ax,) = fig.axes
+  drawn_y = np.concatenate([line.get_ydata() for line in ax.lines])
+  assert drawn_y.max() == 1.0 and drawn_y.min() == 0.01
+  assert all(len(line.get_ydata()) == 0 or line.get_marker() in ('None', '', None) for line in ax.lines)
+
+
+def _brute_accuracy_vs_confidence(probs, labels, thresholds):
+  accuracy, fraction = [], []
+  for tau in thresholds:
+    kept = [i for i in range(len(labels)) if probs[i].max() >= tau]
+    fraction.append(len(kept) / len(labels))
+    accuracy.append(np.mean([probs[i].argmax() == labels[i] for i in kept]) if kept else np.nan)
+  return np.array(accuracy), np.array(fraction)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_accuracy_vs_confidence_data_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  probs, labels = _probs(rng, n=300, k=4)
+  probs = np.round(probs, 1)  # ties with the thresholds themselves
+  labels[:60] = -1  # OOD examples: never correct
+  thresholds = np.concatenate([np.linspace(0.0, 1.0, 21), [1.5]])
+  data = plots.accuracy_vs_confidence_data(probs, labels, thresholds)
+  accuracy, fraction = _brute_accuracy_vs_confidence(probs, labels, thresholds)
+  np.testing.assert_allclose(data['accuracy'], accuracy)  # NaN where nothing is kept (τ = 1.5)
+  np.testing.assert_allclose(data['fraction'], fraction)
+  assert np.isnan(data['accuracy'][-1]) and data['fraction'][-1] == 0.0
+
+
+def test_accuracy_vs_confidence_plots_the_data():
+  rng = np.random.default_rng(2)
+  inputs = {'CE': _probs(rng), 'OvA': _probs(rng, sharpness=1.0)}
+  fig = plots.accuracy_vs_confidence(inputs)
+  acc_ax, kept_ax = fig.axes
+  for i, (probs, labels) in enumerate(inputs.values()):
+    data = plots.accuracy_vs_confidence_data(probs, labels, np.linspace(0, 1, 41))
+    np.testing.assert_allclose(acc_ax.lines[i].get_ydata(), data['accuracy'])
+    np.testing.assert_allclose(kept_ax.lines[i].get_ydata(), data['fraction'])
+  with pytest.raises(ValueError, match=r'\[-1, 5\)'):
+    plots.accuracy_vs_confidence_data(inputs['CE'][0], np.full(400, 5), [0.5])
+
+
+def test_score_histograms_are_densities_on_shared_bins():
+  rng = np.random.default_rng(3)
+  in_scores = rng.normal(2.0, 1.0, 500)
+  out = {'svhn': rng.normal(0.0, 1.0, 300), 'noise': rng.normal(-1.0, 0.5, 100)}
+  fig = plots.score_histograms(in_scores, out, score_name='max_logit', bins=20)
+  (ax,) = fig.axes
+  assert len(ax.patches) == 3
+  edges = np.histogram_bin_edges(np.concatenate([in_scores, *out.values()]), bins=20)
+  for patch, scores in zip(ax.patches, [in_scores, *out.values()]):
+    values, patch_edges, _ = patch.get_data()
+    np.testing.assert_allclose(patch_edges, edges)
+    np.testing.assert_allclose(values, np.histogram(scores, bins=edges, density=True)[0])
+    assert np.isclose(np.sum(values * np.diff(edges)), 1.0)
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ['in-distribution', 'svhn', 'noise']
+  assert ax.get_xlabel() == 'max_logit'
+
+
+def _radial(grid):
+  return 1.0 / (1.0 + np.hypot(grid[:, 0], 0.5 * grid[:, 1]))
+
+
+def test_confidence_landscape_image_is_the_function_on_the_grid():
+  points = np.array([[0.0, 1.0], [2.0, -3.0], [-1.0, 0.5]])
+  fig = plots.confidence_landscape(_radial, xlim=(-4, 4), ylim=(-2, 6), resolution=9,
+                                   points=points, labels=np.array([0, 1, 2]))
+  ax, colorbar = fig.axes
+  xs, ys = np.linspace(-4, 4, 9), np.linspace(-2, 6, 9)
+  expected = np.array([[_radial(np.array([[x, y]]))[0] for x in xs] for y in ys])
+  np.testing.assert_allclose(ax.images[0].get_array(), expected, rtol=1e-6)
+  np.testing.assert_allclose(ax.images[0].get_extent(), [-4.5, 4.5, -2.5, 6.5])  # pixels centred on grid points
+  np.testing.assert_allclose(ax.collections[0].get_offsets(), points)
+  assert colorbar.get_ylabel() == 'Max predictive probability'
+
+
+def test_confidence_landscape_panels_share_a_colour_bar():
+  fns = {'A': _radial, 'B': lambda g: np.full(len(g), 0.25)}
+  fig = plots.confidence_landscape(fns, xlim=(-1, 1), ylim=(-1, 1), resolution=5)
+  assert len(fig.axes) == 3
+  assert [ax.get_title() for ax in fig.axes[:2]] == ['A', 'B']
+  np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), np.full((5, 5), 0.25))
+  with pytest.raises(ValueError, match='shape'):
+    plots.confidence_landscape(lambda g: np.zeros(3), xlim=(-1, 1), ylim=(-1, 1), resolution=5)
+
+
+def test_learned_centres_project_onto_the_features_pca_plane():
+  rng = np.random.default_rng(4)
+  labels = np.repeat(np.arange(3), 50)
+  features = rng.normal(size=(150, 6)) + 3.0 * np.eye(6)[labels]
+  centres = rng.normal(size=(3, 6))
+  fig = plots.learned_centres({'DM': (features, labels, centres)})
+  (ax,) = fig.axes
+  pca = decomposition.PCA(n_components=2).fit(features)
+  means = np.stack([features[labels == k].mean(axis=0) for k in range(3)])
+  for collection, raw in zip(ax.collections, (features, means, centres)):
+    drawn, expected = collection.get_offsets(), pca.transform(raw)
+    signs = np.sign(np.sum(drawn * expected, axis=0))  # principal directions have no fixed sign
+    np.testing.assert_allclose(drawn, expected * signs, atol=1e-9)
+  with pytest.raises(ValueError, match='every class'):
+    plots.learned_centres({'DM': (features, np.minimum(labels, 1), centres)})
+
+
+def test_embedding_statistics_bars_are_the_means():
+  radii = {'SupCon': np.array([0.97, 1.01, 0.97]), 'ReweightOOD': np.array([0.95, 0.90, 0.90])}
+  stats = {m: {'mes_radius': radii[m], 'dispersion': d} for m, d in (('SupCon', 0.42), ('ReweightOOD', 0.63))}
+  fig = plots.embedding_statistics(stats)
+  radius_ax, dispersion_ax = fig.axes
+  np.testing.assert_allclose([b.get_height() for b in radius_ax.containers[0]], [radii['SupCon'].mean(), radii['ReweightOOD'].mean()])
+  np.testing.assert_allclose([b.get_height() for b in dispersion_ax.containers[0]], [0.42, 0.63])
+  assert [t.get_text() for t in dispersion_ax.get_xticklabels()] == ['SupCon', 'ReweightOOD']
+  assert [t.get_text() for t in dispersion_ax.texts] == ['0.420', '0.630']
+  with pytest.raises(ValueError, match='statistics'):
+    plots.embedding_statistics({'A': {'mes_radius': 1.0}, 'B': {'dispersion': 0.1}})
