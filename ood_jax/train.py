@@ -79,6 +79,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      'workdir of a softmax run of the same architecture and dataset.')
   if method.augment and config.augment != method.augment:
     raise ValueError(f'Method {method.name!r} needs config.augment={method.augment!r}, got {config.augment!r}.')
+  _choice('normalization', config.get('normalization', 'dataset'), ('dataset', 'symmetric'))
+  from ood_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top  (it imports us)
+  evaluate_lib.check_eval_config(config, registry.get_info(config.dataset))
   _choice('init_head policy', config.get('init_head', 'auto'), ('auto', 'keep', 'reinit'))
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
