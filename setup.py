@@ -26,6 +26,9 @@ EXTRAS_REQUIRE = {
         'pytest>=8,<10',
         'pytest-xdist>=3.5,<4',
         'scipy>=1.11,<2',
+        'nbclient>=0.9,<1',  # runs colab/ notebooks in smoke mode
+        'nbformat>=5.9,<6',
+        'ipykernel>=6.25,<8',
     ],
 }
 
