@@ -281,7 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   base_model, base_variables = None, None
   if method.needs_base_model:
-    base_model, _, _ = build(load_config(config.base_model))
+    base_model, base_method, _ = build(load_config(config.base_model))
+    if base_method.head != 'dense':
+      raise ValueError(f'config.base_model must be a run with a dense head (e.g. softmax) for class activation '
+                       f'maps; {config.base_model} used {base_method.name!r} ({base_method.head} head).')
     base_variables = jax.device_put(load_pretrained(config.base_model), replicated)
     base_variables = _variables(base_variables['params'], base_variables['batch_stats'])
   step_fn = jax.jit(
