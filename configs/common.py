@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0               # 0: every device; n: the first n (e.g. to compare with 1 device)
   c.distributed = False           # jax.distributed.initialize() for multi-host runs
   c.eval = ml_collections.ConfigDict(dict(
+      knn_k=50,  # KNN neighbour for contrastive models (paper 003: 100 CIFAR-10, 300 CIFAR-100)
       batch_size=512,  # global; a power of two splits evenly over 1, 2, 4, 8, ... devices
       ood_sets=(), corruptions=(), severities=(1, 2, 3, 4, 5)))
   return c

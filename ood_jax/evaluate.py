@@ -127,6 +127,8 @@ def evaluate_model(config: ml_collections.ConfigDict, model, method, info, varia
   run = lambda data: predict(model, variables, data.images, data.labels if data.labels.min() >= 0 else None,
                              mesh=mesh, batch_size=eval_cfg.batch_size, mean=mean, std=std)
   test = sources.load_split(info.name, info.test_split, data_dir=config.get('data_dir'))
+  if method.probabilities is None:
+    return _evaluate_embedding_model(config, model, method, info, variables, mesh, test, mean, std)
   logits = run(test)
   results: dict[str, Any] = {
       'dataset': info.name, 'model': config.model, 'method': method.name,
@@ -142,8 +144,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model, method, info, varia
     ood[name] = {score: ood_metrics(in_scores[score], out_scores[score]) for score in method.scores}
   results['ood'] = ood
   if ood:
-    results['ood_mean'] = {score: {m: float(np.mean([ood[s][score][m] for s in ood])) for m in OOD_METRICS}
-                           for score in method.scores}
+    results['ood_mean'] = _ood_mean(ood, method.scores)
 
   pairs = [(c, s) for c in eval_cfg.corruptions for s in eval_cfg.severities]
   if pairs:
@@ -165,6 +166,30 @@ def evaluate_model(config: ml_collections.ConfigDict, model, method, info, varia
   return results
 
 
+def _ood_mean(ood: dict[str, Any], score_names) -> dict[str, Any]:
+  return {score: {m: float(np.mean([ood[s][score][m] for s in ood])) for m in OOD_METRICS} for score in score_names}
+
+
+def _evaluate_embedding_model(config, model, method, info, variables, mesh, test, mean, std) -> dict[str, Any]:
+  """Contrastive models (paper 003): linear-probe accuracy/calibration, KNN and Mahalanobis scores."""
+  from ood_jax import embedding_eval  # pylint: disable=g-import-not-at-top
+
+  eval_cfg = config.eval
+  apply_fn = lambda v, x: model.apply(v, x, train=False)
+  extract = lambda data: embedding_eval.extract(
+      apply_fn, variables, data.images, data.labels if data.labels.min() >= 0 else None, mesh=mesh,
+      batch_size=eval_cfg.batch_size, mean=mean, std=std)
+  train_data = sources.load_split(info.name, info.train_split, data_dir=config.get('data_dir'))
+  ood = {name: extract(load_ood_set(config, info, name)) for name in eval_cfg.ood_sets}
+  block = embedding_eval.evaluate_embeddings(extract(train_data), extract(test), ood, num_classes=info.num_classes,
+                                             k=min(eval_cfg.get('knn_k', 50), len(train_data)))
+  results = {'dataset': info.name, 'model': config.model, 'method': method.name,
+             'default_score': method.scores[0], **block}
+  if block['ood']:
+    results['ood_mean'] = _ood_mean(block['ood'], method.scores)
+  return results
+
+
 def markdown(results: dict[str, Any]) -> str:
   """The readable tables of `results`."""
   idm = results['in_distribution']
@@ -173,6 +198,10 @@ def markdown(results: dict[str, Any]) -> str:
       '| accuracy | NLL | ECE | test examples |', '|---:|---:|---:|---:|',
       f"| {100 * idm['accuracy']:.2f} % | {idm['nll']:.4f} | {idm['ece']:.4f} | {idm['num_examples']} |", '',
   ]
+  if 'mes_radius_mean' in idm:
+    lines += ['Accuracy and calibration of a linear probe on the frozen features. Embedding statistics '
+              '(paper 003): mean MES radius {:.4f}, mean centroid cosine similarity {:.4f}.'.format(
+                  idm['mes_radius_mean'], idm['dispersion_mean']), '']
   if results.get('ood'):
     lines += [f"OOD detection (ID positive; default score `{results['default_score']}`), percentages:", '',
               '| OOD set | score | AUROC | AUPR-In | AUPR-Out | FPR@95 | TNR@95 | DTACC |',

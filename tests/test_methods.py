@@ -225,3 +225,23 @@ def test_smot_trains_from_a_base_model_checkpoint(tmp_path):
   missing = _smoke('smot')
   with pytest.raises(ValueError, match='base_model'):
     train.train_and_evaluate(missing, str(tmp_path / 'no_base'))
+
+
+@pytest.mark.parametrize('method', ['supcon', 'reweightood'])
+def test_contrastive_methods_train_and_evaluate_by_features(tmp_path, method):
+  config = _smoke(method, augment='two_views')
+  config.eval.knn_k = 10
+  results = train.train_and_evaluate(config, str(tmp_path / method))
+  ind = results['in_distribution']
+  assert results['default_score'] == 'knn'
+  assert 0.0 <= ind['accuracy'] <= 1.0 and sum(ind['reliability']['counts']) == 359  # the linear probe
+  assert len(ind['mes_radius']) == 6 and 0.0 < ind['mes_radius_mean'] <= 2.0
+  assert -1.0 <= ind['dispersion_mean'] <= 1.0
+  for per_score in results['ood'].values():
+    assert set(per_score) == {'knn', 'mahalanobis'}
+  assert 'MES radius' in (tmp_path / method / 'results.md').read_text()
+
+
+def test_contrastive_method_needs_two_views(tmp_path):
+  with pytest.raises(ValueError, match="augment='two_views'"):
+    train.train_and_evaluate(_smoke('supcon'), str(tmp_path / 'run'))
