@@ -230,10 +230,16 @@ def test_load_corrupted_applies_corrupt_fn_to_the_test_split():
   assert len({images.tobytes() for images in shifted}) > 1
 
 
-def test_load_corrupted_without_corrupt_says_so(monkeypatch):
-  monkeypatch.delattr(corruptions, 'corrupt', raising=False)
-  with pytest.raises(NotImplementedError, match='ood_jax.corruptions.corrupt'):
-    digits.load_corrupted('fog', 3)
+def test_load_corrupted_defaults_to_ood_jax_corruptions():
+  test = digits.load_split('test')
+  data = digits.load_corrupted('contrast', 3)
+  assert data.name == 'digits_corrupted/contrast_3'
+  assert data.images.shape == (359, 32, 32, 1) and data.images.dtype == np.uint8
+  np.testing.assert_array_equal(data.labels, test.labels)
+  np.testing.assert_array_equal(data.images, corruptions.corrupt(test.images, 'contrast', 3, jax.random.key(0)))
+  # Contrast 0.4 around each image's mean: the spread of grey levels shrinks to about 0.4.
+  ratio = data.images.reshape(359, -1).std(axis=1) / test.images.reshape(359, -1).std(axis=1)
+  np.testing.assert_allclose(ratio, 0.4, atol=0.02)
 
 
 @pytest.mark.parametrize('args, kwargs, error, match', [

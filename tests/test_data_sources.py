@@ -281,13 +281,14 @@ def test_corrupt_fn_output_is_checked(mock_tfds):
     ood_sets.load_corrupted('svhn_cropped', 'fog', 1, corrupt_fn=lambda x, *_: x / 255.0)
 
 
-def test_default_corrupt_fn_needs_ood_jax_corruptions_corrupt(mock_tfds, monkeypatch):
-  monkeypatch.delattr(corruptions, 'corrupt', raising=False)
-  with pytest.raises(NotImplementedError, match='needs corrupt_fn.*ood_jax.corruptions.corrupt'):
-    ood_sets.load_corrupted('cifar100', 'fog', 3)
-  # Once the module provides `corrupt`, the default picks it up with no change here.
-  monkeypatch.setattr(corruptions, 'corrupt', lambda x, *_: np.zeros_like(x), raising=False)
-  assert (ood_sets.load_corrupted('cifar100', 'fog', 3).images == 0).all()
+@pytest.mark.parametrize('base', ['cifar100', 'svhn_cropped'])
+def test_default_corrupt_fn_is_ood_jax_corruptions_corrupt(mock_tfds, base):
+  clean = sources.load_split(base, 'test')
+  data = ood_sets.load_corrupted(base, 'fog', 3, seed=2)
+  assert data.name == f'{base}_corrupted/fog_3'
+  np.testing.assert_array_equal(data.images, corruptions.corrupt(clean.images, 'fog', 3, jax.random.key(2)))
+  np.testing.assert_array_equal(data.labels, clean.labels)
+  assert data.images.dtype == np.uint8 and not np.array_equal(data.images, clean.images)
 
 
 def test_corruption_grid():
