@@ -58,8 +58,8 @@ _GAUSSIAN_CHUNK = 4096
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Objective evaluations per L-BFGS line search, optax's default; exhausting them ends the probe.
-_MAX_LINESEARCH_STEPS = 20
+# L-BFGS steps without a new best objective value after which the probe counts as converged.
+_PATIENCE = 10
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,32 +169,35 @@ def _fit_probe(inputs, labels, weight_decay, max_steps, tolerance, *, num_classe
     # The bias is not penalised, as in scikit-learn: only W's scale trades off against the fit.
     return cross_entropy + 0.5 * weight_decay * jnp.sum(jnp.square(params['weights']))
 
-  optimizer = optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(
-      max_linesearch_steps=_MAX_LINESEARCH_STEPS, initial_guess_strategy='one'))
+  optimizer = optax.lbfgs()
   # Reuses the value and gradient that the line search already computed at the accepted point.
   value_and_grad = optax.value_and_grad_from_state(objective)
 
   def step(carry):
-    params, state = carry
+    params, state, best_value, stale_steps = carry
     value, grad = value_and_grad(params, state=state)
     updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=objective)
-    return optax.apply_updates(params, updates), state
+    new_value = otu.tree_get(state, 'value')
+    improved = new_value < best_value
+    return (optax.apply_updates(params, updates), state, jnp.minimum(new_value, best_value),
+            jnp.where(improved, 0, stale_steps + 1))
 
   def keep_going(carry):
-    _, state = carry
+    _, state, _, stale_steps = carry
     count = otu.tree_get(state, 'count')
     # The state holds the gradient at the current parameters (after the first step).
     small_gradient = otu.tree_norm(otu.tree_get(state, 'grad')) < tolerance
-    # A line search that exhausts its evaluations has found no acceptable step: the objective is
-    # flat to float32 resolution and L-BFGS can only repeat the failure, at ~5× the cost of a
-    # normal step (measured on 50 000 × 512: ~0.4 s against ~0.08 s).
-    stalled = otu.tree_get(state, 'num_linesearch_steps') >= _MAX_LINESEARCH_STEPS
+    # Once the objective is flat to float32 resolution its value only flips by an ulp, and the
+    # line searches grow to ~17 evaluations per step (~1.3 s instead of ~0.05 s on 50 000 × 512,
+    # measured): stop when the best value has not improved for `_PATIENCE` steps.
+    stalled = stale_steps >= _PATIENCE
     return (count == 0) | ((count < max_steps) & ~small_gradient & ~stalled)
 
   # Zero is the natural start of a convex problem: no randomness, so the probe is deterministic.
   params = {'weights': jnp.zeros((inputs.shape[1], num_classes), inputs.dtype),
             'bias': jnp.zeros((num_classes,), inputs.dtype)}
-  params, state = jax.lax.while_loop(keep_going, step, (params, optimizer.init(params)))
+  carry = (params, optimizer.init(params), jnp.asarray(jnp.inf, inputs.dtype), jnp.int32(0))
+  params, state, _, _ = jax.lax.while_loop(keep_going, step, carry)
   return params, otu.tree_get(state, 'count'), otu.tree_norm(otu.tree_get(state, 'grad'))
 
 
@@ -204,8 +207,8 @@ def linear_probe(train_features, train_labels, *, num_classes: int, steps: int =
 
   Minimises (1/N) Σ_i CE(softmax(W ᵀu_i + b), y_i) + (λ/2)‖W‖² over u_i = f_i / ‖f_i‖ with
   full-batch L-BFGS (`optax.lbfgs`, zoom line search) from W = 0, b = 0, jitted, until the gradient
-  norm drops below `tolerance`, a line search fails (the objective is flat to float32 resolution), or
-  after `steps` iterations. The problem is strictly convex in W, so
+  norm drops below `tolerance`, the objective stops improving (10 steps without a new best value:
+  flat to float32 resolution), or after `steps` iterations. The problem is strictly convex in W, so
   this is the minimiser of scikit-learn's `LogisticRegression(C=1 / (N·λ))` on the same unit
   features (its bias, also unpenalised, is determined up to the softmax's common shift). No data
   augmentation and no randomness: the result is a deterministic function of the features.

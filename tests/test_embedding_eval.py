@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import flax.linen as nn
 import jax
@@ -151,6 +153,23 @@ def test_probe_on_a_tiny_problem_is_deterministic():
   np.testing.assert_array_equal(first[1], second[1])
   probs = embedding_eval.probe_probabilities(features, *first)
   np.testing.assert_array_equal(np.argmax(probs, axis=1), labels)
+
+
+def test_probe_stops_once_float32_cannot_improve_and_warns_at_the_step_limit(caplog):
+  rng = np.random.default_rng(7)
+  features, labels = _clusters(rng, 100, rng.normal(size=(3, 10)), 1.0)
+  # tolerance 0 is never met: only the stall rule can end the run before the step limit.
+  with caplog.at_level(logging.INFO, logger='absl'):
+    embedding_eval.linear_probe(features, labels, num_classes=3, tolerance=0.0, steps=1000)
+  steps = int(re.search(r'linear probe: (\d+) of at most 1000', caplog.text).group(1))
+  assert steps < 200
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='absl'):
+    embedding_eval.linear_probe(features, labels, num_classes=3, steps=2)
+  assert [r.levelno for r in caplog.records] == [logging.WARNING]
+  assert 'linear probe: 2 of at most 2' in caplog.text
 
 
 @pytest.mark.parametrize('kwargs, error, match', [
