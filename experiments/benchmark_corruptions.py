@@ -15,7 +15,7 @@ for pixelate and JPEG (as the script), NumPy for the rest. They are reasonable p
 tuned: the script's own per-pixel Python loops (glass blur) stay loops. Frost reads the same
 procedural textures as ood_jax.
 
-On a 2-core CPU the default run takes about 2 minutes.
+On a 2-core CPU the default run takes about 1–1.5 minutes.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ extras were released as a validation set.
   frost_textures(height, width)          the procedural frost textures `corrupt` uses
 
 `corrupt` is jitted with `name` and `severity` static, corrupts the whole batch at once on the
-accelerator and vmaps. Image i draws its randomness from `fold_in(rng, i)`: the output is a function
-of (rng, i, image i) alone, so it is deterministic and does not depend on the batch size, and one key
-gives every severity the same underlying draws (common random numbers across severities).
+accelerator (a whole dataset in chunks of 512 images, which bounds memory) and vmaps. Image i draws
+its randomness from `fold_in(rng, i)`: the output is a function of (rng, i, image i) alone, so it is
+deterministic and does not depend on the batch size, and one key gives every severity the same
+underlying draws (common random numbers across severities).
 
 The formulas and the severity parameters are those of the CIFAR-10-C generation script
 (`make_cifar_c.py` of hendrycks/robustness; REFERENCE.md lists them), which needs ImageMagick,
@@ -111,6 +112,7 @@ SEVERITIES = (1, 2, 3, 4, 5)
 _HIGHEST = lax.Precision.HIGHEST  # interpolation and DCT matmuls must stay float32 on GPU/TPU
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, also OpenCV's RGB2GRAY
 _MIN_SIDE = 8  # elastic's control triangle and pixelate's downscale need a few pixels
+_CHUNK = 512  # images per vectorised step; larger batches loop over chunks of this size
 
 # Severity parameters of the CIFAR-10-C script, severities 1..5.
 _GAUSSIAN_NOISE = (0.04, 0.06, 0.08, 0.09, 0.10)  # σ
@@ -269,7 +271,11 @@ def _apply(images, rng, fn, *, colour):
   if grey:
     x = jnp.repeat(x, 3, axis=-1)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(x.shape[0]))
-  y = jnp.clip(jax.vmap(fn)(x, keys), 0.0, 1.0)
+  if x.shape[0] <= _CHUNK:
+    y = jax.vmap(fn)(x, keys)
+  else:  # whole datasets in one call: chunks bound the intermediates (zoom blur holds 26 copies)
+    y = lax.map(lambda args: fn(*args), (x, keys), batch_size=_CHUNK)
+  y = jnp.clip(y, 0.0, 1.0)
   if grey:
     y = _luma(y)[..., None]
   return jnp.round(y * 255.0).astype(jnp.uint8)

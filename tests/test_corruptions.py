@@ -49,11 +49,13 @@ def _photos():
 
 PHOTOS = _photos()
 GREY = np.round(PHOTOS @ LUMA).astype(np.uint8)[..., None]
+ODD = PHOTOS[:2, 2:29, :, :].repeat(2, axis=2)[:, :, 7:47]  # [2, 27, 40, 3]: not square, not a multiple of 8
 
 
 @pytest.fixture(scope='module')
 def grid():
-  """(name, severity) → corrupt(PHOTOS, name, severity, KEY); (name, 'grey') → corrupt(GREY, name, 5, KEY).
+  """(name, severity) → corrupt(PHOTOS, name, severity, KEY); (name, 'grey') → corrupt(GREY, name, 5, KEY);
+  (name, 'odd') → corrupt(ODD, name, 3, KEY).
 
   One user-level jit per corruption holds its six calls: a sixth of the compilations, and the
   severities share their random draws (same key and shape), which XLA computes once.
@@ -61,13 +63,13 @@ def grid():
   outputs = {}
   for name in corruptions.CORRUPTIONS:
 
-    def every(rgb, grey, name=name):
+    def every(rgb, grey, odd, name=name):
       severities = [corruptions.corrupt(rgb, name, s, KEY) for s in corruptions.SEVERITIES]
-      return severities, corruptions.corrupt(grey, name, 5, KEY)
+      return severities, corruptions.corrupt(grey, name, 5, KEY), corruptions.corrupt(odd, name, 3, KEY)
 
-    rgb, grey = jax.jit(every)(PHOTOS, GREY)
+    rgb, grey, odd = jax.jit(every)(PHOTOS, GREY, ODD)
     outputs.update({(name, s): np.asarray(images) for s, images in zip(corruptions.SEVERITIES, rgb)})
-    outputs[name, 'grey'] = np.asarray(grey)
+    outputs[name, 'grey'], outputs[name, 'odd'] = np.asarray(grey), np.asarray(odd)
   return outputs
 
 
@@ -111,7 +113,7 @@ def test_invalid_arguments(images, name, severity, error, match):
 
 def test_every_corruption_changes_images_and_keeps_shape_and_dtype(grid):
   for (name, severity), images in grid.items():
-    clean = GREY if severity == 'grey' else PHOTOS
+    clean = {'grey': GREY, 'odd': ODD}.get(severity, PHOTOS)
     assert images.shape == clean.shape and images.dtype == np.uint8, (name, severity)
     assert not np.array_equal(images, clean), (name, severity)
 
@@ -137,6 +139,9 @@ def test_deterministic_and_independent_of_batch_size(grid):
   np.testing.assert_array_equal(images, grid['snow', 2])  # also: the same inside a user's jit
   np.testing.assert_array_equal(corruptions.corrupt(PHOTOS, 'snow', 2, KEY), images)
   np.testing.assert_array_equal(corruptions.corrupt(PHOTOS[:3], 'snow', 2, KEY), images[:3])
+  # Past 512 images the batch goes through in chunks: same images, same results.
+  many = np.asarray(corruptions.corrupt(np.tile(PHOTOS, (65, 1, 1, 1)), 'snow', 2, KEY))
+  np.testing.assert_array_equal(many[:8], images)
   assert not np.array_equal(corruptions.corrupt(PHOTOS, 'snow', 2, jax.random.key(1)), images)
 
 
