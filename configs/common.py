@@ -28,8 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
       source=config_dict.placeholder(str), batch_size=256, augment=config_dict.placeholder(str),
       split='train', max_examples=config_dict.placeholder(int)))
   c.init_from = config_dict.placeholder(str)  # fine-tune from a workdir or checkpoint (see init_head)
+  c.finetune = False              # True: the recipe is a fine-tune, and init_from must be set
   c.base_model = config_dict.placeholder(str)  # workdir of the frozen base model (method smot)
-  c.init_head = 'auto'            # 'auto': keep the pretrained head if it fits, else re-init; 'keep'; 'reinit'
+  # 'auto': keep the pretrained head if it fits, else re-init; 'keep'; 'reinit'; 'class_stats': a
+  # Mahalanobis head (ice) at the class means and covariance of the pretrained features.
+  c.init_head = 'auto'
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2

@@ -222,6 +222,40 @@ def markdown(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def comparison_markdown(runs: dict[str, dict[str, Any]]) -> str:
+  """One table comparing runs (e.g. SoftMax, OE, Energy and ICE), each by its own default score.
+
+  Args:
+    runs: label → results (`evaluate_model`'s dict, or a run's results.json), in display order.
+
+  Returns:
+    Markdown: per run its method, accuracy, ECE and default score, then AUROC / FPR@95 (%) on every
+    OOD set any run evaluated (– where a run did not), their mean over the run's sets, and the mean
+    accuracy / ECE under corruption where present. Means are over each run's own sets, so compare
+    runs evaluated on the same sets.
+  """
+  if not runs:
+    raise ValueError('comparison_markdown needs at least one run.')
+  ood_names = list(dict.fromkeys(name for r in runs.values() for name in r.get('ood', {})))
+  corrupted = any(r.get('corrupted') for r in runs.values())
+  header = ['run', 'method', 'accuracy', 'ECE', 'score', *(f'{n} AUROC / FPR95' for n in ood_names)]
+  header += ['mean AUROC / FPR95'] if ood_names else []
+  header += ['shifted accuracy', 'shifted ECE'] if corrupted else []
+  align = ['---', '---', '---:', '---:', '---'] + ['---:'] * (len(header) - 5)  # text left, numbers right
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(align) + '|']
+  pair = lambda m: f"{100 * m['auroc']:.1f} / {100 * m['fpr95']:.1f}"
+  for label, r in runs.items():
+    score, idm = r['default_score'], r['in_distribution']
+    row = [label, r['method'], f"{100 * idm['accuracy']:.2f} %", f"{idm['ece']:.4f}", score]
+    row += [pair(r['ood'][n][score]) if n in r.get('ood', {}) else '–' for n in ood_names]
+    row += [pair(r['ood_mean'][score]) if r.get('ood_mean') else '–'] if ood_names else []
+    if corrupted:
+      mean = (r.get('corrupted') or {}).get('mean')
+      row += [f"{100 * mean['accuracy']:.2f} %", f"{mean['ece']:.4f}"] if mean else ['–', '–']
+    lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
 def write_results(results: dict[str, Any], workdir: str) -> None:
   """<workdir>/results.json and <workdir>/results.md (process 0 only)."""
   if jax.process_index() != 0:

@@ -11,12 +11,14 @@ import re
 import shlex
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
 from ood_jax import corruptions
+from ood_jax import methods
 from ood_jax import train
 from ood_jax.data import digits
 from ood_jax.data import ood_sets
@@ -31,10 +33,16 @@ def _module(name):
   return importlib.import_module(f'configs.{name}')
 
 
+# The token groups a config may declare (module constants), as parse_arg groups them.
+TOKEN_GROUPS = ('DATASETS', 'MODELS', 'METHODS', 'SCHEDULES', 'STAGES')
+
+
 def _documented_args(module):
-  """None, 'smoke', and every combination of the dataset and model tokens a config declares, ± smoke."""
-  groups = [getattr(module, name) for name in ('DATASETS', 'MODELS') if hasattr(module, name)]
+  """None, 'smoke', and every valid combination of the token groups a config declares, ± smoke."""
+  groups = [getattr(module, name) for name in TOKEN_GROUPS if hasattr(module, name)]
   combos = [','.join(combo) for combo in itertools.product(*groups)] if groups else []
+  # softmax is the run finetune starts from, not a fine-tuned method (test_ice_softmax_finetune_raises).
+  combos = [combo for combo in combos if not {'softmax', 'finetune'} <= set(combo.split(','))]
   return [None, 'smoke', *combos, *(f'{combo},smoke' for combo in combos)]
 
 
@@ -55,15 +63,33 @@ def _check_eval_names(config):
   assert config.normalization in ('dataset', 'symmetric')
 
 
+def _fill_required_paths(config):
+  """Sets the workdirs a config leaves to the command line, after checking that check_config asks for them.
+
+  Fine-tuning (`finetune`, then `init_from`) and SMOT's second stage (`base_model`) cannot
+  run without a pretrained run; the trainer must say so before any work.
+  """
+  needs_init = config.finetune and not config.init_from
+  needs_base = config.method == 'smot' and not config.base_model
+  if needs_init or needs_base:
+    with pytest.raises(ValueError, match='init_from' if needs_init else 'base_model'):
+      train.check_config(config)
+  if needs_init:
+    config.init_from = '/runs/pretrained'
+  if needs_base:
+    config.base_model = '/runs/base'
+  return config
+
+
 def test_config_files_are_found():
-  assert {path.stem for path in CONFIG_FILES} >= {'digits', 'isomax', 'ova'}
+  assert {path.stem for path in CONFIG_FILES} >= {'digits', 'isomax', 'ova', 'ice', 'reweightood', 'smot'}
   assert all(callable(getattr(_module(path.stem), 'get_config', None)) for path in CONFIG_FILES)
 
 
 @pytest.mark.parametrize('name,arg', CASES)
 def test_config_loads_and_passes_checks(name, arg):
   module = _module(name)
-  config = module.get_config(arg)
+  config = _fill_required_paths(module.get_config(arg))
   train.check_config(config)
   _check_eval_names(config)
   assert set(config) == set(common.base_config())  # no field the trainer would silently ignore
@@ -133,17 +159,31 @@ def test_docstring_commands_parse_as_the_cli_parses_them(path, monkeypatch):
     _check_eval_names(flag_values.config)
 
 
+def _train_on_mock_data(config, workdir, num_examples=24):
+  """train_and_evaluate on tfds.testing.mock_data: random images of every TFDS set the config names."""
+  sources.clear_cache()
+  try:
+    with tfds.testing.mock_data(num_examples=num_examples):
+      return train.train_and_evaluate(config, str(workdir))
+  finally:
+    sources.clear_cache()  # mock arrays must not leak into later tests
+
+
+def _check_ood_block(results, config, default_score, scores):
+  assert results['default_score'] == default_score
+  assert list(results['ood']) == list(config.eval.ood_sets) and len(config.eval.ood_sets) == 1
+  for per_score in results['ood'].values():
+    assert set(per_score) == set(scores)
+    for m in per_score.values():
+      assert all(0.0 <= m[k] <= 1.0 for k in ('auroc', 'aupr_in', 'aupr_out', 'fpr95', 'tnr95', 'dtacc'))
+
+
 def test_ova_smoke_trains_and_evaluates_on_mock_cifar(tmp_path):
   """The cheapest paper config (ResNet-20), with the paper's distance OvA loss, on mock TFDS data."""
   num_examples = 24
   config = _module('ova').get_config('cifar10,smoke')
   config.method = 'distance_one_vs_all'
-  sources.clear_cache()
-  try:
-    with tfds.testing.mock_data(num_examples=num_examples):
-      train.train_and_evaluate(config, str(tmp_path))
-  finally:
-    sources.clear_cache()  # mock arrays must not leak into later tests
+  _train_on_mock_data(config, tmp_path, num_examples)
 
   results = json.loads((tmp_path / 'results.json').read_text(encoding='utf-8'))
   in_dist = results['in_distribution']
@@ -161,3 +201,93 @@ def test_ova_smoke_trains_and_evaluates_on_mock_cifar(tmp_path):
   assert 0.0 <= corrupted['mean']['accuracy'] <= 1.0
   assert (tmp_path / 'results.md').read_text(encoding='utf-8').startswith('# distance_one_vs_all')
   assert (tmp_path / 'checkpoints' / str(config.num_steps)).is_dir()
+
+
+def test_ice_softmax_finetune_raises():
+  with pytest.raises(ValueError, match='fine-tunes with outliers'):
+    _module('ice').get_config('softmax,finetune')
+
+
+def test_paper_001_003_004_recipes():
+  ice = _module('ice')
+  c = ice.get_config(None)
+  assert (c.dataset, c.model, c.method, c.num_epochs) == ('cifar10', 'wrn40_2', 'ice', 100)
+  assert (c.batch_size, c.outliers.batch_size, c.outliers.source) == (128, 256, 'imagenet_resized/32x32')
+  assert (c.optimizer.learning_rate, c.optimizer.schedule, tuple(c.optimizer.decay_epochs)) == (0.1, 'step', (50, 75))
+  assert (c.optimizer.weight_decay, c.model_kwargs.dropout_rate, c.optimizer.grad_clip_norm) == (5e-4, 0.3, 1.0)
+  ft = ice.get_config('finetune')
+  assert (ft.num_epochs, ft.optimizer.schedule, ft.optimizer.learning_rate, ft.init_head) == (10, 'cosine', 0.01, 'class_stats')
+  oe = ice.get_config('cifar100,oe,finetune')
+  assert (oe.optimizer.learning_rate, oe.init_head, oe.optimizer.grad_clip_norm) == (0.001, 'auto', 0.0)
+  assert 'cifar10' in oe.eval.ood_sets
+  for dataset, margins in (('cifar10', (-23.0, -5.0)), ('cifar100', (-27.0, -5.0))):
+    e = ice.get_config(f'{dataset},energy')
+    assert (e.method_kwargs.margin_in, e.method_kwargs.margin_out) == margins
+  assert 'dropout_rate' not in ice.get_config('densenet40_12').model_kwargs
+
+  rw = _module('reweightood')
+  c10, c100, supcon = rw.get_config(None), rw.get_config('cifar100'), rw.get_config('supcon')
+  assert (c10.model, c10.method, c10.batch_size, c10.num_epochs, c10.augment) == ('resnet18', 'reweightood', 512, 500, 'two_views')
+  assert (c10.optimizer.learning_rate, c10.optimizer.schedule, c10.optimizer.warmup_epochs) == (0.5, 'cosine', 10.0)
+  assert c10.optimizer.weight_decay == 1e-4 and c10.method_kwargs.temperature == 0.1
+  assert (tuple(c10.method_kwargs.between), tuple(c100.method_kwargs.between)) == ((5.0, -4.0), (5.0, -2.0))
+  assert (c10.eval.knn_k, c100.eval.knn_k) == (100, 300)
+  assert supcon.method == 'supcon' and set(supcon.method_kwargs) == {'temperature'}
+
+  smot = _module('smot')
+  base, s10, s100 = smot.get_config('base'), smot.get_config(None), smot.get_config('cifar100')
+  assert (base.method, base.num_epochs, tuple(base.optimizer.decay_epochs), base.optimizer.schedule) == ('softmax', 200, (80, 140), 'step')
+  assert (s10.method, s10.num_epochs, s10.optimizer.schedule, s10.batch_size) == ('smot', 300, 'cosine', 128)
+  assert (s10.method_kwargs.temperature, s100.method_kwargs.temperature) == (10.0, 150.0)
+  assert (s10.method_kwargs.alpha, s10.method_kwargs.beta, s10.method_kwargs.weight) == (50.0, 20.0, 0.1)
+  assert base.model == s10.model == 'resnet18' and base.optimizer.weight_decay == 5e-4
+
+
+def test_ice_config_fine_tunes_from_a_softmax_run_made_in_the_test(tmp_path):
+  """Paper 001's fine-tune protocol on mock CIFAR-10: softmax WRN-40-2, then ICE from its checkpoint."""
+  ice = _module('ice')
+  base = ice.get_config('softmax,smoke')
+  results = _train_on_mock_data(base, tmp_path / 'softmax', num_examples=100)  # 100: every class has examples
+  _check_ood_block(results, base, 'max_softmax', ('max_softmax', 'max_logit', 'energy', 'entropic_score'))
+
+  config = ice.get_config('finetune,smoke')
+  config.init_from = str(tmp_path / 'softmax')
+  results = _train_on_mock_data(config, tmp_path / 'ice', num_examples=100)
+  assert (results['method'], results['model']) == ('ice', 'wrn40_2')
+  _check_ood_block(results, config, 'max_logit', ('max_logit', 'max_likelihood', 'max_softmax'))
+  source = train.load_pretrained(str(tmp_path / 'softmax'))['params']
+  tuned = train.load_pretrained(str(tmp_path / 'ice'))['params']
+  assert set(tuned['head']) == {'means', 'cholesky_raw'} and tuned['head']['means'].shape == (10, 128)
+  assert jax.tree.structure(tuned['backbone']) == jax.tree.structure(source['backbone'])
+
+
+@pytest.mark.parametrize('method,score', [('oe', 'max_softmax'), ('energy', 'energy')])
+def test_outlier_exposure_configs_train_from_scratch_on_mock_cifar(tmp_path, method, score):
+  config = _module('ice').get_config(f'{method},smoke')
+  results = _train_on_mock_data(config, tmp_path)
+  assert results['method'] == method
+  _check_ood_block(results, config, score, methods.get_method(method).scores)
+  logged = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert {'ce', 'outlier_loss' if method == 'oe' else 'energy_loss'} <= set(logged[-1])
+
+
+@pytest.mark.parametrize('method', ['reweightood', 'supcon'])
+def test_contrastive_configs_train_and_evaluate_by_features_on_mock_cifar(tmp_path, method):
+  config = _module('reweightood').get_config(f'{method},smoke')
+  results = _train_on_mock_data(config, tmp_path, num_examples=100)  # 100: every class has embeddings
+  assert (results['method'], results['model']) == (method, 'resnet18')
+  _check_ood_block(results, config, 'knn', ('knn', 'mahalanobis'))
+  ind = results['in_distribution']
+  assert ind['num_examples'] == 100 and len(ind['mes_radius']) == 10 and 0.0 <= ind['accuracy'] <= 1.0
+
+
+def test_smot_config_trains_its_second_stage_from_its_first(tmp_path):
+  smot = _module('smot')
+  _train_on_mock_data(smot.get_config('base,smoke'), tmp_path / 'base')
+  config = smot.get_config('smoke')
+  config.base_model = str(tmp_path / 'base')
+  results = _train_on_mock_data(config, tmp_path / 'smot')
+  assert results['method'] == 'smot'
+  _check_ood_block(results, config, 'max_softmax', methods.get_method('smot').scores)
+  logged = [json.loads(line) for line in (tmp_path / 'smot' / 'metrics.jsonl').read_text().splitlines()]
+  assert 0.99 < logged[0]['smoothing'] < 1.0  # ε(t), t = 255·Beta(50, 20) ≈ 182, T = 10

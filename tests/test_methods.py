@@ -245,3 +245,41 @@ def test_contrastive_methods_train_and_evaluate_by_features(tmp_path, method):
 def test_contrastive_method_needs_two_views(tmp_path):
   with pytest.raises(ValueError, match="augment='two_views'"):
     train.train_and_evaluate(_smoke('supcon'), str(tmp_path / 'run'))
+
+
+def test_class_statistics_head_is_the_gaussian_of_the_pretrained_features():
+  """init_head='class_stats': means and covariance equal a float64 NumPy fit of the same features."""
+  from ood_jax import layers, models  # pylint: disable=g-import-not-at-top
+  from ood_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  images = rng.integers(0, 256, size=(70, 4, 4, 1), dtype=np.uint8)
+  labels = np.arange(70, dtype=np.int32) % 3
+  model = models.make_classifier('mlp', 'mahalanobis', 3, hidden=(6,))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  mean, std = (0.5,), (0.25,)
+  head = train.class_statistics_head(model, variables, sources.ArrayData(images, labels, 'toy'), mesh=pipeline.make_mesh(),
+                                     batch_size=16, mean=mean, std=std, num_classes=3, ridge=1e-2)
+  _, features = model.apply(variables, (images / 255.0 - 0.5) / 0.25)
+  f = np.asarray(features, np.float64)
+  means = np.stack([f[labels == k].mean(0) for k in range(3)])
+  centred = f - means[labels]
+  cov = centred.T @ centred / len(f)
+  cov += 1e-2 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+  np.testing.assert_allclose(head['means'], means, rtol=1e-4, atol=1e-5)
+  chol = np.asarray(layers.cholesky_from_raw(head['cholesky_raw']), np.float64)
+  np.testing.assert_allclose(chol @ chol.T, cov, rtol=1e-3, atol=1e-5)
+  # The head then scores each feature by its Gaussian log-density up to constants: −(f − μ_k)ᵀΣ⁻¹(f − μ_k).
+  logits = model.apply({'params': {**variables['params'], 'head': head}}, (images / 255.0 - 0.5) / 0.25)[0]
+  diff = f[:, None, :] - means[None]
+  expected = -np.einsum('nkd,de,nke->nk', diff, np.linalg.inv(cov), diff)
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_class_stats_policy_needs_a_mahalanobis_head_and_init_from(tmp_path):
+  config = _smoke('oe', init_from=str(tmp_path), init_head='class_stats')
+  with pytest.raises(ValueError, match="class_stats.*'oe'"):
+    train.check_config(config)
+  with pytest.raises(ValueError, match='init_from=None'):
+    train.check_config(_smoke('ice', init_head='class_stats'))
+  with pytest.raises(ValueError, match='fine-tunes a pretrained model'):
+    train.check_config(_smoke('ice', finetune=True))

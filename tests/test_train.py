@@ -205,3 +205,53 @@ def test_sgd_nesterov_with_weight_decay_on_prototypes():
   updates, state = optimizer.update(grads, state, params)
   g = np.array([[0.5, 0.25]]) + 1e-4 * np.array([[1.0, -2.0]])
   np.testing.assert_allclose(updates['prototypes'], -0.1 * (g + 0.9 * g), rtol=1e-6)
+
+
+def test_checkpoint_of_eight_devices_is_evaluated_in_a_one_device_process(tmp_path):
+  """Trained on 8 devices, evaluated (experiments.evaluate) where only 1 exists: restore re-shards.
+
+  Orbax restores without a target onto the saving run's devices; this failed with 'Topology
+  mismatch' before restores placed every array on the current devices.
+  """
+  workdir = tmp_path / 'run'
+  results = train.train_and_evaluate(_config(num_steps=4, **{'eval.ood_sets': ('digits/near',)}), str(workdir))
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}'], cwd=REPO, env=env,
+                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  again = json.loads((workdir / 'results.json').read_text())
+  assert again['in_distribution']['accuracy'] == results['in_distribution']['accuracy']
+  np.testing.assert_allclose(again['ood']['digits/near']['max_softmax']['auroc'],
+                             results['ood']['digits/near']['max_softmax']['auroc'], rtol=1e-6)
+
+
+def _fake_results(method, score, accuracy, ood, corrupted=None):
+  results = {'method': method, 'default_score': score, 'in_distribution': {'accuracy': accuracy, 'ece': 0.0123},
+             'ood': {name: {score: {'auroc': a, 'fpr95': f}} for name, (a, f) in ood.items()}}
+  if ood:
+    results['ood_mean'] = {score: {'auroc': np.mean([a for a, _ in ood.values()]),
+                                   'fpr95': np.mean([f for _, f in ood.values()])}}
+  if corrupted:
+    results['corrupted'] = {'mean': corrupted}
+  return results
+
+
+def test_comparison_table_puts_runs_side_by_side(tmp_path):
+  runs = {'runs/softmax': _fake_results('softmax', 'max_softmax', 0.9, {'svhn': (0.8, 0.5), 'dtd': (0.6, 0.7)}),
+          'runs/ice': _fake_results('ice', 'max_logit', 0.95, {'svhn': (0.99, 0.02)},
+                                    corrupted={'accuracy': 0.5, 'ece': 0.25})}
+  lines = evaluate.comparison_markdown(runs).splitlines()
+  assert lines[0] == ('| run | method | accuracy | ECE | score | svhn AUROC / FPR95 | dtd AUROC / FPR95 | '
+                      'mean AUROC / FPR95 | shifted accuracy | shifted ECE |')
+  assert lines[2] == '| runs/softmax | softmax | 90.00 % | 0.0123 | max_softmax | 80.0 / 50.0 | 60.0 / 70.0 | 70.0 / 60.0 | – | – |'
+  assert lines[3] == '| runs/ice | ice | 95.00 % | 0.0123 | max_logit | 99.0 / 2.0 | – | 99.0 / 2.0 | 50.00 % | 0.2500 |'
+  with pytest.raises(ValueError, match='at least one'):
+    evaluate.comparison_markdown({})
+
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  for name, results in runs.items():
+    (tmp_path / name).mkdir(parents=True)
+    (tmp_path / name / 'results.json').write_text(json.dumps(results))
+  loaded = compare.load_runs([str(tmp_path / name) for name in runs])
+  assert list(loaded.values()) == json.loads(json.dumps(list(runs.values())))
+  with pytest.raises(FileNotFoundError, match='experiments.evaluate --workdir='):
+    compare.load_runs([str(tmp_path / 'missing')])

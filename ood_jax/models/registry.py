@@ -24,6 +24,7 @@ BACKBONES = {
     'resnet34': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512)),
     'wrn28_10': functools.partial(WideResNet, depth=28, width=10),
     'wrn40_2': functools.partial(WideResNet, depth=40, width=2),
+    'wrn34_10': functools.partial(WideResNet, depth=34, width=10),
     'densenet_bc100': functools.partial(DenseNet, depth=100, growth_rate=12, bottleneck=True,
                                         compression=0.5),
     'densenet40_12': functools.partial(DenseNet, depth=40, growth_rate=12, bottleneck=False,
