@@ -32,17 +32,6 @@ from ood_jax import losses
 from ood_jax import models
 from ood_jax import train
 
-_MODEL = flags.DEFINE_enum('model', 'resnet18', list(models.BACKBONES), 'Backbone.')
-_HEADS = flags.DEFINE_list('heads', ['dense', 'distance', 'mahalanobis'],
-                           'Logit heads to time (ood_jax.models.HEADS); dense, the reference, must be one.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Images per step.', lower_bound=1)
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', list(train.DTYPES), 'Backbone computation dtype.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 10, 'K (10: CIFAR-10, 100: CIFAR-100).', lower_bound=1)
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per head per round.', lower_bound=1)
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per head after compilation.', lower_bound=1)
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds; the best and the median are reported.',
-                                lower_bound=1)
-
 
 def make_step(model, optimizer):
   """The jitted (params, batch_stats, opt_state, images, labels) → same + loss step."""
@@ -73,18 +62,18 @@ def _time(step, state, batch, num_steps):
 
 def main(argv):
   del argv
-  heads = list(dict.fromkeys(_HEADS.value))
+  heads = list(dict.fromkeys(flags.FLAGS.heads))
   if 'dense' not in heads:
     raise app.UsageError('--heads must include dense, the reference of the ratios.')
-  dtype = train.DTYPES[_DTYPE.value]
+  dtype = train.DTYPES[flags.FLAGS.dtype]
   key_init, key_images, key_labels = jax.random.split(jax.random.key(0), 3)
-  batch = (jax.random.normal(key_images, (_BATCH_SIZE.value, 32, 32, 3), jnp.float32),
-           jax.random.randint(key_labels, (_BATCH_SIZE.value,), 0, _NUM_CLASSES.value))
+  batch = (jax.random.normal(key_images, (flags.FLAGS.batch_size, 32, 32, 3), jnp.float32),
+           jax.random.randint(key_labels, (flags.FLAGS.batch_size,), 0, flags.FLAGS.num_classes))
   optimizer = optax.sgd(0.01, momentum=0.9)
 
   steps, initial, counts, compile_seconds, gflops = {}, {}, {}, {}, {}
   for head in heads:
-    model = models.make_classifier(_MODEL.value, head, _NUM_CLASSES.value, dtype=dtype)
+    model = models.make_classifier(flags.FLAGS.model, head, flags.FLAGS.num_classes, dtype=dtype)
     variables = model.init(key_init, batch[0][:1], train=False)
     params, batch_stats = variables['params'], variables.get('batch_stats', {})
     counts[head] = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
@@ -94,20 +83,20 @@ def main(argv):
     compile_seconds[head] = time.perf_counter() - start
     # XLA's own count: shows how little of the step the head is, whatever the timings say.
     gflops[head] = (steps[head].cost_analysis() or {}).get('flops', float('nan')) / 1e9
-    _time(steps[head], initial[head], batch, _WARMUP.value)
+    _time(steps[head], initial[head], batch, flags.FLAGS.warmup)
 
   # Every round restarts from the initial state. Training on and on with one batch drives the loss
   # to 0, where exponentials underflow to subnormal numbers that slow CPUs down many times over, and
   # the timings would measure how fast each head memorises the batch instead of what it costs.
   seconds = {head: [] for head in heads}
-  for _ in range(_ROUNDS.value):
+  for _ in range(flags.FLAGS.rounds):
     for head in heads:
-      seconds[head].append(_time(steps[head], initial[head], batch, _STEPS.value))
+      seconds[head].append(_time(steps[head], initial[head], batch, flags.FLAGS.steps))
 
   device = jax.devices()[0]
-  print(f'{_MODEL.value} · batch {_BATCH_SIZE.value} · {_DTYPE.value} · {_NUM_CLASSES.value} classes · '
-        f'1 × {device.platform} ({device.device_kind}); {_ROUNDS.value} rounds × {_STEPS.value} steps '
-        f'after {_WARMUP.value} warm-up steps')
+  print(f'{flags.FLAGS.model} · batch {flags.FLAGS.batch_size} · {flags.FLAGS.dtype} · {flags.FLAGS.num_classes} classes · '
+        f'1 × {device.platform} ({device.device_kind}); {flags.FLAGS.rounds} rounds × {flags.FLAGS.steps} steps '
+        f'after {flags.FLAGS.warmup} warm-up steps')
   print(f'{"head":<12} {"params":>12} {"GFLOP/step":>11} {"compile s":>10} {"best ms/step":>13} {"median":>9} '
         f'{"× dense":>8}')
   reference = min(seconds['dense'])
@@ -118,4 +107,15 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  flags.DEFINE_enum('model', 'resnet18', list(models.BACKBONES), 'Backbone.')
+  flags.DEFINE_list('heads', ['dense', 'distance', 'mahalanobis'],
+                    'Logit heads to time (ood_jax.models.HEADS); dense, the reference, must be one.')
+  flags.DEFINE_integer('batch_size', 128, 'Images per step.', lower_bound=1)
+  flags.DEFINE_enum('dtype', 'float32', list(train.DTYPES), 'Backbone computation dtype.')
+  flags.DEFINE_integer('num_classes', 10, 'K (10: CIFAR-10, 100: CIFAR-100).', lower_bound=1)
+  flags.DEFINE_integer('steps', 5, 'Timed steps per head per round.', lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps per head after compilation.', lower_bound=1)
+  flags.DEFINE_integer('rounds', 5, 'Timing rounds; the best and the median are reported.',
+                       lower_bound=1)
   app.run(main)

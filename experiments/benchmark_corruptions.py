@@ -34,10 +34,6 @@ from sklearn import datasets as sk_datasets
 
 from ood_jax import corruptions
 
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 1000, 'Images per JAX call.', lower_bound=1)
-_SEVERITY = flags.DEFINE_integer('severity', 3, 'Severity of every corruption.', lower_bound=1, upper_bound=5)
-_SECONDS = flags.DEFINE_float('seconds', 2.0, 'Seconds of per-image baseline per corruption.')
-_NAMES = flags.DEFINE_list('names', list(corruptions.CORRUPTIONS), 'Corruptions to time.')
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -420,18 +416,23 @@ def time_baseline(images, name, severity, seconds):
 
 def main(argv):
   del argv
-  images = photo_crops(_BATCH_SIZE.value)
+  images = photo_crops(flags.FLAGS.batch_size)
   device = jax.devices()[0]
-  print(f'Batch {len(images)} × 32×32×3, severity {_SEVERITY.value}, JAX on {device.platform} '
+  print(f'Batch {len(images)} × 32×32×3, severity {flags.FLAGS.severity}, JAX on {device.platform} '
         f'({device.device_kind}).')
   print(f'| corruption | JAX images/s | NumPy/SciPy per image, images/s | ratio |')
   print('|---|---:|---:|---:|')
-  for name in _NAMES.value:
-    corruptions.check_corruption(name, _SEVERITY.value)
-    fast = time_jax(images, name, _SEVERITY.value)
-    slow = time_baseline(images, name, _SEVERITY.value, _SECONDS.value)
+  for name in flags.FLAGS.names:
+    corruptions.check_corruption(name, flags.FLAGS.severity)
+    fast = time_jax(images, name, flags.FLAGS.severity)
+    slow = time_baseline(images, name, flags.FLAGS.severity, flags.FLAGS.seconds)
     print(f'| {name} | {fast:,.0f} | {slow:,.0f} | {fast / slow:,.1f}× |', flush=True)
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  flags.DEFINE_integer('batch_size', 1000, 'Images per JAX call.', lower_bound=1)
+  flags.DEFINE_integer('severity', 3, 'Severity of every corruption.', lower_bound=1, upper_bound=5)
+  flags.DEFINE_float('seconds', 2.0, 'Seconds of per-image baseline per corruption.')
+  flags.DEFINE_list('names', list(corruptions.CORRUPTIONS), 'Corruptions to time.')
   app.run(main)

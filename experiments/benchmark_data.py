@@ -33,11 +33,6 @@ import tensorflow_datasets as tfds
 from ood_jax.data import augment
 from ood_jax.data import pipeline
 
-_NUM_EXAMPLES = flags.DEFINE_integer('num_examples', 50_000, 'Synthetic 32×32×3 uint8 images.')
-_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['128', '512'], 'Global batch sizes.')
-_AUGMENT = flags.DEFINE_list('augment', ['crop_flip', 'two_views'], 'Augmentations to time.')
-_SECONDS = flags.DEFINE_float('seconds', 4.0, 'Timed seconds per (pipeline, augmentation, batch size).')
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed batches first.')
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -116,21 +111,27 @@ def main(argv):
   del argv
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow stays on the host
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (_NUM_EXAMPLES.value, 32, 32, 3), dtype=np.uint8)
-  labels = rng.integers(0, 10, _NUM_EXAMPLES.value).astype(np.int32)
+  images = rng.integers(0, 256, (flags.FLAGS.num_examples, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, flags.FLAGS.num_examples).astype(np.int32)
   mesh = pipeline.make_mesh()
   print(f'{jax.device_count()} × {jax.devices()[0].device_kind}; N = {len(images)} synthetic uint8 32×32×3 images '
-        f'(random pixels, not CIFAR); {_SECONDS.value:g} s per row after {_WARMUP.value} warm-up batches.')
+        f'(random pixels, not CIFAR); {flags.FLAGS.seconds:g} s per row after {flags.FLAGS.warmup} warm-up batches.')
   print(f'{"augment":<10} {"batch":>6} {"pipeline":<22} {"images/s":>10} {"ms/batch":>9} {"device/baseline":>16}')
-  for augment_name in _AUGMENT.value:
-    for batch_size in map(int, _BATCH_SIZES.value):
+  for augment_name in flags.FLAGS.augment:
+    for batch_size in map(int, flags.FLAGS.batch_sizes):
       rates = {}
       for name, make in (('device (ood_jax)', _device), ('baseline (tf.data+np)', _baseline)):
         rates[name], ms = _throughput(make(images, labels, augment_name, batch_size, mesh), batch_size,
-                                      _SECONDS.value, _WARMUP.value)
+                                      flags.FLAGS.seconds, flags.FLAGS.warmup)
         ratio = f'{rates["device (ood_jax)"] / rates[name]:.2f}×' if name.startswith('baseline') else ''
         print(f'{augment_name:<10} {batch_size:>6} {name:<22} {rates[name]:>10,.0f} {ms:>9.2f} {ratio:>16}', flush=True)
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  flags.DEFINE_integer('num_examples', 50_000, 'Synthetic 32×32×3 uint8 images.')
+  flags.DEFINE_list('batch_sizes', ['128', '512'], 'Global batch sizes.')
+  flags.DEFINE_list('augment', ['crop_flip', 'two_views'], 'Augmentations to time.')
+  flags.DEFINE_float('seconds', 4.0, 'Timed seconds per (pipeline, augmentation, batch size).')
+  flags.DEFINE_integer('warmup', 3, 'Untimed batches first.')
   app.run(main)

@@ -25,9 +25,6 @@ from sklearn import datasets as sk_datasets
 
 from ood_jax import corruptions
 
-_OUTPUT = flags.DEFINE_string('output', 'docs/corruptions.png', 'PNG file to write.')
-_SCALE = flags.DEFINE_integer('scale', 4, 'Nearest-neighbour enlargement of each 32×32 tile.', lower_bound=1)
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the corruption key.')
 
 SIZE = 32
 GAP = 4  # pixels between tiles
@@ -78,11 +75,15 @@ def compose(tiles: np.ndarray, scale: int) -> Image.Image:
 
 def main(argv):
   del argv
-  figure = compose(corruption_tiles(sample_image(), _SEED.value), _SCALE.value)
-  os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
-  figure.save(_OUTPUT.value)
-  print(f'Wrote {_OUTPUT.value} ({figure.size[0]}×{figure.size[1]}).')
+  figure = compose(corruption_tiles(sample_image(), flags.FLAGS.seed), flags.FLAGS.scale)
+  os.makedirs(os.path.dirname(flags.FLAGS.output) or '.', exist_ok=True)
+  figure.save(flags.FLAGS.output)
+  print(f'Wrote {flags.FLAGS.output} ({figure.size[0]}×{figure.size[1]}).')
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  flags.DEFINE_string('output', 'docs/corruptions.png', 'PNG file to write.')
+  flags.DEFINE_integer('scale', 4, 'Nearest-neighbour enlargement of each 32×32 tile.', lower_bound=1)
+  flags.DEFINE_integer('seed', 0, 'Seed of the corruption key.')
   app.run(main)

@@ -31,9 +31,6 @@ METHODS = {'CE': 'softmax', 'DM': 'dm', 'OvA': 'one_vs_all', 'OvA DM': 'distance
 # README's digits command with --config.optimizer.learning_rate).
 LEARNING_RATES = {'softmax': 0.05, 'one_vs_all': 0.05, 'dm': 0.2, 'distance_one_vs_all': 0.2}
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/digits_c', 'Folder for the four runs.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'docs', 'Where the figures and the summary go.')
-_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny run (2 epochs, 2 corruptions) for tests.')
 
 
 def run(workdir: str, output_dir: str, *, smoke: bool = False) -> dict:
@@ -53,7 +50,8 @@ def run(workdir: str, output_dir: str, *, smoke: bool = False) -> dict:
     results[label] = train.train_and_evaluate(config, os.path.join(workdir, method))
   os.makedirs(output_dir, exist_ok=True)
   for metric in ('ece', 'accuracy'):
-    figure = plots.shift_box_plots(results, metric=metric, title=f'digits-C: {metric} vs shift intensity')
+    name = 'ECE' if metric == 'ece' else metric
+    figure = plots.shift_box_plots(results, metric=metric, title=f'digits-C: {name} vs shift intensity')
     figure.savefig(os.path.join(output_dir, f'digits_c_{metric}.png'), dpi=120, bbox_inches='tight')
   rows = ['| loss | test accuracy | test ECE | digits-C accuracy | digits-C ECE |', '|---|---:|---:|---:|---:|']
   for label, r in results.items():
@@ -71,8 +69,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
-  run(_WORKDIR.value, _OUTPUT_DIR.value, smoke=_SMOKE.value)
+  run(flags.FLAGS.workdir, flags.FLAGS.output_dir, smoke=flags.FLAGS.smoke)
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  flags.DEFINE_string('workdir', 'runs/digits_c', 'Folder for the four runs.')
+  flags.DEFINE_string('output_dir', 'docs', 'Where the figures and the summary go.')
+  flags.DEFINE_bool('smoke', False, 'Tiny run (2 epochs, 2 corruptions) for tests.')
   app.run(main)

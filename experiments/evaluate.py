@@ -15,10 +15,6 @@ from ml_collections import config_flags
 
 from ood_jax import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Optional config file (default: the saved one).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
-flags.mark_flags_as_required(['workdir'])
-
 
 def main(argv):
   if len(argv) > 1:
@@ -26,8 +22,12 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax narrates every save at INFO; keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
-  print(evaluate.markdown(evaluate.evaluate(_WORKDIR.value, _CONFIG.value)))
+  print(evaluate.markdown(evaluate.evaluate(flags.FLAGS.workdir, flags.FLAGS.config)))
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  config_flags.DEFINE_config_file('config', None, 'Optional config file (default: the saved one).')
+  flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
+  flags.mark_flags_as_required(['workdir'])
   app.run(main)

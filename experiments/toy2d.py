@@ -37,9 +37,6 @@ from ood_jax import methods
 from ood_jax import models
 from ood_jax import plots
 
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'docs', 'Directory for the PNG figures.')
-_STEPS = flags.DEFINE_integer('steps', 10_000, 'SGD steps per model.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the data, the initialisation and the batches.')
 
 NUM_CLASSES = 10
 POINTS_PER_CLASS = 1_000
@@ -143,13 +140,17 @@ def run(output_dir: str, *, steps: int = 10_000, seed: int = 0) -> dict[str, dic
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  stats = run(_OUTPUT_DIR.value, steps=_STEPS.value, seed=_SEED.value)
+  stats = run(flags.FLAGS.output_dir, steps=flags.FLAGS.steps, seed=flags.FLAGS.seed)
   print('| loss | train accuracy | mean confidence on data | mean confidence at radius 40 |')
   print('|---|---:|---:|---:|')
   for name, row in stats.items():
     print(f'| {name} | {row["accuracy"]:.4f} | {row["confidence"]:.3f} | {row["far_confidence"]:.3f} |')
-  print(f'Figures in {_OUTPUT_DIR.value}: toy2d_landscapes.png, toy2d_centres.png')
+  print(f'Figures in {flags.FLAGS.output_dir}: toy2d_landscapes.png, toy2d_centres.png')
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  flags.DEFINE_string('output_dir', 'docs', 'Directory for the PNG figures.')
+  flags.DEFINE_integer('steps', 10_000, 'SGD steps per model.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the data, the initialisation and the batches.')
   app.run(main)

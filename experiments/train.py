@@ -17,11 +17,6 @@ from ml_collections import config_flags
 from ood_jax import evaluate
 from ood_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
 
 def main(argv):
   if len(argv) > 1:
@@ -29,9 +24,13 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax narrates every save at INFO; keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   print(evaluate.markdown(results))
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: importing two scripts must not define a flag twice.
+  config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -222,6 +222,19 @@ def markdown(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def load_results(workdirs) -> dict[str, dict[str, Any]]:
+  """workdir → its results.json, in order; a missing one fails naming the command that writes it."""
+  runs = {}
+  for workdir in workdirs:
+    path = os.path.join(workdir, 'results.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} not found: train the run first, or evaluate its checkpoint with '
+                              f'`python -m experiments.evaluate --workdir={workdir}`.')
+    with open(path, encoding='utf-8') as f:
+      runs[workdir] = json.load(f)
+  return runs
+
+
 def comparison_markdown(runs: dict[str, dict[str, Any]]) -> str:
   """One table comparing runs (e.g. SoftMax, OE, Energy and ICE), each by its own default score.
 

@@ -215,7 +215,8 @@ def _check_finite(state: TrainState, manager: ocp.CheckpointManager) -> None:
     kept = f'the last good checkpoint (step {last}) was left intact' if last is not None else 'no checkpoint was saved'
     raise NonFiniteLossError(
         f'Non-finite loss or gradient at step {bad}; training stopped. The parameters are those '
-        f'before that step; {kept}.')
+        f'before that step; {kept}. A lower --config.optimizer.learning_rate or gradient clipping '
+        f'(--config.optimizer.grad_clip_norm=1.0, which ICE needs) usually cures it.')
 
 
 def _format_eta(seconds: float) -> str:

@@ -134,29 +134,45 @@ def test_paper_recipes():
   assert len(c100.eval.corruptions) == 17 and not {'motion_blur', 'snow'} & set(c100.eval.corruptions)
 
 
-def _docstring_commands(path):
-  """Every `python -m experiments.train ...` command of a config's docstring, continuation lines joined."""
-  text = re.sub(r'\\\n\s*', ' ', _module(path.stem).__doc__)
+def _train_commands(text):
+  """Every `python -m experiments.train ...` command of a text, continuation lines joined."""
+  text = re.sub(r'\\\n\s*', ' ', text)
   return [line.strip() for line in text.splitlines() if line.strip().startswith('python -m experiments.train')]
+
+
+def _parse_as_the_cli(command):
+  """The config `experiments/train.py` would build from a command line (its flag definition)."""
+  argv = [arg for arg in shlex.split(command)[3:] if arg.startswith('--config')]
+  flag_values = flags.FlagValues()  # a private registry: the same definition as experiments/train.py
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, lock_config=True,
+                                 sys_argv=['train', *argv])
+  flag_values(['train', *argv])
+  return argv[0], flag_values.config
 
 
 # ml_collections loads config files through importlib's deprecated load_module().
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda path: path.stem)
 def test_docstring_commands_parse_as_the_cli_parses_them(path, monkeypatch):
-  commands = _docstring_commands(path)
+  commands = _train_commands(_module(path.stem).__doc__)
   assert commands, f'{path.name} documents no `python -m experiments.train` command'
   monkeypatch.chdir(REPO)
   for command in commands:
-    argv = [arg for arg in shlex.split(command)[3:] if arg.startswith('--config')]
-    assert argv[0].startswith(f'--config=configs/{path.name}'), command
-    # The same flag definition as experiments/train.py, on a private flag registry.
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, lock_config=True,
-                                   sys_argv=['train', *argv])
-    flag_values(['train', *argv])
-    train.check_config(flag_values.config)
-    _check_eval_names(flag_values.config)
+    config_arg, config = _parse_as_the_cli(command)
+    assert config_arg.startswith(f'--config=configs/{path.name}'), command
+    train.check_config(config)
+    _check_eval_names(config)
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_readme_train_commands_parse_as_the_cli_parses_them(monkeypatch):
+  commands = _train_commands((REPO / 'README.md').read_text(encoding='utf-8'))
+  assert len(commands) >= 10
+  monkeypatch.chdir(REPO)
+  for command in commands:
+    _, config = _parse_as_the_cli(command)
+    train.check_config(config)
+    _check_eval_names(config)
 
 
 def _train_on_mock_data(config, workdir, num_examples=24):

@@ -247,11 +247,10 @@ def test_comparison_table_puts_runs_side_by_side(tmp_path):
   with pytest.raises(ValueError, match='at least one'):
     evaluate.comparison_markdown({})
 
-  from experiments import compare  # pylint: disable=g-import-not-at-top
   for name, results in runs.items():
     (tmp_path / name).mkdir(parents=True)
     (tmp_path / name / 'results.json').write_text(json.dumps(results))
-  loaded = compare.load_runs([str(tmp_path / name) for name in runs])
+  loaded = evaluate.load_results([str(tmp_path / name) for name in runs])
   assert list(loaded.values()) == json.loads(json.dumps(list(runs.values())))
   with pytest.raises(FileNotFoundError, match='experiments.evaluate --workdir='):
-    compare.load_runs([str(tmp_path / 'missing')])
+    evaluate.load_results([str(tmp_path / 'missing')])

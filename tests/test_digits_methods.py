@@ -1,0 +1,40 @@
+"""Tests for experiments/digits_methods.py: every method of papers 001, 003 and 004 in one table."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import digits_methods
+from ood_jax import train
+
+
+def test_every_run_is_a_valid_config():
+  for name, (method, overrides) in digits_methods.RUNS.items():
+    config = digits_methods._config(method, overrides, '/runs', smoke=False)  # pylint: disable=protected-access
+    train.check_config(config)
+    assert config.method == method, name
+  assert list(digits_methods.RUNS)[0] == 'softmax'  # trained first: others start from it
+
+
+def test_smoke_run_compares_the_runs_in_one_table(tmp_path, monkeypatch):
+  # Every method trains end to end on digits in tests/test_methods.py; here the command's own logic
+  # (order, runs that start from the softmax run, the table) on the runs that depend on each other.
+  monkeypatch.setattr(digits_methods, 'RUNS', {k: digits_methods.RUNS[k] for k in ('softmax', 'ice_finetuned', 'smot')})
+  output = tmp_path / 'table.md'
+  table = digits_methods.run(str(tmp_path / 'runs'), str(output), smoke=True)
+  assert output.read_text() == table
+  lines = table.splitlines()
+  assert lines[0].startswith('| run | method | accuracy | ECE | score | digits/near AUROC / FPR95 |')
+  rows = {line.split('|')[1].strip(): line for line in lines[2:]}
+  assert list(rows) == list(digits_methods.RUNS)
+  for name, (method, _) in digits_methods.RUNS.items():
+    results = json.loads((tmp_path / 'runs' / name / 'results.json').read_text())
+    cells = [cell.strip() for cell in rows[name].strip('|').split('|')]
+    assert cells[1] == method and cells[4] == results['default_score']
+    near = results['ood']['digits/near'][results['default_score']]
+    assert cells[5] == f"{100 * near['auroc']:.1f} / {100 * near['fpr95']:.1f}"
+  # The fine-tuned ICE run and SMOT start from the softmax run of the same workdir.
+  saved = {name: json.loads((tmp_path / 'runs' / name / 'config.json').read_text()) for name in ('ice_finetuned', 'smot')}
+  assert saved['ice_finetuned']['init_from'] == str(tmp_path / 'runs' / 'softmax')
+  assert saved['ice_finetuned']['init_head'] == 'class_stats'
+  assert saved['smot']['base_model'] == str(tmp_path / 'runs' / 'softmax')
