@@ -266,10 +266,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         outlier_data.images, global_batch_size=config.outliers.batch_size, seed=config.seed, mesh=mesh,
         augment=config.outliers.get('augment') or config.augment, mean=mean, std=std)
 
+  # XLA:CPU runs every device of a multi-device program on one shared thread pool: two such programs
+  # in flight at once (the next batch's gather beside this step's collectives) can each hold part of
+  # the pool at a rendezvous and wait for the rest forever ("Termination timeout for all to all",
+  # seen with 8 fake CPU devices). So on a multi-device CPU mesh each program finishes before the next
+  # is dispatched; accelerators keep the overlap.
+  serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu'
+  wait = jax.block_until_ready if serialize else lambda x: x
+
   def batch_at(step):
-    batch = stream.batch(step)
+    batch = wait(stream.batch(step))
     if outliers is not None:
-      batch['outlier'] = outliers.batch(step)['image']
+      batch['outlier'] = wait(outliers.batch(step)['image'])
     return batch
 
   steps_per_epoch = math.ceil(stream.steps_per_epoch)
@@ -324,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint_every = config.get('checkpoint_every_steps', steps_per_epoch)
   interval_start, interval_step, sums = time.perf_counter(), start, None
   for step in range(start, total_steps):
-    state, metrics = step_fn(state, batch_at(step), base_variables)
+    state, metrics = wait(step_fn(state, batch_at(step), base_variables))
     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     done = step + 1
     if done % log_every == 0 or done == total_steps:
