@@ -25,6 +25,7 @@ EXTRAS_REQUIRE = {
     'test': [
         'pytest>=8,<10',
         'pytest-xdist>=3.5,<4',
+        'ruff>=0.8,<1',  # the style check (ruff.toml), run by CI
         'scipy>=1.11,<2',
         'nbclient>=0.9,<1',  # runs colab/ notebooks in smoke mode
         'nbformat>=5.9,<6',

@@ -9,8 +9,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = 'cifar10'           # ood_jax.data.registry name
   c.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default, ~/tensorflow_datasets)
-  c.model = 'resnet18'            # ood_jax.models.BACKBONES name
-  c.model_kwargs = ml_collections.ConfigDict()
+  c.backbone = 'resnet18'         # ood_jax.models.BACKBONES name (the head is the method's)
+  c.backbone_kwargs = ml_collections.ConfigDict()  # backbone attribute overrides, e.g. dropout_rate
   c.method = 'softmax'            # ood_jax.methods.METHODS name; the method picks the head
   c.method_kwargs = ml_collections.ConfigDict()  # overrides of the method's loss hyperparameters
   c.dtype = 'float32'             # or 'bfloat16' compute (parameters stay float32)
@@ -28,10 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
       source=config_dict.placeholder(str), batch_size=256, augment=config_dict.placeholder(str),
       split='train', max_examples=config_dict.placeholder(int)))
   c.init_from = config_dict.placeholder(str)  # fine-tune from a workdir or checkpoint (see init_head)
-  c.finetune = False              # True: the recipe is a fine-tune, and init_from must be set
+  c.required_fields = ()           # fields the recipe cannot run without, e.g. ('init_from',) to fine-tune
   c.base_model = config_dict.placeholder(str)  # workdir of the frozen base model (method smot)
-  # 'auto': keep the pretrained head if it fits, else re-init; 'keep'; 'reinit'; 'class_stats': a
-  # Mahalanobis head (ice) at the class means and covariance of the pretrained features.
+  # The head *policy* of init_from (ood_jax.experiment.HEAD_POLICIES): 'auto' keeps the pretrained head
+  # if it fits, else re-inits it; 'keep'; 'reinit'; 'class_stats': a Mahalanobis head (ice) at the class
+  # means and covariance of the pretrained features.
   c.init_head = 'auto'
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000

@@ -16,7 +16,7 @@ from configs import common
 def get_config(arg=None):
   c = common.base_config()
   c.dataset = 'digits'
-  c.model = 'digits_cnn'
+  c.backbone = 'digits_cnn'
   c.batch_size = 64
   c.num_epochs = 30
   c.augment = 'crop'               # pad-4 crop, no flip: a mirrored digit is another symbol

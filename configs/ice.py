@@ -19,7 +19,7 @@ Argument (after ':', comma-separated, any order; defaults first):
   schedule  scratch | finetune (needs --config.init_from=<workdir of the softmax run, same dataset and model>)
   smoke     4 steps of batch 16 (+ 16 outliers), one OOD set: for CPU tests, same model and data.
 
-Recipe (Section 5 "Training", and REFERENCE.md): batches of 128 in-distribution images + 256 outliers
+Recipe (Section 5 "Training"): batches of 128 in-distribution images + 256 outliers
 (one forward pass), SGD Nesterov momentum 0.9, weight decay 5e-4, pad-4 crop + flip on both streams.
   scratch   100 epochs, lr 0.1, "stair-wise" decay; the paper gives no epochs, we divide by 10 at 50 and 75.
   finetune  10 epochs, cosine from lr 0.01 (ICE) or 0.001 (OE, Energy, as Hendrycks et al. and Liu et al.).
@@ -40,7 +40,8 @@ with CIFAR: expect somewhat weaker near-OOD (CIFAR-10 ↔ CIFAR-100) numbers tha
 
 OOD sets: the paper's SVHN, Textures (DTD), Places365 and the other CIFAR (TFDS), plus noise;
 iSUN and LSUN (ODIN releases) are image folders:
---config.eval.ood_sets="('svhn_cropped', 'dtd', 'places365_small', 'cifar100', 'folder:/data/iSUN', 'folder:/data/LSUN')".
+--config.eval.ood_sets="('svhn_cropped', 'dtd', 'places365_small', 'cifar100', 'folder:/data/iSUN',
+'folder:/data/LSUN')".
 
 Expected (Table 2, CIFAR-10, WRN from scratch, mean FPR95 over iSUN/Places365/Textures/LSUN/SVHN / accuracy):
 ICE 3.33 % / 96.38 %, OE 4.03 % / 94.88 %, Energy 4.12 % / 94.13 % (the paper's WRN there is WRN-34-10).
@@ -66,17 +67,17 @@ _FINETUNE_LR = {'ice': 0.01, 'oe': 0.001, 'energy': 0.001}
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, dataset=DATASETS, model=MODELS, method=METHODS, schedule=SCHEDULES)
+  args = common.parse_arg(arg, dataset=DATASETS, backbone=MODELS, method=METHODS, schedule=SCHEDULES)
   c = common.base_config()
   c.dataset = args['dataset'] or DATASETS[0]
-  c.model = args['model'] or MODELS[0]
+  c.backbone = args['backbone'] or MODELS[0]
   c.method = args['method'] or METHODS[0]
   schedule = args['schedule'] or SCHEDULES[0]
   if c.method == 'softmax' and schedule == 'finetune':
     raise ValueError("Config argument 'finetune' fine-tunes with outliers: pick ice, oe or energy "
                      "(softmax is the scratch run that finetune starts from).")
-  if c.model.startswith('wrn'):
-    c.model_kwargs.dropout_rate = 0.3  # Outlier Exposure's WRN
+  if c.backbone.startswith('wrn'):
+    c.backbone_kwargs.dropout_rate = 0.3  # Outlier Exposure's WRN
   c.batch_size = 128
   c.augment = 'crop_flip'
   c.optimizer.update(dict(name='sgd', momentum=0.9, nesterov=True, weight_decay=5e-4))
@@ -86,7 +87,7 @@ def get_config(arg=None):
   else:
     c.num_epochs = 10
     c.optimizer.update(dict(learning_rate=_FINETUNE_LR[c.method], schedule='cosine'))
-    c.finetune = True  # check_config then asks for --config.init_from
+    c.required_fields = ('init_from',)  # a fine-tune needs its pretrained run on the command line
     c.init_head = 'class_stats' if c.method == 'ice' else 'auto'
   if c.method == 'ice':
     c.optimizer.grad_clip_norm = 1.0

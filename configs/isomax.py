@@ -47,10 +47,10 @@ _FAR_OOD = ('dtd', 'gaussian_noise', 'uniform_noise')
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, dataset=DATASETS, model=MODELS)
+  args = common.parse_arg(arg, dataset=DATASETS, backbone=MODELS)
   c = common.base_config()
   c.dataset = args['dataset'] or DATASETS[0]
-  c.model = args['model'] or MODELS[0]
+  c.backbone = args['backbone'] or MODELS[0]
   c.method = 'isomax'
   c.batch_size = 64
   c.num_epochs = 300

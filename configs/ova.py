@@ -79,12 +79,12 @@ _OOD_SETS = {'cifar10': ('cifar100', 'svhn_cropped'), 'cifar100': ('cifar10', 's
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, dataset=DATASETS, model=MODELS)
+  args = common.parse_arg(arg, dataset=DATASETS, backbone=MODELS)
   c = common.base_config()
   c.dataset = args['dataset'] or DATASETS[0]
-  c.model = args['model'] or _DEFAULT_MODEL[c.dataset]
+  c.backbone = args['backbone'] or _DEFAULT_MODEL[c.dataset]
   c.method = 'softmax'
-  c.batch_size, c.num_epochs, optimizer = _RECIPES[c.model]
+  c.batch_size, c.num_epochs, optimizer = _RECIPES[c.backbone]
   c.optimizer.update(optimizer)
   c.augment = 'crop_flip'
   c.normalization = 'symmetric'

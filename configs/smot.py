@@ -43,7 +43,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, dataset=DATASETS, stage=STAGES)
   c = common.base_config()
   c.dataset = args['dataset'] or DATASETS[0]
-  c.model = 'resnet18'
+  c.backbone = 'resnet18'
   c.batch_size = 128
   c.augment = 'crop_flip'
   c.optimizer.update(dict(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4))

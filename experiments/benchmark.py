@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ood_jax import experiment
 from ood_jax import losses
 from ood_jax import models
-from ood_jax import train
 
 
 def make_step(model, optimizer):
@@ -65,7 +65,7 @@ def main(argv):
   heads = list(dict.fromkeys(flags.FLAGS.heads))
   if 'dense' not in heads:
     raise app.UsageError('--heads must include dense, the reference of the ratios.')
-  dtype = train.DTYPES[flags.FLAGS.dtype]
+  dtype = experiment.DTYPES[flags.FLAGS.dtype]
   key_init, key_images, key_labels = jax.random.split(jax.random.key(0), 3)
   batch = (jax.random.normal(key_images, (flags.FLAGS.batch_size, 32, 32, 3), jnp.float32),
            jax.random.randint(key_labels, (flags.FLAGS.batch_size,), 0, flags.FLAGS.num_classes))
@@ -94,7 +94,8 @@ def main(argv):
       seconds[head].append(_time(steps[head], initial[head], batch, flags.FLAGS.steps))
 
   device = jax.devices()[0]
-  print(f'{flags.FLAGS.model} · batch {flags.FLAGS.batch_size} · {flags.FLAGS.dtype} · {flags.FLAGS.num_classes} classes · '
+  print(f'{flags.FLAGS.model} · batch {flags.FLAGS.batch_size} · {flags.FLAGS.dtype} · '
+        f'{flags.FLAGS.num_classes} classes · '
         f'1 × {device.platform} ({device.device_kind}); {flags.FLAGS.rounds} rounds × {flags.FLAGS.steps} steps '
         f'after {flags.FLAGS.warmup} warm-up steps')
   print(f'{"head":<12} {"params":>12} {"GFLOP/step":>11} {"compile s":>10} {"best ms/step":>13} {"median":>9} '
@@ -112,7 +113,7 @@ if __name__ == '__main__':
   flags.DEFINE_list('heads', ['dense', 'distance', 'mahalanobis'],
                     'Logit heads to time (ood_jax.models.HEADS); dense, the reference, must be one.')
   flags.DEFINE_integer('batch_size', 128, 'Images per step.', lower_bound=1)
-  flags.DEFINE_enum('dtype', 'float32', list(train.DTYPES), 'Backbone computation dtype.')
+  flags.DEFINE_enum('dtype', 'float32', list(experiment.DTYPES), 'Backbone computation dtype.')
   flags.DEFINE_integer('num_classes', 10, 'K (10: CIFAR-10, 100: CIFAR-100).', lower_bound=1)
   flags.DEFINE_integer('steps', 5, 'Timed steps per head per round.', lower_bound=1)
   flags.DEFINE_integer('warmup', 2, 'Untimed steps per head after compilation.', lower_bound=1)

@@ -420,7 +420,7 @@ def main(argv):
   device = jax.devices()[0]
   print(f'Batch {len(images)} × 32×32×3, severity {flags.FLAGS.severity}, JAX on {device.platform} '
         f'({device.device_kind}).')
-  print(f'| corruption | JAX images/s | NumPy/SciPy per image, images/s | ratio |')
+  print('| corruption | JAX images/s | NumPy/SciPy per image, images/s | ratio |')
   print('|---|---:|---:|---:|')
   for name in flags.FLAGS.names:
     corruptions.check_corruption(name, flags.FLAGS.severity)

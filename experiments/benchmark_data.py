@@ -31,6 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ood_jax.data import augment
+from ood_jax import sharding
 from ood_jax.data import pipeline
 
 
@@ -88,14 +89,14 @@ def _baseline(images, labels, augment_name, batch_size, mesh):
   if augment_name == 'two_views':
     dataset = dataset.map(lambda x, y: (tf.stack([_tf_view(x), _tf_view(x)]), y), num_parallel_calls=tf.data.AUTOTUNE)
   batches = iter(tfds.as_numpy(dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)))
-  normalize = jax.jit(lambda x: augment.normalize(x, MEAN, STD), out_shardings=pipeline.batch_sharding(mesh))
+  normalize = jax.jit(lambda x: augment.normalize(x, MEAN, STD), out_shardings=sharding.batch_sharding(mesh))
   rng = np.random.default_rng(0)
 
   def next_batch():
     image, label = next(batches)
     if augment_name == 'crop_flip':
       image = _numpy_crop_flip(rng, image)
-    return {'image': normalize(pipeline.to_global(image, mesh)), 'label': pipeline.to_global(label, mesh)}
+    return {'image': normalize(sharding.to_global(image, mesh)), 'label': sharding.to_global(label, mesh)}
 
   return next_batch
 
@@ -113,7 +114,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (flags.FLAGS.num_examples, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, flags.FLAGS.num_examples).astype(np.int32)
-  mesh = pipeline.make_mesh()
+  mesh = sharding.make_mesh()
   print(f'{jax.device_count()} × {jax.devices()[0].device_kind}; N = {len(images)} synthetic uint8 32×32×3 images '
         f'(random pixels, not CIFAR); {flags.FLAGS.seconds:g} s per row after {flags.FLAGS.warmup} warm-up batches.')
   print(f'{"augment":<10} {"batch":>6} {"pipeline":<22} {"images/s":>10} {"ms/batch":>9} {"device/baseline":>16}')

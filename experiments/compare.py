@@ -5,19 +5,19 @@ r"""One table comparing finished runs: python -m experiments.compare <workdir> [
 
 Reads each run's results.json (written by experiments.train / experiments.evaluate) and prints, per
 run, accuracy, ECE and AUROC / FPR@95 of its default score on every OOD set, as
-`ood_jax.evaluate.comparison_markdown`; --output also writes the table to a file.
+`ood_jax.report.comparison_markdown`; --output also writes the table to a file.
 """
 
 from absl import app
 from absl import flags
 
-from ood_jax import evaluate
+from ood_jax import report
 
 
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError('Usage: python -m experiments.compare <workdir> [<workdir> ...] [--output=FILE]')
-  table = evaluate.comparison_markdown(evaluate.load_results(argv[1:]))
+  table = report.comparison_markdown(report.load_results(argv[1:]))
   if flags.FLAGS.output:
     with open(flags.FLAGS.output, 'w', encoding='utf-8') as f:
       f.write(table)

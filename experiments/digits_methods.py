@@ -5,7 +5,7 @@ r"""Every outlier-exposure, contrastive and smooth-training method side by side 
 Trains, on the digits benchmark (`configs/digits.py`, real data, about 8 minutes on 2 CPU cores), the
 softmax baseline, OE, Energy, ICE from scratch and ICE fine-tuned from the softmax run (paper 001),
 SMOT with the softmax run as its base model (paper 004), SupCon and ReweightOOD (paper 003), and
-writes one table (`ood_jax.evaluate.comparison_markdown`): accuracy, ECE and AUROC / FPR@95 of each
+writes one table (`ood_jax.report.comparison_markdown`): accuracy, ECE and AUROC / FPR@95 of each
 method's default score on the near (digits 6–9) and far (photos, noise) OOD sets. OE, Energy and ICE
 see the train digits 6–9 as outliers, so their near-OOD numbers measure seen classes; the far sets
 are unseen by every method. Runs already in <workdir>/<name> are reused.
@@ -20,7 +20,7 @@ from absl import flags
 from absl import logging
 
 from configs import digits as digits_config
-from ood_jax import evaluate
+from ood_jax import report
 from ood_jax import train
 
 
@@ -57,8 +57,8 @@ def run(workdir: str, output: str | None, *, smoke: bool = False) -> str:
     run_dir = os.path.join(workdir, name)
     if not os.path.exists(os.path.join(run_dir, 'results.json')):
       train.train_and_evaluate(_config(method, overrides, workdir, smoke), run_dir)
-  runs = evaluate.load_results([os.path.join(workdir, name) for name in RUNS])
-  table = evaluate.comparison_markdown({os.path.basename(path): r for path, r in runs.items()})
+  runs = report.load_results([os.path.join(workdir, name) for name in RUNS])
+  table = report.comparison_markdown({os.path.basename(path): r for path, r in runs.items()})
   if output:
     os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
     with open(output, 'w', encoding='utf-8') as f:

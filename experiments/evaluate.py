@@ -14,6 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ood_jax import evaluate
+from ood_jax import report
 
 
 def main(argv):
@@ -22,7 +23,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax narrates every save at INFO; keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
-  print(evaluate.markdown(evaluate.evaluate(flags.FLAGS.workdir, flags.FLAGS.config)))
+  print(report.markdown(evaluate.evaluate(flags.FLAGS.workdir, flags.FLAGS.config)))
 
 
 if __name__ == '__main__':

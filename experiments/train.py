@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ood_jax import evaluate
+from ood_jax import report
 from ood_jax import train
 
 
@@ -25,7 +25,7 @@ def main(argv):
   # Orbax narrates every save at INFO; keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  print(evaluate.markdown(results))
+  print(report.markdown(results))
 
 
 if __name__ == '__main__':

@@ -8,7 +8,8 @@ Import the pieces into your own Flax project:
 `losses` per-example losses of every method, `scores` post-hoc OOD scores (higher = more
 in-distribution), `metrics` detection and calibration metrics, `models` backbones and the
 `Classifier`, `methods` the training methods. The data layer (`ood_jax.data`) and the trainer
-(`ood_jax.train`, `ood_jax.evaluate`) are imported on demand.
+(`ood_jax.train`, `ood_jax.evaluate` and the modules beside them, mapped in docs/architecture.md) are
+imported on demand.
 """
 
 from ood_jax import layers

@@ -15,7 +15,7 @@ deterministic and does not depend on the batch size, and one key gives every sev
 underlying draws (common random numbers across severities).
 
 The formulas and the severity parameters are those of the CIFAR-10-C generation script
-(`make_cifar_c.py` of hendrycks/robustness; REFERENCE.md lists them), which needs ImageMagick,
+(`make_cifar_c.py` of hendrycks/robustness, Hendrycks & Dietterich 2019), which needs ImageMagick,
 OpenCV and scikit-image and runs one image at a time. The parameters are defined at 32×32 and are
 used unchanged at every other size (as ×32 pixel amounts for `elastic`). Conventions:
 

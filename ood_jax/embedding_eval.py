@@ -10,8 +10,8 @@ so it is evaluated the way paper 003 does:
 * embedding quality with the MES radius (eq. 4) and the centroid dispersion (eq. 5) of the unit
   embeddings (`embedding_statistics`).
 
-`extract` runs the model over a data set; `evaluate_embeddings` turns extracted training, test and
-OOD sets into a results block shaped like `ood_jax.evaluate.evaluate_model`'s.
+`evaluate_embeddings` turns the training, test and OOD sets' outputs of `ood_jax.inference.run`
+(names 'embeddings', 'features') into a results block shaped like the evaluator's.
 
 Feature space. Every feature-based step works on L2-normalised backbone features, u = f / ‖f‖:
 KNN normalises inside `scores.knn` anyway; the probe and the Mahalanobis fit normalise here, for
@@ -26,7 +26,7 @@ the raw features instead, so its Mahalanobis numbers are not directly comparable
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from absl import logging
@@ -37,16 +37,13 @@ import optax
 import optax.tree_utils as otu
 
 from ood_jax import _checks
-from ood_jax import evaluate
 from ood_jax import layers
 from ood_jax import metrics
 from ood_jax import scores
-from ood_jax.data import pipeline
 
 __all__ = [
     'embedding_statistics',
     'evaluate_embeddings',
-    'extract',
     'feature_scores',
     'linear_probe',
     'probe_probabilities',
@@ -60,57 +57,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # L-BFGS steps without a new best objective value after which the probe counts as converged.
 _PATIENCE = 10
-
-
-# ------------------------------------------------------------------------------------------------
-# Extraction.
-# ------------------------------------------------------------------------------------------------
-
-
-def extract(apply_fn: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]], variables, images,
-            labels=None, *, mesh, batch_size: int, mean, std) -> dict[str, np.ndarray]:
-  """Embeddings and backbone features of every image, in order, in inference mode.
-
-  Batches come from `pipeline.eval_batches` (sharded over the mesh axis 'data', the last one padded),
-  `apply_fn` is jitted with replicated variables and batch-sharded images as in
-  `ood_jax.evaluate.predict`, and the padded rows are dropped with the batch mask.
-
-  Args:
-    apply_fn: `(variables, images [B, H, W, C]) -> (embeddings [B, E], features [B, D])` in
-      inference mode, e.g. `lambda v, x: model.apply(v, x, train=False)` for a `Classifier` with a
-      projection head (its "logits" are the embeddings). Called under `jax.jit`.
-    variables: the model variables, placed on (or placeable on) every device of `mesh`.
-    images: `[N, H, W, C]` uint8 images.
-    labels: `[N]` integer labels, or None for an OOD set.
-    mesh: a mesh with axis 'data' (`pipeline.make_mesh`).
-    batch_size: global batch size, divisible by the number of devices in `mesh`.
-    mean: per-channel normalisation means on [0, 1].
-    std: per-channel normalisation standard deviations on [0, 1].
-
-  Returns:
-    Dict with 'features' `[N, D]` and 'embeddings' `[N, E]` float32 NumPy arrays and, when labels
-    are given, 'labels' `[N]` int32 (the labels as they came through the batches, so that the rows
-    provably line up with the features).
-
-  Raises:
-    TypeError: if `apply_fn` does not return a pair of `[B, ·]` arrays.
-  """
-  apply = jax.jit(apply_fn, in_shardings=(pipeline.replicated(mesh), pipeline.batch_sharding(mesh)),
-                  out_shardings=pipeline.replicated(mesh))
-  chunks = {'embeddings': [], 'features': [], 'labels': []}
-  for batch in pipeline.eval_batches(images, labels, global_batch_size=batch_size, mesh=mesh, mean=mean, std=std):
-    outputs = apply(variables, batch['image'])
-    if not (isinstance(outputs, (tuple, list)) and len(outputs) == 2
-            and all(np.ndim(o) == 2 and np.shape(o)[0] == batch_size for o in outputs)):
-      shapes = jax.tree.map(np.shape, outputs)
-      raise TypeError(f'apply_fn must return (embeddings [B, E], features [B, D]) for a batch of '
-                      f'B = {batch_size} images, got shapes {shapes}.')
-    mask = np.asarray(batch['mask'])
-    chunks['embeddings'].append(np.asarray(outputs[0], np.float32)[mask])
-    chunks['features'].append(np.asarray(outputs[1], np.float32)[mask])
-    if labels is not None:
-      chunks['labels'].append(np.asarray(batch['label'])[mask])
-  return {name: np.concatenate(parts) for name, parts in chunks.items() if parts}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,7 +318,7 @@ def embedding_statistics(embeddings, labels, *, num_classes: int) -> dict[str, A
 def _extracted(name: str, data: Mapping[str, np.ndarray], keys: tuple[str, ...]) -> None:
   missing = [key for key in keys if key not in data]
   if missing:
-    raise ValueError(f'{name} lacks {missing}; pass the dict returned by extract() (with labels for '
+    raise ValueError(f'{name} lacks {missing}; pass the dict returned by inference.run() (with labels for '
                      f'the training and test sets).')
 
 
@@ -383,14 +329,14 @@ def evaluate_embeddings(train: Mapping[str, np.ndarray], test: Mapping[str, np.n
   """Results of a contrastive model from extracted features, shaped like the evaluator's.
 
   The linear probe and both scores are fitted on `train`. In-distribution metrics come from the
-  probe's probabilities on `test` (`evaluate.classification_metrics`), the embedding statistics from
-  the test embeddings, and each OOD set is compared with `test` by `evaluate.ood_metrics`. The test
+  probe's probabilities on `test` (`metrics.classification_metrics`), the embedding statistics from
+  the test embeddings, and each OOD set is compared with `test` by `metrics.ood_metrics`. The test
   and OOD features are scored in one call, so the Gaussian is fitted once.
 
   Args:
-    train: `extract` output of the training set (unaugmented): 'features', 'labels'.
-    test: `extract` output of the in-distribution test set: 'features', 'embeddings', 'labels'.
-    ood: OOD set name → `extract` output with 'features'.
+    train: `inference.run` output of the training set (unaugmented): 'features', 'labels'.
+    test: `inference.run` output of the in-distribution test set: 'features', 'embeddings', 'labels'.
+    ood: OOD set name → `inference.run` output with 'features'.
     num_classes: K >= 2.
     k: the KNN neighbour (config `eval.knn_k`).
     ridge: covariance shrinkage of the Mahalanobis score (`feature_scores`).
@@ -400,7 +346,7 @@ def evaluate_embeddings(train: Mapping[str, np.ndarray], test: Mapping[str, np.n
   Returns:
     `{'in_distribution': {'num_examples', 'accuracy', 'nll', 'ece', 'reliability', 'mes_radius_mean',
     'mes_radius', 'dispersion_mean'}, 'ood': {name: {'knn': {metric: value}, 'mahalanobis': {...}}}}`
-    with the metrics of `evaluate.OOD_METRICS`; JSON-serialisable.
+    with the metrics of `metrics.OOD_METRICS`; JSON-serialisable.
   """
   _extracted('train', train, ('features', 'labels'))
   _extracted('test', test, ('features', 'embeddings', 'labels'))
@@ -419,7 +365,7 @@ def evaluate_embeddings(train: Mapping[str, np.ndarray], test: Mapping[str, np.n
   probs = probe_probabilities(test['features'], weights, bias)
   in_distribution = {
       'num_examples': int(len(test['labels'])),
-      **evaluate.classification_metrics(probs, np.asarray(test['labels'])),
+      **metrics.classification_metrics(probs, np.asarray(test['labels'])),
       **embedding_statistics(test['embeddings'], test['labels'], num_classes=num_classes),
   }
 
@@ -430,7 +376,7 @@ def evaluate_embeddings(train: Mapping[str, np.ndarray], test: Mapping[str, np.n
   bounds = np.cumsum([len(s) for s in sets])[:-1]
   per_set = {score: np.split(values, bounds) for score, values in all_scores.items()}
   results_ood = {
-      name: {score: evaluate.ood_metrics(per_set[score][0], per_set[score][i + 1]) for score in per_set}
+      name: {score: metrics.ood_metrics(per_set[score][0], per_set[score][i + 1]) for score in per_set}
       for i, name in enumerate(names)
   }
   return {'in_distribution': in_distribution, 'ood': results_ood}

@@ -6,8 +6,8 @@ are keyword-only. Arithmetic runs in at least float32 whatever the input dtype (
 give float32 losses), and in log space, so valid inputs never give NaN or inf: logits of ±1e4,
 distances of 0 and 1e4 and ICE logits → 0⁻ included.
 
-Papers (in ../shared/papers): 000 IsoMax, 001 ICE (with OE and Energy), 002 one-vs-all,
-003 ReweightOOD (with SupCon), 004 SMOT.
+Papers: 000 IsoMax (Macêdo et al., "Entropic Out-of-Distribution Detection", 2021), 001 ICE (with OE and
+Energy), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD (Regmi et al. 2024, with SupCon), 004 SMOT.
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ def _contrastive_inputs(embeddings, labels):
     raise ValueError(f'embeddings must hold at least two views in all (N·V ≥ 2), got shape {tuple(embeddings.shape)}.')
   labels = _checks.integer('labels', labels, ndim=1)
   if labels.shape[0] != n:
-    raise ValueError(f'labels must have shape ({n},) to match embeddings {tuple(embeddings.shape)}, got {tuple(labels.shape)}.')
+    raise ValueError(f'labels must have shape ({n},) to match embeddings {tuple(embeddings.shape)}, '
+                     f'got {tuple(labels.shape)}.')
   flat = embeddings.reshape(n * v, -1).astype(_checks.compute_dtype(embeddings))
   flat_labels = jnp.repeat(labels, v)  # anchor a = n·V + view, matching the reshape above
   same = flat_labels[:, None] == flat_labels[None, :]
@@ -389,7 +390,8 @@ def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
   logits, labels = _logits_and_labels(logits, labels)
   masked_logits = _checks.floating('masked_logits', masked_logits)
   if masked_logits.shape != logits.shape:
-    raise ValueError(f'masked_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(masked_logits.shape)}.')
+    raise ValueError(f'masked_logits must have the shape of logits {tuple(logits.shape)}, '
+                     f'got {tuple(masked_logits.shape)}.')
   smoothing = _checks.floating('smoothing', smoothing)
   if smoothing.ndim and smoothing.shape != labels.shape:
     raise ValueError(f'smoothing must be a scalar or have shape {tuple(labels.shape)}, got {tuple(smoothing.shape)}.')

@@ -5,7 +5,7 @@ NumPy (float64 internally) rather than in traced JAX code: exact tie handling ne
 data-dependent shapes, which are natural on the host and awkward under `jax.jit`. Every detection
 metric is an O(n log n) sweep over the distinct score values, fast enough for millions of scores.
 
-Conventions (see also the project's REFERENCE.md):
+Conventions:
 
 * Scores are "higher = more in-distribution". Detection metrics take `(in_scores, out_scores)` and
   treat in-distribution (ID) as the POSITIVE class, as the IsoMax, ODIN, Mahalanobis and Energy
@@ -31,6 +31,8 @@ raise `ValueError` / `TypeError` naming the offending argument. They cannot be c
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,6 +49,11 @@ __all__ = [
     'reliability_diagram',
     'mes_radius',
     'centroid_dispersion',
+    'OOD_METRICS',
+    'classification_metrics',
+    'ood_metrics',
+    'mean_over_sets',
+    'summary',
 ]
 
 
@@ -465,3 +472,66 @@ def centroid_dispersion(embeddings, labels, *, num_classes: int | None = None) -
   np.fill_diagonal(matrix, 1.0)  # cos(μ, μ) = 1 exactly; avoids 1 ± ulp on the diagonal.
   off_diagonal = (matrix.sum() - num_classes) / (num_classes * (num_classes - 1))
   return {'matrix': matrix, 'mean': float(off_diagonal)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The blocks of a results file: the metrics the evaluator reports, grouped.
+
+
+def classification_metrics(probs, labels, *, num_bins: int = 15) -> dict[str, Any]:
+  """Accuracy, NLL, ECE and reliability-diagram data of predictive probabilities.
+
+  NLL is −log of the true class's probability after normalising the row to sum to one (one-vs-all
+  rows need not sum to one); probabilities are floored at 1e-300 so a confident mistake costs ~690,
+  not inf.
+
+  Args:
+    probs: `[N, K]` predictive probabilities.
+    labels: `[N]` integer labels in [0, K).
+    num_bins: equal-width confidence bins of the ECE and the diagram.
+
+  Returns:
+    {'accuracy', 'nll', 'ece'} floats and 'reliability': the `reliability_diagram` arrays as lists.
+  """
+  diagram = reliability_diagram(probs, labels, num_bins=num_bins)
+  probs64 = np.asarray(probs, np.float64)
+  labels = np.asarray(labels)
+  true = probs64[np.arange(len(labels)), labels] / np.maximum(probs64.sum(axis=-1), 1e-300)
+  return {
+      'accuracy': float(np.mean(np.argmax(probs64, axis=-1) == labels)),
+      'nll': float(-np.mean(np.log(np.maximum(true, 1e-300)))),
+      'ece': float(diagram['ece']),
+      'reliability': {k: np.asarray(v).tolist() for k, v in diagram.items() if k != 'ece'},
+  }
+
+
+OOD_METRICS = {
+    'auroc': auroc,
+    'aupr_in': aupr_in,
+    'aupr_out': aupr_out,
+    'fpr95': fpr_at_tpr,
+    'tnr95': tnr_at_tpr,
+    'dtacc': detection_accuracy,
+}
+
+
+def ood_metrics(in_scores, out_scores) -> dict[str, float]:
+  """Every metric of `OOD_METRICS` (ID positive, TPR 95 %) of one score on one OOD set."""
+  return {name: fn(in_scores, out_scores) for name, fn in OOD_METRICS.items()}
+
+
+def mean_over_sets(per_set: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+  """{score: {metric: mean over sets}} of {set: {score: {metric: value}}} (the results' 'ood_mean')."""
+  sets = list(per_set.values())
+  if not sets:
+    raise ValueError('mean_over_sets needs at least one OOD set.')
+  return {score: {metric: float(np.mean([s[score][metric] for s in sets])) for metric in sets[0][score]}
+          for score in sets[0]}
+
+
+def summary(values) -> dict[str, float]:
+  """Mean, median, quartiles and range of `values` (the spread of a metric over corruptions)."""
+  values = np.asarray(values, np.float64)
+  q1, median, q3 = np.percentile(values, [25, 50, 75])
+  return {'mean': float(values.mean()), 'median': float(median), 'q1': float(q1), 'q3': float(q3),
+          'min': float(values.min()), 'max': float(values.max())}

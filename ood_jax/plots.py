@@ -17,7 +17,8 @@ exactly the numbers their figure draws, so tests and tables can use them without
 * `embedding_statistics`: mean MES radius and centroid dispersion per method (paper 003,
   Tables 1–2).
 
-Paper numbers refer to ../shared/papers: 000 IsoMax, 002 one-vs-all, 003 ReweightOOD.
+Paper numbers: 000 IsoMax (Macêdo et al. 2021), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD
+(Regmi et al. 2024).
 """
 
 from __future__ import annotations
@@ -253,18 +254,19 @@ def accuracy_vs_confidence_data(probs, labels, thresholds) -> dict[str, np.ndarr
 
 
 def accuracy_vs_confidence(probs_by_method: Mapping[str, tuple[Any, Any]], *,
-                           thresholds=np.linspace(0.0, 1.0, 41)) -> Figure:
+                           thresholds=None) -> Figure:
   """Accuracy (left) and fraction of examples kept (right) at confidence ≥ τ, against τ.
 
   Args:
     probs_by_method: `{method: (probs [N, K], labels [N])}`; see `accuracy_vs_confidence_data`
       (label −1 marks an OOD example).
-    thresholds: `[T]` confidence thresholds τ.
+    thresholds: `[T]` confidence thresholds τ; None means 41 evenly spaced in [0, 1].
 
   Returns:
     A Figure with two Axes, one line per method on each, in the mapping's order.
   """
   _nonempty_mapping('probs_by_method', probs_by_method)
+  thresholds = np.linspace(0.0, 1.0, 41) if thresholds is None else thresholds
   fig, (acc_ax, kept_ax) = _figure(2)
   for (method, (probs, labels)), color in zip(probs_by_method.items(), _colors(len(probs_by_method))):
     data = accuracy_vs_confidence_data(probs, labels, thresholds)

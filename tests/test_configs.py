@@ -13,11 +13,15 @@ import shlex
 from absl import flags
 import jax
 from ml_collections import config_flags
+import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
+from ood_jax import checkpoint
 from ood_jax import corruptions
+from ood_jax import experiment
+from ood_jax import finetune
 from ood_jax import methods
 from ood_jax import train
 from ood_jax.data import digits
@@ -63,21 +67,25 @@ def _check_eval_names(config):
   assert config.normalization in ('dataset', 'symmetric')
 
 
-def _fill_required_paths(config):
+def _fill_required_paths(config, tmp_path):
   """Sets the workdirs a config leaves to the command line, after checking that check_config asks for them.
 
-  Fine-tuning (`finetune`, then `init_from`) and SMOT's second stage (`base_model`) cannot
-  run without a pretrained run; the trainer must say so before any work.
+  Fine-tuning (`required_fields` names `init_from`) and SMOT's second stage (`base_model`) cannot
+  run without a pretrained run; the trainer must say so before any work. The base model's head is
+  checked from its saved config, so the stand-in base workdir holds the config of a softmax run.
   """
-  needs_init = config.finetune and not config.init_from
+  needs_init = 'init_from' in config.required_fields and not config.init_from
   needs_base = config.method == 'smot' and not config.base_model
   if needs_init or needs_base:
     with pytest.raises(ValueError, match='init_from' if needs_init else 'base_model'):
-      train.check_config(config)
+      experiment.check_config(config)
   if needs_init:
     config.init_from = '/runs/pretrained'
   if needs_base:
-    config.base_model = '/runs/base'
+    base = config.copy_and_resolve_references()
+    base.method = 'softmax'
+    checkpoint.save_config(base, str(tmp_path / 'base'))
+    config.base_model = str(tmp_path / 'base')
   return config
 
 
@@ -87,16 +95,16 @@ def test_config_files_are_found():
 
 
 @pytest.mark.parametrize('name,arg', CASES)
-def test_config_loads_and_passes_checks(name, arg):
+def test_config_loads_and_passes_checks(name, arg, tmp_path):
   module = _module(name)
-  config = _fill_required_paths(module.get_config(arg))
-  train.check_config(config)
+  config = _fill_required_paths(module.get_config(arg), tmp_path)
+  experiment.check_config(config)
   _check_eval_names(config)
   assert set(config) == set(common.base_config())  # no field the trainer would silently ignore
   if arg and 'smoke' in arg:
     # Smoke keeps the recipe's data, model and method and shrinks only the amount of work.
     full = module.get_config(arg.replace('smoke', '').strip(',') or None)
-    assert (config.dataset, config.model, config.method) == (full.dataset, full.model, full.method)
+    assert (config.dataset, config.backbone, config.method) == (full.dataset, full.backbone, full.method)
     assert (0 < config.num_steps <= 5) or config.num_epochs < full.num_epochs
     assert config.batch_size <= full.batch_size and config.eval.batch_size <= full.eval.batch_size
     assert len(config.eval.ood_sets) <= 4 and len(config.eval.corruptions) <= 2
@@ -128,9 +136,10 @@ def test_paper_recipes():
   assert c.eval.ood_sets[0] == 'cifar10'
   ova = _module('ova')
   c10, c100 = ova.get_config('cifar10'), ova.get_config('cifar100')
-  assert (c10.model, c10.optimizer.name, c10.batch_size, c10.normalization) == ('resnet20', 'adam', 512, 'symmetric')
+  assert (c10.backbone, c10.optimizer.name, c10.batch_size, c10.normalization) == ('resnet20', 'adam', 512, 'symmetric')
   assert tuple(c10.eval.corruptions) == corruptions.BENCHMARK_CORRUPTIONS
-  assert (c100.model, c100.optimizer.name, c100.num_epochs, c100.optimizer.nesterov) == ('wrn28_10', 'sgd', 200, True)
+  assert (c100.backbone, c100.optimizer.name, c100.num_epochs, c100.optimizer.nesterov) == (
+      'wrn28_10', 'sgd', 200, True)
   assert len(c100.eval.corruptions) == 17 and not {'motion_blur', 'snow'} & set(c100.eval.corruptions)
 
 
@@ -150,6 +159,12 @@ def _parse_as_the_cli(command):
   return argv[0], flag_values.config
 
 
+def _pretend_base_models_are_softmax_runs(monkeypatch):
+  # Documented SMOT commands name base-model workdirs that a reader trains first; check_config reads
+  # the base run's saved config (its head must be dense), so stand in a softmax run's.
+  monkeypatch.setattr(checkpoint, 'load_config', lambda workdir: ml_collections.ConfigDict({'method': 'softmax'}))
+
+
 # ml_collections loads config files through importlib's deprecated load_module().
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda path: path.stem)
@@ -157,10 +172,11 @@ def test_docstring_commands_parse_as_the_cli_parses_them(path, monkeypatch):
   commands = _train_commands(_module(path.stem).__doc__)
   assert commands, f'{path.name} documents no `python -m experiments.train` command'
   monkeypatch.chdir(REPO)
+  _pretend_base_models_are_softmax_runs(monkeypatch)
   for command in commands:
     config_arg, config = _parse_as_the_cli(command)
     assert config_arg.startswith(f'--config=configs/{path.name}'), command
-    train.check_config(config)
+    experiment.check_config(config)
     _check_eval_names(config)
 
 
@@ -169,9 +185,10 @@ def test_readme_train_commands_parse_as_the_cli_parses_them(monkeypatch):
   commands = _train_commands((REPO / 'README.md').read_text(encoding='utf-8'))
   assert len(commands) >= 10
   monkeypatch.chdir(REPO)
+  _pretend_base_models_are_softmax_runs(monkeypatch)
   for command in commands:
     _, config = _parse_as_the_cli(command)
-    train.check_config(config)
+    experiment.check_config(config)
     _check_eval_names(config)
 
 
@@ -203,7 +220,7 @@ def test_ova_smoke_trains_and_evaluates_on_mock_cifar(tmp_path):
 
   results = json.loads((tmp_path / 'results.json').read_text(encoding='utf-8'))
   in_dist = results['in_distribution']
-  assert (results['dataset'], results['model'], results['method']) == ('cifar10', 'resnet20', 'distance_one_vs_all')
+  assert (results['dataset'], results['backbone'], results['method']) == ('cifar10', 'resnet20', 'distance_one_vs_all')
   assert in_dist['num_examples'] == num_examples
   assert 0.0 <= in_dist['accuracy'] <= 1.0 and 0.0 <= in_dist['ece'] <= 1.0 and in_dist['nll'] > 0.0
   assert list(results['ood']) == list(config.eval.ood_sets) == ['cifar100']
@@ -227,23 +244,25 @@ def test_ice_softmax_finetune_raises():
 def test_paper_001_003_004_recipes():
   ice = _module('ice')
   c = ice.get_config(None)
-  assert (c.dataset, c.model, c.method, c.num_epochs) == ('cifar10', 'wrn40_2', 'ice', 100)
+  assert (c.dataset, c.backbone, c.method, c.num_epochs) == ('cifar10', 'wrn40_2', 'ice', 100)
   assert (c.batch_size, c.outliers.batch_size, c.outliers.source) == (128, 256, 'imagenet_resized/32x32')
   assert (c.optimizer.learning_rate, c.optimizer.schedule, tuple(c.optimizer.decay_epochs)) == (0.1, 'step', (50, 75))
-  assert (c.optimizer.weight_decay, c.model_kwargs.dropout_rate, c.optimizer.grad_clip_norm) == (5e-4, 0.3, 1.0)
+  assert (c.optimizer.weight_decay, c.backbone_kwargs.dropout_rate, c.optimizer.grad_clip_norm) == (5e-4, 0.3, 1.0)
   ft = ice.get_config('finetune')
-  assert (ft.num_epochs, ft.optimizer.schedule, ft.optimizer.learning_rate, ft.init_head) == (10, 'cosine', 0.01, 'class_stats')
+  assert (ft.num_epochs, ft.optimizer.schedule, ft.optimizer.learning_rate, ft.init_head) == (
+      10, 'cosine', 0.01, 'class_stats')
   oe = ice.get_config('cifar100,oe,finetune')
   assert (oe.optimizer.learning_rate, oe.init_head, oe.optimizer.grad_clip_norm) == (0.001, 'auto', 0.0)
   assert 'cifar10' in oe.eval.ood_sets
   for dataset, margins in (('cifar10', (-23.0, -5.0)), ('cifar100', (-27.0, -5.0))):
     e = ice.get_config(f'{dataset},energy')
     assert (e.method_kwargs.margin_in, e.method_kwargs.margin_out) == margins
-  assert 'dropout_rate' not in ice.get_config('densenet40_12').model_kwargs
+  assert 'dropout_rate' not in ice.get_config('densenet40_12').backbone_kwargs
 
   rw = _module('reweightood')
   c10, c100, supcon = rw.get_config(None), rw.get_config('cifar100'), rw.get_config('supcon')
-  assert (c10.model, c10.method, c10.batch_size, c10.num_epochs, c10.augment) == ('resnet18', 'reweightood', 512, 500, 'two_views')
+  assert (c10.backbone, c10.method, c10.batch_size, c10.num_epochs, c10.augment) == (
+      'resnet18', 'reweightood', 512, 500, 'two_views')
   assert (c10.optimizer.learning_rate, c10.optimizer.schedule, c10.optimizer.warmup_epochs) == (0.5, 'cosine', 10.0)
   assert c10.optimizer.weight_decay == 1e-4 and c10.method_kwargs.temperature == 0.1
   assert (tuple(c10.method_kwargs.between), tuple(c100.method_kwargs.between)) == ((5.0, -4.0), (5.0, -2.0))
@@ -252,11 +271,12 @@ def test_paper_001_003_004_recipes():
 
   smot = _module('smot')
   base, s10, s100 = smot.get_config('base'), smot.get_config(None), smot.get_config('cifar100')
-  assert (base.method, base.num_epochs, tuple(base.optimizer.decay_epochs), base.optimizer.schedule) == ('softmax', 200, (80, 140), 'step')
+  assert (base.method, base.num_epochs, tuple(base.optimizer.decay_epochs), base.optimizer.schedule) == (
+      'softmax', 200, (80, 140), 'step')
   assert (s10.method, s10.num_epochs, s10.optimizer.schedule, s10.batch_size) == ('smot', 300, 'cosine', 128)
   assert (s10.method_kwargs.temperature, s100.method_kwargs.temperature) == (10.0, 150.0)
   assert (s10.method_kwargs.alpha, s10.method_kwargs.beta, s10.method_kwargs.weight) == (50.0, 20.0, 0.1)
-  assert base.model == s10.model == 'resnet18' and base.optimizer.weight_decay == 5e-4
+  assert base.backbone == s10.backbone == 'resnet18' and base.optimizer.weight_decay == 5e-4
 
 
 def test_ice_config_fine_tunes_from_a_softmax_run_made_in_the_test(tmp_path):
@@ -269,10 +289,10 @@ def test_ice_config_fine_tunes_from_a_softmax_run_made_in_the_test(tmp_path):
   config = ice.get_config('finetune,smoke')
   config.init_from = str(tmp_path / 'softmax')
   results = _train_on_mock_data(config, tmp_path / 'ice', num_examples=100)
-  assert (results['method'], results['model']) == ('ice', 'wrn40_2')
+  assert (results['method'], results['backbone']) == ('ice', 'wrn40_2')
   _check_ood_block(results, config, 'max_logit', ('max_logit', 'max_likelihood', 'max_softmax'))
-  source = train.load_pretrained(str(tmp_path / 'softmax'))['params']
-  tuned = train.load_pretrained(str(tmp_path / 'ice'))['params']
+  source = finetune.load_pretrained(str(tmp_path / 'softmax'))['params']
+  tuned = finetune.load_pretrained(str(tmp_path / 'ice'))['params']
   assert set(tuned['head']) == {'means', 'cholesky_raw'} and tuned['head']['means'].shape == (10, 128)
   assert jax.tree.structure(tuned['backbone']) == jax.tree.structure(source['backbone'])
 
@@ -291,7 +311,7 @@ def test_outlier_exposure_configs_train_from_scratch_on_mock_cifar(tmp_path, met
 def test_contrastive_configs_train_and_evaluate_by_features_on_mock_cifar(tmp_path, method):
   config = _module('reweightood').get_config(f'{method},smoke')
   results = _train_on_mock_data(config, tmp_path, num_examples=100)  # 100: every class has embeddings
-  assert (results['method'], results['model']) == (method, 'resnet18')
+  assert (results['method'], results['backbone']) == (method, 'resnet18')
   _check_ood_block(results, config, 'knn', ('knn', 'mahalanobis'))
   ind = results['in_distribution']
   assert ind['num_examples'] == 100 and len(ind['mes_radius']) == 10 and 0.0 <= ind['accuracy'] <= 1.0

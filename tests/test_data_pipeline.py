@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from ood_jax.data import augment
+from ood_jax import sharding
 from ood_jax.data import pipeline
 
 MEAN = (0.25, 0.5, 0.75)
@@ -43,7 +44,7 @@ def _random_images(num, size=32, channels=3, seed=0, low=0):
 
 def _stream(images, labels=None, *, batch=8, seed=0, augment_name='none', mesh=None, stats=IDENTITY):
   return pipeline.TrainStream(images, labels, global_batch_size=batch, seed=seed,
-                              mesh=mesh or pipeline.make_mesh(), augment=augment_name, mean=stats[0], std=stats[1])
+                              mesh=mesh or sharding.make_mesh(), augment=augment_name, mean=stats[0], std=stats[1])
 
 
 def _host(batch):
@@ -229,9 +230,10 @@ def test_batch_is_identical_in_another_process(tmp_path):
       import os
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
       import numpy as np
+      from ood_jax import sharding
       from ood_jax.data import pipeline
       images = np.random.default_rng(0).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
-      stream = pipeline.TrainStream(images, np.arange(50), global_batch_size=8, seed=0, mesh=pipeline.make_mesh(),
+      stream = pipeline.TrainStream(images, np.arange(50), global_batch_size=8, seed=0, mesh=sharding.make_mesh(),
                                     augment='crop_flip', mean={MEAN}, std={STD})
       batch = stream.batch(5)
       np.savez({str(tmp_path / 'batch.npz')!r}, image=np.asarray(batch['image']), label=np.asarray(batch['label']))
@@ -261,7 +263,7 @@ def test_every_epoch_covers_every_example_once(num, batch):
 
 def test_outlier_stream_is_unlabelled_independent_and_deterministic():
   images = _indexed_images(50)
-  kwargs = dict(global_batch_size=16, seed=0, mesh=pipeline.make_mesh(), augment='none', mean=IDENTITY[0],
+  kwargs = dict(global_batch_size=16, seed=0, mesh=sharding.make_mesh(), augment='none', mean=IDENTITY[0],
                 std=IDENTITY[1])
   outliers = pipeline.outlier_stream(images, **kwargs)
   batch = _host(outliers.batch(3))
@@ -292,9 +294,9 @@ def test_sharded_batch_equals_single_device_batch(augment_name):
   images, labels = _random_images(50, seed=4), np.arange(50)
   sharded = _stream(images, labels, batch=16, augment_name=augment_name, stats=(MEAN, STD))
   single = _stream(images, labels, batch=16, augment_name=augment_name, stats=(MEAN, STD),
-                   mesh=pipeline.make_mesh(jax.devices()[:1]))
+                   mesh=sharding.make_mesh(jax.devices()[:1]))
   batch = sharded.batch(9)
-  for name, value in batch.items():
+  for value in batch.values():
     assert value.sharding.spec == jax.sharding.PartitionSpec('data')
     assert len(value.sharding.device_set) == 8
     assert {shard.data.shape[0] for shard in value.addressable_shards} == {2}
@@ -314,30 +316,20 @@ def test_eval_batches_see_every_example_once_in_order():
   num = 50
   images = _indexed_images(num)
   batches = [_host(b) for b in pipeline.eval_batches(images, np.arange(num) + 100, global_batch_size=16,
-                                                     mesh=pipeline.make_mesh(), mean=IDENTITY[0], std=IDENTITY[1])]
+                                                     mesh=sharding.make_mesh(), mean=IDENTITY[0], std=IDENTITY[1])]
   assert [b['mask'].sum() for b in batches] == [16, 16, 16, 2]
   index = np.concatenate([_source_index(b['image'])[b['mask']] for b in batches])
   np.testing.assert_array_equal(index, np.arange(num))
   np.testing.assert_array_equal(np.concatenate([b['label'][b['mask']] for b in batches]), np.arange(num) + 100)
   np.testing.assert_array_equal(batches[-1]['image'][2:], 0.0)  # padding rows are zero images
 
-  normalized = list(pipeline.eval_batches(images, None, global_batch_size=16, mesh=pipeline.make_mesh(),
+  normalized = list(pipeline.eval_batches(images, None, global_batch_size=16, mesh=sharding.make_mesh(),
                                           mean=MEAN, std=STD))
   last = normalized[-1]
   assert set(last) == {'image', 'mask'}
   for value in last.values():
     assert value.sharding.spec == jax.sharding.PartitionSpec('data') and len(value.sharding.device_set) == 8
   np.testing.assert_allclose(last['image'][:2], (images[48:] / 255.0 - np.asarray(MEAN)) / np.asarray(STD), atol=1e-5)
-
-
-def test_to_global_shards_the_batch_axis():
-  array = np.arange(32).reshape(16, 2)
-  out = pipeline.to_global(array, pipeline.make_mesh())
-  np.testing.assert_array_equal(out, array)
-  assert [shard.data.shape for shard in out.addressable_shards] == [(2, 2)] * 8
-  np.testing.assert_array_equal(out.addressable_shards[3].data, array[6:8])
-  with pytest.raises(ValueError, match='divisible by the 8 devices'):
-    pipeline.to_global(np.zeros((12, 2)), pipeline.make_mesh())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +350,7 @@ def test_to_global_shards_the_batch_axis():
 ])
 def test_train_stream_rejects_bad_arguments(kwargs, error, message):
   arguments = dict(images=np.zeros((50, 8, 8, 3), np.uint8), labels=np.zeros(50, np.int32), global_batch_size=8,
-                   seed=0, mesh=pipeline.make_mesh(), augment='none', mean=MEAN, std=STD)
+                   seed=0, mesh=sharding.make_mesh(), augment='none', mean=MEAN, std=STD)
   arguments.update(kwargs)
   images, labels = arguments.pop('images'), arguments.pop('labels')
   with pytest.raises(error, match=message):
@@ -372,5 +364,5 @@ def test_bad_steps_and_eval_batch_sizes_are_rejected():
   with pytest.raises(TypeError, match='step must be an integer'):
     stream.batch(1.5)
   with pytest.raises(ValueError, match='divisible by the number of devices'):
-    pipeline.eval_batches(_indexed_images(50), None, global_batch_size=20, mesh=pipeline.make_mesh(),
+    pipeline.eval_batches(_indexed_images(50), None, global_batch_size=20, mesh=sharding.make_mesh(),
                           mean=MEAN, std=STD)

@@ -6,17 +6,12 @@ import json
 import logging
 import re
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
 from ood_jax import embedding_eval
-from ood_jax import evaluate
-from ood_jax import layers
-from ood_jax.data import pipeline
+from ood_jax import metrics
 
 
 def _unit(x):
@@ -47,48 +42,6 @@ def _id_and_ood(seed=0, num_classes=4, dim=16, num_train=100, num_test=40):
 # ------------------------------------------------------------------------------------------------
 # extract
 # ------------------------------------------------------------------------------------------------
-
-
-class _TinyModel(nn.Module):
-  """Stands in for a Classifier with a projection head: (unit embeddings, features)."""
-
-  @nn.compact
-  def __call__(self, x):
-    features = nn.relu(nn.Dense(6)(x.reshape(x.shape[0], -1)))
-    return layers.l2_normalize(nn.Dense(3)(features)), features
-
-
-@pytest.mark.parametrize('with_labels', [True, False])
-def test_extract_returns_every_row_once_in_order(with_labels):
-  mesh = pipeline.make_mesh()
-  assert mesh.size == 8
-  num = 21  # Not divisible by the batch size: the last batch carries 3 padded rows.
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, size=(num, 4, 4, 3), dtype=np.uint8)
-  labels = rng.integers(0, 5, size=num) if with_labels else None
-  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-  model = _TinyModel()
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
-
-  out = embedding_eval.extract(model.apply, variables, images, labels, mesh=mesh, batch_size=8, mean=mean,
-                               std=std)
-
-  inputs = (images.astype(np.float32) / 255 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-  want_embeddings, want_features = model.apply(variables, inputs)
-  assert set(out) == ({'embeddings', 'features', 'labels'} if with_labels else {'embeddings', 'features'})
-  assert out['features'].shape == (num, 6) and out['features'].dtype == np.float32
-  assert out['embeddings'].shape == (num, 3) and out['embeddings'].dtype == np.float32
-  np.testing.assert_allclose(out['features'], want_features, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out['embeddings'], want_embeddings, rtol=1e-5, atol=1e-5)
-  if with_labels:
-    np.testing.assert_array_equal(out['labels'], labels)
-
-
-def test_extract_rejects_an_apply_fn_without_two_outputs():
-  images = np.zeros((8, 2, 2, 1), np.uint8)
-  with pytest.raises(TypeError, match=r'\(embeddings \[B, E\], features \[B, D\]\)'):
-    embedding_eval.extract(lambda v, x: x.reshape(x.shape[0], -1), {}, images, mesh=pipeline.make_mesh(),
-                           batch_size=8, mean=(0.0,), std=(1.0,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +190,7 @@ def test_feature_scores_separate_far_away_points():
   got_in = embedding_eval.feature_scores(train, labels, test, num_classes=4, k=10)
   got_out = embedding_eval.feature_scores(train, labels, ood, num_classes=4, k=10)
   for score in ('knn', 'mahalanobis'):
-    assert evaluate.OOD_METRICS['auroc'](got_in[score], got_out[score]) > 0.999, score
+    assert metrics.OOD_METRICS['auroc'](got_in[score], got_out[score]) > 0.999, score
 
 
 def test_feature_scores_reject_k_above_the_training_set_size():
@@ -314,7 +267,7 @@ def test_evaluate_embeddings_builds_the_results_block():
   assert idm == {**idm, **embedding_eval.embedding_statistics(test[:, :8], test_labels, num_classes=4)}
   assert set(results['ood']) == {'far', 'same'}
   for score in ('knn', 'mahalanobis'):
-    assert set(results['ood']['far'][score]) == set(evaluate.OOD_METRICS)
+    assert set(results['ood']['far'][score]) == set(metrics.OOD_METRICS)
     assert results['ood']['far'][score]['auroc'] > 0.999
     assert results['ood']['same'][score]['auroc'] == 0.5  # Identical sets: every score ties.
 

@@ -198,7 +198,8 @@ def test_supervised_contrastive_anchor_without_positive_is_zero():
   np.testing.assert_allclose(got, _np_supcon(e, y, 0.1), rtol=1e-5)
 
 
-@pytest.mark.parametrize('between,within', [((5.0, -4.0), (2.0, 1.0)), ((5.0, -2.0), (2.0, 1.0)), ((1.0, 0.5), (-1.0, 0.0))])
+@pytest.mark.parametrize('between,within', [((5.0, -4.0), (2.0, 1.0)), ((5.0, -2.0), (2.0, 1.0)),
+                                            ((1.0, 0.5), (-1.0, 0.0))])
 def test_reweighted_contrastive_paper_matches_eq3(between, within):
   e, y = _embeddings(n=5, v=2, labels=(0, 1, 0, 2, 1), seed=1)
   fn = functools.partial(losses.reweighted_contrastive, between=between, within=within)
@@ -249,7 +250,8 @@ def test_reweighted_contrastive_stop_gradient_weights():
     np.testing.assert_allclose(np.ravel(grad), numeric, rtol=1e-5, atol=1e-7)
     grad_through = jax.grad(lambda x: losses.reweighted_contrastive(x, y, stop_gradient_weights=False).sum())(e)
     assert np.max(np.abs(grad_through - grad)) > 1e-3
-    check_grads(lambda x: losses.reweighted_contrastive(x, y, stop_gradient_weights=False), (e,), order=1, modes=['rev'])
+    check_grads(lambda x: losses.reweighted_contrastive(x, y, stop_gradient_weights=False), (e,), order=1,
+                modes=['rev'])
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,7 +353,8 @@ def test_bfloat16_contrastive_and_unlabelled():
   np.testing.assert_allclose(got, _np_supcon(np.asarray(eb, np.float64), y, 0.1), rtol=1e-4, atol=1e-4)
   z, _ = _data((5, 4), seed=11)
   zb = jnp.asarray(z, jnp.bfloat16)
-  np.testing.assert_allclose(losses.outlier_exposure(zb), -np.mean(_np_log_softmax(np.asarray(zb, np.float64)), -1), rtol=1e-5)
+  np.testing.assert_allclose(losses.outlier_exposure(zb), -np.mean(_np_log_softmax(np.asarray(zb, np.float64)), -1),
+                             rtol=1e-5)
 
 
 def test_losses_vmap():

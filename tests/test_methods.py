@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
+from ood_jax import finetune
 from ood_jax import methods
 from ood_jax import train
 
@@ -43,7 +44,7 @@ def test_registry_lists_names():
 def test_oe_objective():
   logits, batch, z_in, z_out, y = _batch()
   method = methods.get_method('oe')
-  loss, aux = jax.jit(lambda l, b: method.loss(l, None, b, **method.hparams))(logits, batch)
+  loss, aux = jax.jit(lambda z, b: method.loss(z, None, b, **method.hparams))(logits, batch)
   ce = -np.mean(_np_log_softmax(z_in)[np.arange(len(y)), y])
   uniform = np.mean(-np.mean(_np_log_softmax(z_out), axis=-1))  # paper 001 eq. 0.16
   np.testing.assert_allclose(float(loss), ce + 0.5 * uniform, rtol=1e-5)
@@ -55,7 +56,7 @@ def test_energy_objective(m_in, m_out):
   logits, batch, z_in, z_out, y = _batch(seed=1)
   method = methods.get_method('energy')
   hp = {**method.hparams, 'margin_in': m_in, 'margin_out': m_out}
-  loss, _ = jax.jit(lambda l, b: method.loss(l, None, b, **hp))(logits, batch)
+  loss, _ = jax.jit(lambda z, b: method.loss(z, None, b, **hp))(logits, batch)
   ce = -np.mean(_np_log_softmax(z_in)[np.arange(len(y)), y])
   e_in, e_out = -_np_lse(z_in), -_np_lse(z_out)
   reg = np.mean(np.maximum(e_in - m_in, 0) ** 2) + np.mean(np.maximum(m_out - e_out, 0) ** 2)
@@ -66,7 +67,7 @@ def test_ice_objective():
   logits, batch, h_in, h_out, y = _batch(seed=2, negative=True)
   method = methods.get_method('ice')
   assert method.head == 'mahalanobis' and method.scores[:2] == ('max_logit', 'max_likelihood')
-  loss, _ = jax.jit(lambda l, b: method.loss(l, None, b, **method.hparams))(logits, batch)
+  loss, _ = jax.jit(lambda z, b: method.loss(z, None, b, **method.hparams))(logits, batch)
   ce = -np.mean(_np_log_softmax(h_in)[np.arange(len(y)), y])
   ice_in = np.mean(-h_in.astype(np.float64)[np.arange(len(y)), y])  # eq. 0.14
   ice_out = np.mean(-np.log(1 - np.exp(h_out.astype(np.float64).max(-1))))  # eq. 0.13
@@ -89,42 +90,6 @@ def test_outlier_method_without_source_fails_early(tmp_path):
   with pytest.raises(ValueError, match='outliers.source'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
-
-
-def _tree(*shapes_by_name):
-  return {name: np.full(shape, value, np.float32) for name, shape, value in shapes_by_name}
-
-
-def test_merge_pretrained_restores_exactly_the_backbone_and_fitting_head():
-  fresh = {'params': {'backbone': {'conv': _tree(('kernel', (3, 3), 0.0))}, 'head': _tree(('kernel', (3, 2), 0.0))},
-           'batch_stats': {'backbone': {'bn': _tree(('mean', (3,), 0.0))}}}
-  pretrained = {'params': {'backbone': {'conv': _tree(('kernel', (3, 3), 1.0))}, 'head': _tree(('kernel', (3, 2), 2.0))},
-                'batch_stats': {'backbone': {'bn': _tree(('mean', (3,), 3.0))}}}
-  params, stats = train.merge_pretrained(fresh, pretrained, head='auto')
-  np.testing.assert_array_equal(params['backbone']['conv']['kernel'], 1.0)
-  np.testing.assert_array_equal(params['head']['kernel'], 2.0)  # same head shape: kept (fine-tune)
-  np.testing.assert_array_equal(stats['backbone']['bn']['mean'], 3.0)
-  params, _ = train.merge_pretrained(fresh, pretrained, head='reinit')
-  np.testing.assert_array_equal(params['head']['kernel'], 0.0)
-  np.testing.assert_array_equal(params['backbone']['conv']['kernel'], 1.0)
-
-  # A different head (e.g. Mahalanobis on a softmax backbone) is re-initialised under 'auto' ...
-  other_head = {**pretrained, 'params': {**pretrained['params'], 'head': _tree(('means', (2, 3), 5.0))}}
-  params, _ = train.merge_pretrained(fresh, other_head, head='auto')
-  np.testing.assert_array_equal(params['head']['kernel'], 0.0)
-  # ... and refused under 'keep'.
-  with pytest.raises(ValueError, match='init_head=keep'):
-    train.merge_pretrained(fresh, other_head, head='keep')
-
-
-def test_merge_pretrained_shape_mismatch_names_the_parameter():
-  fresh = {'params': {'backbone': {'conv': _tree(('kernel', (3, 3), 0.0))}}, 'batch_stats': {}}
-  wrong = {'params': {'backbone': {'conv': _tree(('kernel', (3, 4), 1.0))}}, 'batch_stats': {}}
-  with pytest.raises(ValueError, match=r"shape mismatch at params/backbone\['conv'\]\['kernel'\].*\(3, 4\).*\(3, 3\)"):
-    train.merge_pretrained(fresh, wrong)
-  missing = {'params': {'other': {}}, 'batch_stats': {}}
-  with pytest.raises(ValueError, match='has no params/backbone'):
-    train.merge_pretrained(fresh, missing)
 
 
 def _smoke(method, **overrides):
@@ -162,8 +127,8 @@ def test_outlier_exposure_trains_end_to_end_and_ice_fine_tunes_from_its_checkpoi
   frozen.optimizer.schedule = 'constant'
   frozen.eval.ood_sets = ()
   train.train_and_evaluate(frozen, str(tmp_path / 'frozen'))
-  source = train.load_pretrained(base)['params']
-  tuned = train.load_pretrained(str(tmp_path / 'frozen'))['params']
+  source = finetune.load_pretrained(base)['params']
+  tuned = finetune.load_pretrained(str(tmp_path / 'frozen'))['params']
   for a, b in zip(jax.tree.leaves(source['backbone']), jax.tree.leaves(tuned['backbone'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert set(tuned['head']) == {'means', 'cholesky_raw'} and set(source['head']) == {'kernel', 'bias'}
@@ -202,7 +167,7 @@ def test_smot_mask_and_soft_labels_follow_the_paper():
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
   batch = {'label': jnp.array([0, 1, 2, 0]), 'threshold': jnp.array([255.0, 245.0, 180.0, 0.0])}
-  loss, aux = jax.jit(lambda l, b: method.loss(l, None, b, **method.hparams))(logits, batch)
+  loss, aux = jax.jit(lambda z, b: method.loss(z, None, b, **method.hparams))(logits, batch)
   eps = 1 - np.exp((np.array([255.0, 245.0, 180.0, 0.0]) - 255) / 10)  # eq. 9, T = 10
   y = np.eye(3)[[0, 1, 2, 0]]
   soft = (1 - eps[:, None]) * y + eps[:, None] / 3
@@ -247,39 +212,3 @@ def test_contrastive_method_needs_two_views(tmp_path):
     train.train_and_evaluate(_smoke('supcon'), str(tmp_path / 'run'))
 
 
-def test_class_statistics_head_is_the_gaussian_of_the_pretrained_features():
-  """init_head='class_stats': means and covariance equal a float64 NumPy fit of the same features."""
-  from ood_jax import layers, models  # pylint: disable=g-import-not-at-top
-  from ood_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(5)
-  images = rng.integers(0, 256, size=(70, 4, 4, 1), dtype=np.uint8)
-  labels = np.arange(70, dtype=np.int32) % 3
-  model = models.make_classifier('mlp', 'mahalanobis', 3, hidden=(6,))
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
-  mean, std = (0.5,), (0.25,)
-  head = train.class_statistics_head(model, variables, sources.ArrayData(images, labels, 'toy'), mesh=pipeline.make_mesh(),
-                                     batch_size=16, mean=mean, std=std, num_classes=3, ridge=1e-2)
-  _, features = model.apply(variables, (images / 255.0 - 0.5) / 0.25)
-  f = np.asarray(features, np.float64)
-  means = np.stack([f[labels == k].mean(0) for k in range(3)])
-  centred = f - means[labels]
-  cov = centred.T @ centred / len(f)
-  cov += 1e-2 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
-  np.testing.assert_allclose(head['means'], means, rtol=1e-4, atol=1e-5)
-  chol = np.asarray(layers.cholesky_from_raw(head['cholesky_raw']), np.float64)
-  np.testing.assert_allclose(chol @ chol.T, cov, rtol=1e-3, atol=1e-5)
-  # The head then scores each feature by its Gaussian log-density up to constants: −(f − μ_k)ᵀΣ⁻¹(f − μ_k).
-  logits = model.apply({'params': {**variables['params'], 'head': head}}, (images / 255.0 - 0.5) / 0.25)[0]
-  diff = f[:, None, :] - means[None]
-  expected = -np.einsum('nkd,de,nke->nk', diff, np.linalg.inv(cov), diff)
-  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-3, atol=1e-3)
-
-
-def test_class_stats_policy_needs_a_mahalanobis_head_and_init_from(tmp_path):
-  config = _smoke('oe', init_from=str(tmp_path), init_head='class_stats')
-  with pytest.raises(ValueError, match="class_stats.*'oe'"):
-    train.check_config(config)
-  with pytest.raises(ValueError, match='init_from=None'):
-    train.check_config(_smoke('ice', init_head='class_stats'))
-  with pytest.raises(ValueError, match='fine-tunes a pretrained model'):
-    train.check_config(_smoke('ice', finetune=True))

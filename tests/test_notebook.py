@@ -23,5 +23,6 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     assert (tmp_path / 'runs' / method / 'results.json').exists()
   images = [o for out in outputs.values() for o in out if 'image/png' in o.get('data', {})]
   assert len(images) >= 3
-  summary = [o['data']['text/markdown'] for out in outputs.values() for o in out if 'text/markdown' in o.get('data', {})]
+  summary = [output['data']['text/markdown'] for cell in outputs.values() for output in cell
+             if 'text/markdown' in output.get('data', {})]
   assert summary and 'Mock data' in summary[-1] and '| OvA DM |' in summary[-1]

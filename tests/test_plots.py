@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from sklearn import decomposition
 
-from ood_jax import evaluate
 from ood_jax import metrics
 from ood_jax import plots
 
@@ -27,11 +26,11 @@ def _probs(rng, n=400, k=5, sharpness=3.0):
 def _results(seed):
   """Evaluator-layout results: clean test metrics plus every corruption × severity pair."""
   rng = np.random.default_rng(seed)
-  results = {'in_distribution': evaluate.classification_metrics(*_probs(rng))}
+  results = {'in_distribution': metrics.classification_metrics(*_probs(rng))}
   per_pair = {}
   for corruption in CORRUPTIONS:
     for severity in SEVERITIES:
-      cm = evaluate.classification_metrics(*_probs(rng, sharpness=3.0 / severity))
+      cm = metrics.classification_metrics(*_probs(rng, sharpness=3.0 / severity))
       per_pair[f'{corruption}_{severity}'] = {m: cm[m] for m in ('accuracy', 'ece', 'nll')}
   results['corrupted'] = {'per_pair': per_pair}
   return results
@@ -50,7 +49,7 @@ def test_reliability_diagram_draws_the_bins(source):
   rng = np.random.default_rng(0)
   probs, labels = _probs(rng)
   diagram = metrics.reliability_diagram(probs, labels, num_bins=15)
-  given = diagram if source == 'diagram' else {'in_distribution': evaluate.classification_metrics(probs, labels)}
+  given = diagram if source == 'diagram' else {'in_distribution': metrics.classification_metrics(probs, labels)}
   fig = plots.reliability_diagram(given, title='CE')
   (ax,) = fig.axes
   accuracy_bars, gap_bars = ax.containers
@@ -219,7 +218,8 @@ def test_embedding_statistics_bars_are_the_means():
   stats = {m: {'mes_radius': radii[m], 'dispersion': d} for m, d in (('SupCon', 0.42), ('ReweightOOD', 0.63))}
   fig = plots.embedding_statistics(stats)
   radius_ax, dispersion_ax = fig.axes
-  np.testing.assert_allclose([b.get_height() for b in radius_ax.containers[0]], [radii['SupCon'].mean(), radii['ReweightOOD'].mean()])
+  np.testing.assert_allclose([bar.get_height() for bar in radius_ax.containers[0]],
+                             [radii['SupCon'].mean(), radii['ReweightOOD'].mean()])
   np.testing.assert_allclose([b.get_height() for b in dispersion_ax.containers[0]], [0.42, 0.63])
   assert [t.get_text() for t in dispersion_ax.get_xticklabels()] == ['SupCon', 'ReweightOOD']
   assert [t.get_text() for t in dispersion_ax.texts] == ['0.420', '0.630']

@@ -4,6 +4,7 @@
   `ArrayData` container (uint8 images `[N, H, W, C]`, int32 labels `[N]`) and resizing helpers.
 * `ood_sets`: OOD test sets (`load_ood`) and covariate-shifted sets (`load_corrupted`).
 * `digits`: the offline benchmark built from scikit-learn's bundled digits and photos.
+* `catalog`: every named OOD, corrupted and outlier set a config can ask for, by name.
 * `registry`: class counts, image shapes and normalisation statistics (`get_info`).
 * `pipeline` / `augment`: the in-memory device pipeline (batch = pure function of (seed, step),
   sharded over the mesh axis 'data') and on-device augmentation.
@@ -30,8 +31,8 @@ from ood_jax.data.sources import load_split
 from ood_jax.data.sources import read_tfds
 from ood_jax.data.sources import resize_images
 from ood_jax.data import augment
+from ood_jax.data import catalog
 from ood_jax.data import pipeline
 from ood_jax.data.pipeline import TrainStream
 from ood_jax.data.pipeline import eval_batches
-from ood_jax.data.pipeline import make_mesh
 from ood_jax.data.pipeline import outlier_stream

@@ -29,24 +29,18 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import numpy as np
 
 from ood_jax import _checks
+from ood_jax import sharding
 from ood_jax.data import augment as augment_lib
 
 __all__ = [
-    'DATA_AXIS',
     'TrainStream',
-    'batch_sharding',
     'eval_batches',
-    'make_mesh',
     'outlier_stream',
-    'replicated',
-    'to_global',
 ]
-
-DATA_AXIS = 'data'
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -62,53 +56,6 @@ _AUGMENTATIONS: dict[str, Augment] = {
     'crop': functools.partial(augment_lib.crop_and_flip, flip=False),
     'two_views': augment_lib.contrastive_views,
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Mesh and global arrays.
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A one-axis mesh named 'data' over `devices` (default: every device of every host)."""
-  devices = jax.devices() if devices is None else list(devices)
-  if not devices:
-    raise ValueError('devices is empty.')
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the mesh axis 'data', other axes whole."""
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  """A full copy on every device of the mesh."""
-  return NamedSharding(mesh, P())
-
-
-def to_global(array, mesh: Mesh) -> jax.Array:
-  """A global array sharded over the batch axis, from a NumPy array that every host holds in full.
-
-  On one host this is `jax.device_put(array, batch_sharding(mesh))`. On several hosts each must pass
-  the same array; each copies only the rows of its own devices. (Hosts that hold only their own rows
-  should call `jax.make_array_from_process_local_data(batch_sharding(mesh), rows)` instead.)
-
-  Args:
-    array: `[B, ...]` array with B divisible by the number of devices in `mesh`.
-    mesh: the mesh from `make_mesh`.
-
-  Returns:
-    `[B, ...]` jax.Array with sharding `batch_sharding(mesh)`.
-  """
-  array = np.asarray(array)
-  if array.ndim == 0 or array.shape[0] % mesh.size:
-    raise ValueError(f'array must have a leading axis divisible by the {mesh.size} devices of the mesh, '
-                     f'got shape {array.shape}.')
-  return jax.make_array_from_process_local_data(batch_sharding(mesh), array, array.shape)
-
-
-def _replicate(array: np.ndarray, mesh: Mesh) -> jax.Array:
-  return jax.make_array_from_process_local_data(replicated(mesh), array, array.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +135,8 @@ def _epoch_permutations(epoch, *, key_data, num_epochs: int, num_examples: int):
   return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(data_key, e), num_examples))(epochs)
 
 
-def _global_batch(images, labels, permutations, offset, step, *, key_data, batch_size, augment, mean, std, sharding):
+def _global_batch(images, labels, permutations, offset, step, *, key_data, batch_size, augment, mean, std,
+                  index_sharding):
   """The global batch whose first row is position `offset` of the first epoch in `permutations`."""
   aug_key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 1)
   num_examples = permutations.shape[1]
@@ -196,7 +144,7 @@ def _global_batch(images, labels, permutations, offset, step, *, key_data, batch
   index = permutations[position // num_examples, position % num_examples]
   # Splitting the indices over the devices here makes the gather and every per-example augmentation
   # run on the device that owns the row, instead of computing the whole batch everywhere.
-  index = jax.lax.with_sharding_constraint(index, sharding)
+  index = jax.lax.with_sharding_constraint(index, index_sharding)
   batch = {'image': augment_lib.normalize(augment(jax.random.fold_in(aug_key, step), images[index]), mean, std)}
   if labels is not None:
     batch['label'] = labels[index]
@@ -226,7 +174,7 @@ class TrainStream:
       labels: `[N]` integer labels, or None for an unlabelled stream.
       global_batch_size: B >= 1, divisible by the number of devices in `mesh`.
       seed: integer in [0, 2**32).
-      mesh: a mesh with axis 'data' (`make_mesh`).
+      mesh: a mesh with axis 'data' (`ood_jax.sharding.make_mesh`).
       augment: 'crop_flip' (pad 4, crop, flip), 'crop' (no flip), 'none', 'two_views' (`augment.contrastive_views`,
         images `[B, 2, H, W, C]`) or a jit-able callable (key, uint8 [B, H, W, C]) → images on the
         0–255 scale with the batch axis first.
@@ -241,18 +189,18 @@ class TrainStream:
     self.mesh = mesh
     key_data = _stream_key_data(_check_uint32('seed', seed), domain)
     augment = _augmentation(augment)
-    self._images = _replicate(images, mesh)
-    self._labels = None if labels is None else _replicate(labels, mesh)
+    self._images = sharding.replicate(images, mesh)
+    self._labels = None if labels is None else sharding.replicate(labels, mesh)
     # A batch reads positions offset, …, offset + B − 1 with offset < N: at most this many epochs.
     num_epochs = (self.num_examples + self.global_batch_size - 2) // self.num_examples + 1
     self._permutations_fn = jax.jit(
         functools.partial(_epoch_permutations, key_data=key_data, num_epochs=num_epochs,
                           num_examples=self.num_examples),
-        out_shardings=replicated(mesh))
+        out_shardings=sharding.replicated(mesh))
     self._batch_fn = jax.jit(
         functools.partial(_global_batch, key_data=key_data, batch_size=self.global_batch_size, augment=augment,
-                          mean=mean, std=std, sharding=batch_sharding(mesh)),
-        out_shardings=batch_sharding(mesh))
+                          mean=mean, std=std, index_sharding=sharding.batch_sharding(mesh)),
+        out_shardings=sharding.batch_sharding(mesh))
     self._cached_permutations = (None, None)
     # Tracing once here (no compilation) makes a bad mean/std or augment callable fail at
     # construction rather than at the first step of a run.
@@ -327,7 +275,8 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _sharded_normalize(mesh: Mesh, mean: tuple[float, ...], std: tuple[float, ...]):
   # One compilation per (mesh, statistics, shape): evaluating many sets (CIFAR-10-C has 95) reuses it.
-  return jax.jit(functools.partial(augment_lib.normalize, mean=mean, std=std), out_shardings=batch_sharding(mesh))
+  return jax.jit(functools.partial(augment_lib.normalize, mean=mean, std=std),
+                 out_shardings=sharding.batch_sharding(mesh))
 
 
 def eval_batches(images, labels=None, *, global_batch_size: int, mesh: Mesh, mean, std
@@ -364,9 +313,9 @@ def _eval_iterator(images, labels, batch_size, mesh, normalize):
     rows = slice(start, start + batch_size)
     valid = len(images[rows])
     batch = {
-        'image': normalize(to_global(_pad_rows(images[rows], batch_size), mesh)),
-        'mask': to_global(np.arange(batch_size) < valid, mesh),
+        'image': normalize(sharding.to_global(_pad_rows(images[rows], batch_size), mesh)),
+        'mask': sharding.to_global(np.arange(batch_size) < valid, mesh),
     }
     if labels is not None:
-      batch['label'] = to_global(_pad_rows(labels[rows], batch_size), mesh)
+      batch['label'] = sharding.to_global(_pad_rows(labels[rows], batch_size), mesh)
     yield batch

@@ -10,13 +10,15 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from ood_jax.layers import cholesky_from_raw
-from ood_jax.layers import l2_normalize
-from ood_jax.layers import mahalanobis_logits
-from ood_jax.layers import negative_distances
-from ood_jax.layers import raw_from_cholesky
+from ood_jax.layers.functional import cholesky_from_raw
+from ood_jax.layers.functional import l2_normalize
+from ood_jax.layers.functional import mahalanobis_logits
+from ood_jax.layers.functional import negative_distances
+from ood_jax.layers.functional import raw_from_cholesky
 
 __all__ = ['DistanceLogits', 'MahalanobisLogits', 'ProjectionHead']
+
+_NORMAL_INIT = nnx.initializers.normal(stddev=1.0)  # the Linen twin's default for the means
 
 
 class DistanceLogits(nnx.Module):
@@ -34,7 +36,7 @@ class MahalanobisLogits(nnx.Module):
   """ICE head; params `means` `[K, D]` ~ N(0, 1) and `cholesky_raw` `[D, D]` (identity factor)."""
 
   def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs,
-               means_init=nnx.initializers.normal(stddev=1.0), param_dtype=jnp.float32):
+               means_init=_NORMAL_INIT, param_dtype=jnp.float32):
     self.means = nnx.Param(means_init(rngs.params(), (num_classes, in_features), param_dtype))
     self.cholesky_raw = nnx.Param(raw_from_cholesky(jnp.eye(in_features, dtype=param_dtype)))
 

@@ -3,7 +3,8 @@
 The head decides the method family: 'dense' (affine logits: softmax, OvA, outlier exposure,
 energy), 'distance' (IsoMax / distance-OvA, `ood_jax.layers.DistanceLogits`) or 'mahalanobis'
 (ICE, `ood_jax.layers.MahalanobisLogits`) or 'projection' (SupCon / ReweightOOD: the
-`ood_jax.layers.ProjectionHead` MLP to 128-d unit embeddings, returned in place of logits). Any other Linen module mapping `[B, D]` features to
+`ood_jax.layers.ProjectionHead` MLP to 128-d unit embeddings, returned in place of logits). Any
+other Linen module mapping `[B, D]` features to
 `[B, K]` logits can be passed instead of a name. The head's parameters live under 'head', so the
 class activation map of SMOT for a dense head is
 `feature_map @ params['params']['head']['kernel'][:, y]`.

@@ -1,0 +1,122 @@
+"""The arithmetic of the logit layers, as pure functions; Linen modules and NNX twins call these.
+
+Exported as `ood_jax.layers.<name>`: see that package's docstring.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ood_jax import _checks
+
+
+def _safe_sqrt(x):
+  # sqrt'(0) is infinite, and at initialisation every feature sits exactly on the zero prototype.
+  # The double `where` keeps both the value and the gradient finite: d‖v‖ at v = 0 is taken as 0,
+  # a valid subgradient of the norm.
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def _check_features_and_centres(features, centres, centres_name):
+  features = _checks.floating('features', features, min_ndim=1)
+  centres = _checks.floating(centres_name, centres, ndim=2)
+  if features.shape[-1] != centres.shape[-1]:
+    raise ValueError(
+        f'features have dimension {features.shape[-1]} but {centres_name} have dimension '
+        f'{centres.shape[-1]} (shape {tuple(centres.shape)}).')
+  return features, centres
+
+
+def negative_distances(features, prototypes):
+  """Negative Euclidean (non-squared) distances to prototypes, the IsoMax logits.
+
+  logits_k = −‖f − p_k‖₂ (paper 000, eq. 5). The gradient is finite where f = p_k, which is the
+  state of every example at initialisation (zero prototypes, and zero features after a ReLU).
+
+  The difference f − p_k is formed explicitly rather than through ‖f‖² − 2f·p + ‖p‖², which
+  cancels catastrophically exactly in the small-distance regime IsoMax starts in.
+
+  Args:
+    features: `[..., D]` floating features.
+    prototypes: `[K, D]` floating prototypes.
+
+  Returns:
+    `[..., K]` logits ≤ 0, in the promoted dtype of the inputs (at least float32).
+  """
+  features, prototypes = _check_features_and_centres(features, prototypes, 'prototypes')
+  return _negative_distances(features, prototypes)
+
+
+# The [..., K, D] differences below are fused into the reduction by XLA and never materialised,
+# but only under jit: the cores are jitted so eager calls (e.g. scoring 10⁴ × 100 × 512) stay
+# within memory too.
+@jax.jit
+def _negative_distances(features, prototypes):
+  dtype = _checks.compute_dtype(features, prototypes)
+  diff = features.astype(dtype)[..., None, :] - prototypes.astype(dtype)
+  return -_safe_sqrt(jnp.sum(jnp.square(diff), axis=-1))
+
+
+def mahalanobis_logits(features, means, cholesky):
+  """ICE Mahalanobis logits, h_k = −(f − m_k)ᵀ (LLᵀ)⁻¹ (f − m_k) (paper 001, eq. 0.11).
+
+  With Σ = LLᵀ, (f − m)ᵀΣ⁻¹(f − m) = ‖L⁻¹f − L⁻¹m‖², so features and means are whitened by one
+  triangular solve each (N + K solves, never an inverse) and compared by squared distance.
+
+  Args:
+    features: `[..., D]` floating features.
+    means: `[K, D]` class means.
+    cholesky: `[D, D]` lower-triangular factor L with positive diagonal. Only the lower triangle
+      is read; a non-positive diagonal entry makes Σ singular (checked when concrete).
+
+  Returns:
+    `[..., K]` logits ≤ 0 in the promoted dtype of the inputs (at least float32).
+  """
+  features, means = _check_features_and_centres(features, means, 'means')
+  cholesky = _checks.floating('cholesky', cholesky, ndim=2)
+  d = features.shape[-1]
+  if cholesky.shape != (d, d):
+    raise ValueError(f'cholesky must have shape {(d, d)} to match the features, got {tuple(cholesky.shape)}.')
+  value = _checks.host_value(cholesky)
+  if value is not None and not np.all(np.diagonal(value) > 0):
+    raise ValueError('cholesky must have a strictly positive diagonal (a lower-triangular Cholesky factor).')
+  return _mahalanobis_logits(features, means, cholesky)
+
+
+@jax.jit
+def _mahalanobis_logits(features, means, cholesky):
+  d = features.shape[-1]
+  dtype = _checks.compute_dtype(features, means, cholesky)
+  lower = cholesky.astype(dtype)
+  batch_shape = features.shape[:-1]
+  flat = features.astype(dtype).reshape(-1, d)
+  white_f = jax.scipy.linalg.solve_triangular(lower, flat.T, lower=True).T  # [N, D]
+  white_m = jax.scipy.linalg.solve_triangular(lower, means.astype(dtype).T, lower=True).T  # [K, D]
+  sq = jnp.sum(jnp.square(white_f[:, None, :] - white_m[None, :, :]), axis=-1)
+  return -sq.reshape(*batch_shape, means.shape[0])
+
+
+def cholesky_from_raw(raw):
+  """Maps an unconstrained `[D, D]` matrix to a Cholesky factor: strict lower part + softplus diagonal.
+
+  The strict upper triangle of `raw` is ignored, so L is lower triangular with a positive diagonal
+  for any `raw`, and gradient steps can never leave the set of valid factors.
+  """
+  diag = jax.nn.softplus(jnp.diagonal(raw))
+  return jnp.tril(raw, k=-1) + jnp.diag(diag)
+
+
+def raw_from_cholesky(cholesky):
+  """Inverse of `cholesky_from_raw` on valid factors (positive diagonal)."""
+  diag = jnp.diagonal(cholesky)
+  inv_softplus = diag + jnp.log(-jnp.expm1(-diag))  # log(exp(d) − 1), stable for small and large d
+  return jnp.tril(cholesky, k=-1) + jnp.diag(inv_softplus)
+
+
+def l2_normalize(x, *, axis=-1, eps=1e-12):
+  """x / max(‖x‖, eps): unit vectors with a finite value and gradient at x = 0."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
