@@ -250,6 +250,7 @@ def ice_out(outlier_logits, *, eps=1e-6):
 
 
 def _contrastive_inputs(embeddings, labels):
+  """(similarities [N·V, N·V], positive mask, negative mask) of the flattened views."""
   embeddings = _checks.floating('embeddings', embeddings, ndim=3)
   n, v, _ = embeddings.shape
   if n * v < 2:
@@ -262,7 +263,7 @@ def _contrastive_inputs(embeddings, labels):
   flat_labels = jnp.repeat(labels, v)  # anchor a = n·V + view, matching the reshape above
   same = flat_labels[:, None] == flat_labels[None, :]
   not_self = ~jnp.eye(n * v, dtype=bool)
-  return flat, flat @ flat.T, same & not_self, ~same
+  return flat @ flat.T, same & not_self, ~same
 
 
 def supervised_contrastive(embeddings, labels, *, temperature=0.1):
@@ -282,7 +283,7 @@ def supervised_contrastive(embeddings, labels, *, temperature=0.1):
     `[N·V]` per-anchor losses, anchor index n·V + v (reshape to `[N, V]`).
   """
   _checks.positive('temperature', temperature)
-  _, sim, positive, _ = _contrastive_inputs(embeddings, labels)
+  sim, positive, _ = _contrastive_inputs(embeddings, labels)
   logits = sim / temperature
   others = ~jnp.eye(sim.shape[0], dtype=bool)
   log_denominator = _masked_logsumexp(logits, others)
@@ -336,7 +337,7 @@ def reweighted_contrastive(embeddings, labels, *, temperature=0.1, between=(5.0,
   for name, pair in (('between', between), ('within', within)):
     if len(pair) != 2:
       raise ValueError(f'{name} must be a pair (slope, offset), got {pair!r}.')
-  _, sim, positive, negative = _contrastive_inputs(embeddings, labels)
+  sim, positive, negative = _contrastive_inputs(embeddings, labels)
   weight_between, weight_within = _reweighting(sim, between, within, stop_gradient_weights)
   if variant == 'paper':
     log_between = _masked_logsumexp(weight_between * sim / temperature, negative)

@@ -162,7 +162,6 @@ class TrainStream:
   Attributes:
     num_examples: N, the number of training examples.
     global_batch_size: B, rows per step over all devices.
-    mesh: the mesh the batches are sharded over.
   """
 
   def __init__(self, images, labels=None, *, global_batch_size: int, seed: int, mesh: Mesh,
@@ -186,7 +185,6 @@ class TrainStream:
     self.num_examples = images.shape[0]
     labels = None if labels is None else _check_labels(labels, self.num_examples)
     self.global_batch_size = _check_batch_size(global_batch_size, mesh)
-    self.mesh = mesh
     key_data = _stream_key_data(_check_uint32('seed', seed), domain)
     augment = _augmentation(augment)
     self._images = sharding.replicate(images, mesh)

@@ -1,0 +1,180 @@
+"""Tests for ood_jax.detectors.shaping against float64 NumPy references written from the papers."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from scipy import special
+
+from ood_jax import detectors
+from ood_jax.detectors import shaping
+
+N, D, K = 120, 20, 5
+
+
+def _problem(seed=0):
+  rng = np.random.default_rng(seed)
+  h = np.maximum(rng.standard_normal((N, D)) + 0.3, 0.0).astype(np.float32)  # ReLU-like, with zeros.
+  w = rng.standard_normal((D, K)).astype(np.float32)
+  b = rng.standard_normal(K).astype(np.float32)
+  test = np.maximum(rng.standard_normal((15, D)) * 1.5 + 0.3, 0.0).astype(np.float32)
+  return h, w, b, test
+
+
+def _batches(h, size=32):
+  return [{'features': h[i:i + size]} for i in range(0, len(h), size)]
+
+
+def _energy(h, w, b):
+  return special.logsumexp(np.asarray(h, np.float64) @ w.astype(np.float64) + b, axis=-1)
+
+
+def _fit(name, h, w, b, **hp):
+  det = detectors.get(name)
+  return det, det.fit(_batches(h), head=(w, b), num_classes=K, **hp)
+
+
+def _jit_score(det, state, features, **hp):
+  return jax.jit(lambda s, f: det.score(s, features=f, **hp))(state, features)
+
+
+def test_react_matches_reference_and_clip_above_everything_is_energy():
+  h, w, b, test = _problem()
+  det, state = _fit('react', h, w, b)
+  c = np.percentile(h.astype(np.float64), 90)  # Exact: max_rows exceeds the 120 rows.
+  np.testing.assert_allclose(_jit_score(det, state, test), _energy(np.minimum(test, c), w, b), rtol=1e-5)
+  # p = 100 clips at the largest training activation; test activations below it are untouched.
+  below = np.minimum(test, h.max())
+  np.testing.assert_allclose(_jit_score(det, state, below, percentile=100.0), _energy(below, w, b), rtol=1e-5)
+  np.testing.assert_allclose(_jit_score(det, state, test, percentile=37.5),
+                             _energy(np.minimum(test, np.percentile(h, 37.5)), w, b), rtol=1e-5)
+
+
+def test_activation_subsample_is_bounded_and_uniform():
+  rng = np.random.default_rng(1)
+  h = rng.exponential(size=(5000, 4)).astype(np.float32)
+  w, b = np.ones((4, 2), np.float32), np.zeros(2, np.float32)
+  state = shaping.fit_activations(_batches(h, 512), head=(w, b), max_rows=800, seed=3)
+  assert int(state.num_rows) == 800
+  np.testing.assert_allclose(state.mean, h.astype(np.float64).mean(0), rtol=1e-6)  # The mean is exact.
+  # The 90th percentile of Exp(1) is log 10; an 800 × 4 uniform subsample gets within a few percent.
+  np.testing.assert_allclose(float(np.interp(90, np.linspace(0, 100, 1001), state.quantiles)), np.log(10),
+                             rtol=0.06)
+
+
+def _ref_ash(x, p, variant):
+  x = np.asarray(x, np.float64)
+  k = max(x.shape[1] - int(np.round(x.shape[1] * p / 100)), 1)
+  out = np.zeros_like(x)
+  for i, row in enumerate(x):
+    top = np.argsort(-row, kind='stable')[:k]
+    s1 = row.sum()
+    if variant == 'p':
+      out[i, top] = row[top]
+    elif variant == 'b':
+      out[i, top] = s1 / k
+    elif variant == 's':
+      out[i, top] = row[top] * np.exp(s1 / row[top].sum())
+    else:  # SCALE: keep everything, rescale by the same factor.
+      out[i] = row * np.exp(s1 / row[top].sum())
+  return out
+
+
+@pytest.mark.parametrize('variant', ['p', 'b', 's'])
+def test_ash_matches_reference(variant):
+  h, w, b, test = _problem(seed=2)
+  test = test + 0.01 * np.arange(D)  # Distinct values, so the kept set is unambiguous.
+  det, state = _fit(f'ash_{variant}', h, w, b)
+  for p in (90.0, 65.0):
+    np.testing.assert_allclose(_jit_score(det, state, test, percentile=p),
+                               _energy(_ref_ash(test, p, variant), w, b), rtol=2e-5)
+
+
+def test_ash_b_spreads_the_sum_over_exactly_k_positions_with_ties():
+  # Nine zeros tie below the single 4.0; with p = 80, k = 2: ASH-B must put s₁/k = 2 on the 4.0 and on
+  # exactly one zero. Units 1..9 share a weight row, so whichever zero is kept the logits are [2, 2];
+  # a threshold mask (h >= k-th value) would keep all nine zeros and give logit 18 for class 1.
+  h = np.zeros((1, 10), np.float32)
+  h[0, 0] = 4.0
+  w = np.zeros((10, 2), np.float32)
+  w[0, 0], w[1:, 1] = 1.0, 1.0
+  state = shaping.fit_head(head=(w, np.zeros(2, np.float32)))
+  out = shaping.ash(state, h, percentile=80.0, variant='b')
+  np.testing.assert_allclose(out, [2.0 + np.log(2.0)], rtol=1e-6)
+
+
+def test_scale_matches_reference():
+  h, w, b, test = _problem(seed=3)
+  test = test + 0.01 * np.arange(D)
+  det, state = _fit('scale', h, w, b)
+  np.testing.assert_allclose(_jit_score(det, state, test), _energy(_ref_ash(test, 85.0, 'scale'), w, b), rtol=2e-5)
+
+
+def _ref_dice(h, w, b, test, sparsity):
+  contrib = h.astype(np.float64).mean(0)[:, None] * w
+  k = int(np.ceil((1 - sparsity) * contrib.size))
+  threshold = np.sort(contrib.ravel())[::-1][k - 1]
+  masked = np.where(contrib >= threshold, w, 0.0)
+  return special.logsumexp(test.astype(np.float64) @ masked + b, axis=-1), masked
+
+
+def test_dice_matches_reference_and_zero_sparsity_is_energy():
+  h, w, b, test = _problem(seed=4)
+  det, state = _fit('dice', h, w, b)
+  for sparsity in (0.9, 0.5):
+    ref, masked = _ref_dice(h, w, b, test, sparsity)
+    assert np.count_nonzero(masked) == int(np.ceil((1 - sparsity) * D * K))
+    np.testing.assert_allclose(_jit_score(det, state, test, sparsity=sparsity), ref, rtol=1e-5)
+  np.testing.assert_allclose(det.score(state, features=test, sparsity=0.0), _energy(test, w, b), rtol=1e-5)
+
+
+def test_vra_matches_reference():
+  h, w, b, test = _problem(seed=5)
+  det, state = _fit('vra', h, w, b)
+  lo, hi = np.percentile(h.astype(np.float64), 60, axis=0), np.percentile(h.astype(np.float64), 90, axis=0)
+  t = test.astype(np.float64)
+  ref = np.where(t < lo, 0.0, np.where(t > hi, hi, t + 0.3))
+  np.testing.assert_allclose(_jit_score(det, state, test, gamma=0.3), _energy(ref, w, b), rtol=1e-5)
+  # OpenOOD's variant: pooled percentiles, clip at both ends.
+  lo, hi = np.percentile(h.astype(np.float64), 10), np.percentile(h.astype(np.float64), 90)
+  out = _jit_score(det, state, test, low=10.0, per_unit=False, below='clip')
+  np.testing.assert_allclose(out, _energy(np.clip(t, lo, hi), w, b), rtol=1e-5)
+
+
+def test_rankfeat_matches_reference():
+  rng = np.random.default_rng(6)
+  maps = rng.standard_normal((4, 3, 3, D)).astype(np.float32)
+  _, w, b, _ = _problem()
+  det = detectors.get('rankfeat')
+  state = det.fit(head=(w, b))
+  out = jax.jit(lambda s, m: det.score(s, feature_maps={'backbone': m}))(state, maps)
+  ref = []
+  for m in maps.astype(np.float64):
+    x = m.reshape(9, D)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    ref.append((x - s[0] * np.outer(u[:, 0], vt[0])).mean(0))
+  np.testing.assert_allclose(out, _energy(np.stack(ref), w, b), rtol=1e-4, atol=1e-5)
+
+
+def test_errors():
+  h, w, b, test = _problem()
+  det, state = _fit('react', h, w, b)
+  with pytest.raises(ValueError, match="'react' needs features"):
+    det.score(state, logits=test @ w)
+  with pytest.raises(ValueError, match='dimension'):
+    det.score(state, features=test[:, :5])
+  with pytest.raises(ValueError, match='ActivationState'):
+    shaping.react((), test)
+  with pytest.raises(ValueError, match='needs the final layer'):
+    det.fit(_batches(h), num_classes=K)
+  with pytest.raises(ValueError, match=r'\[0, 100\]'):
+    det.score(state, features=test, percentile=101.0)
+  with pytest.raises(ValueError, match='no hyperparameter'):
+    det.score(state, features=test, sparsity=0.5)
+  with pytest.raises(ValueError, match='sparsity'):
+    shaping.dice(state, test, sparsity=1.0)
+  with pytest.raises(ValueError, match='map_name'):
+    shaping.rankfeat(shaping.fit_head(head=(w, b)), {'a': np.ones((1, 2, 2, D)), 'b': np.ones((1, 2, 2, D))})
+  with pytest.raises(ValueError, match='channels'):
+    shaping.rankfeat(shaping.fit_head(head=(w, b)), np.ones((1, 2, 2, 3), np.float32))
