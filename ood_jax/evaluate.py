@@ -1,10 +1,18 @@
-"""The evaluator: in-distribution accuracy and calibration, OOD detection, accuracy under shift.
+"""The evaluator: accuracy and calibration (raw and post-hoc calibrated), OOD detection, shift.
 
-Each data set goes through the model once (`inference.run`); per-example logits come back to the
-host, where the method's probabilities and scores and `ood_jax.metrics` turn them into
-`results.json` (everything) and `results.md` (the tables people read; `ood_jax.report`).
-Contrastive models, which have no classifier, are evaluated from their features
-(`embedding_eval`).
+Each data set goes through the model once (`inference.run`); per-example logits and features come
+back to the host, where
+
+* the method's probabilities give accuracy, calibration and selective-prediction metrics
+  (`metrics.classification_metrics`) on the test set and on every (corruption, severity) set,
+  each also after the method's post-hoc calibrator (temperature scaling, or per-class Platt scaling
+  for one-vs-all models) fitted on the validation split of the training data;
+* the method's own scores and any requested post-hoc detectors (`config.eval.detectors`, fitted on
+  the training features) give OOD metrics (`metrics.ood_metrics`) against every OOD set;
+
+and the results go to `results.json` (everything) and `results.md` (`ood_jax.report`). Contrastive
+models, which have no classifier, are evaluated from their features (`embedding_eval`) and get the
+feature detectors.
 
 Conventions: scores are "higher = more in-distribution"; OOD metrics treat in-distribution as the
 positive class; FPR@95 / TNR@95 at TPR 95 %. Probabilities are the method's (softmax, σ, 2σ).
@@ -14,10 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from absl import logging
 import ml_collections
 import numpy as np
 
+from ood_jax import calibration
 from ood_jax import checkpoint
+from ood_jax import detectors
 from ood_jax import embedding_eval
 from ood_jax import experiment as experiment_lib
 from ood_jax import inference
@@ -28,6 +39,10 @@ from ood_jax import sharding
 from ood_jax import step
 from ood_jax.data import catalog
 from ood_jax.data import sources
+from ood_jax.detectors import adapter
+
+# Rows per training batch handed to a detector's streamed fit.
+_FIT_BATCH = 4096
 
 
 def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
@@ -35,11 +50,80 @@ def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
   return {name: np.asarray(getattr(scores_lib, name)(logits), np.float64) for name in names}
 
 
+def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], num_classes: int,
+                       head=None) -> dict[str, Any]:
+  """OOD metrics of post-hoc detectors fitted on training outputs, one entry per detector.
+
+  Args:
+    spec: 'all', or detector names (`ood_jax.detectors`); 'all' keeps those the inputs allow.
+    train: training-set outputs of `inference.run` ('features', 'labels', and 'logits' for a
+      classifier), in training order.
+    test: in-distribution test outputs ('features', and 'logits' for a classifier).
+    ood: OOD set name → its outputs.
+    num_classes: K.
+    head: the final dense layer's (kernel, bias), or None when the head is not affine.
+
+  Returns:
+    {'ood': {set: {detector: metrics}}, 'ood_mean': {detector: metrics}} and, for detectors that
+    failed on this model, 'errors': {detector: message} (logged too).
+  """
+  has_logits = 'logits' in train
+  available = {'features'} | ({'logits'} if has_logits else set()) | ({'head'} if head is not None else set())
+  chosen = detectors.resolve(spec, available=available)
+  keys = ('logits', 'features', 'labels') if has_logits else ('features', 'labels')
+  batches = [{key: train[key][start:start + _FIT_BATCH] for key in keys}
+             for start in range(0, len(train['labels']), _FIT_BATCH)]
+  # One call per detector over the test set and every OOD set together, then split.
+  sets = [test] + list(ood.values())
+  inputs = {key: np.concatenate([s[key] for s in sets]) for key in keys[:-1]}
+  bounds = np.cumsum([len(s['features']) for s in sets])[:-1]
+  per_set, errors = {name: {} for name in ood}, {}
+  for det in chosen:
+    try:
+      state = det.fit(batches, head=head, num_classes=num_classes)
+      values = np.split(np.asarray(det.score(state, **inputs), np.float64), bounds)
+    except (ValueError, TypeError, np.linalg.LinAlgError) as e:
+      logging.warning('detector %s failed on this model: %s', det.name, e)
+      errors[det.name] = f'{type(e).__name__}: {e}'
+      continue
+    for name, out_scores in zip(ood, values[1:]):
+      per_set[name][det.name] = metrics.ood_metrics(values[0], out_scores)
+  block: dict[str, Any] = {'ood': per_set}
+  if ood and any(per_set.values()):
+    block['ood_mean'] = metrics.mean_over_sets(per_set)
+  if errors:
+    block['errors'] = errors
+  return block
+
+
+def _calibrator(method, validation_logits: np.ndarray, validation_labels: np.ndarray):
+  """(summary, logits → calibrated probabilities) of the method's calibrator, fitted on validation."""
+  if method.calibration == 'platt':
+    state = calibration.fit_platt(validation_logits, validation_labels)
+    return {'calibrator': 'platt'}, lambda logits: np.asarray(calibration.apply_platt(state, logits))
+  state = calibration.fit_temperature(validation_logits, validation_labels)
+  summary = {'calibrator': 'temperature', 'temperature': float(state.temperature)}
+  return summary, lambda logits: np.asarray(calibration.apply_temperature(state, logits))
+
+
+def _shift_metrics(probs, labels) -> dict[str, float]:
+  block = metrics.classification_metrics(probs, labels)
+  return {name: block[name] for name in metrics.CLASSIFICATION_METRICS}
+
+
+def _classification_block(exp, calibrate, logits, labels, *, with_reliability=False) -> dict[str, Any]:
+  """Metrics of the method's probabilities and, with a calibrator, under 'calibrated' those after it."""
+  measure = metrics.classification_metrics if with_reliability else _shift_metrics
+  block = measure(np.asarray(exp.method.probabilities(logits)), labels)
+  if calibrate is not None:
+    block['calibrated'] = measure(calibrate(logits), labels)
+  return block
+
+
 def evaluate_model(exp: experiment_lib.Experiment, variables, mesh) -> dict[str, Any]:
   """All results of a trained model; see the module docstring."""
   config, info, method = exp.config, exp.info, exp.method
   data_dir = config.get('data_dir')
-
   # A contrastive model's projection head returns unit embeddings where a classifier has logits.
   names = ('logits', 'features') if method.probabilities else ('embeddings', 'features')
 
@@ -48,63 +132,81 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh) -> dict[str,
     return inference.run(inference.model_apply(exp.model), variables, data.images, labels, mesh=mesh,
                          batch_size=config.eval.batch_size, mean=exp.mean, std=exp.std, names=names)
 
-  def ood_set(name):
-    return catalog.load_ood_set(name, info, data_dir=data_dir)
-
   test = sources.load_split(info.name, info.test_split, data_dir=data_dir)
-  header = {'dataset': info.name, 'backbone': config.backbone, 'method': method.name,
-            'default_score': method.scores[0]}
+  train, validation = catalog.load_train_and_validation(
+      info, validation_fraction=config.get('validation_fraction', 0.0), data_dir=data_dir)
+  spec = experiment_lib.detector_names(config.eval.get('detectors', ''))
+  test_out = run(test)
+  ood_out = {name: run(catalog.load_ood_set(name, info, data_dir=data_dir)) for name in config.eval.ood_sets}
+  train_out = run(train) if spec or method.probabilities is None else None
+  results: dict[str, Any] = {'dataset': info.name, 'backbone': config.backbone, 'method': method.name,
+                             'default_score': method.scores[0]}
+
   if method.probabilities is None:
-    train = sources.load_split(info.name, info.train_split, data_dir=data_dir)
-    block = embedding_eval.evaluate_embeddings(
-        run(train), run(test),
-        {name: run(ood_set(name)) for name in config.eval.ood_sets}, num_classes=info.num_classes,
-        k=min(config.eval.get('knn_k', 50), len(train)))
-    results = {**header, **block}
+    block = embedding_eval.evaluate_embeddings(train_out, test_out, ood_out, num_classes=info.num_classes,
+                                               k=min(config.eval.get('knn_k', 50), len(train)))
+    results.update(block)
     if block['ood']:
       results['ood_mean'] = metrics.mean_over_sets(block['ood'])
-    return results
+  else:
+    calibrate = None
+    if len(validation):
+      summary, calibrate = _calibrator(method, run(validation)['logits'], validation.labels)
+      results['calibration'] = {**summary, 'validation_examples': len(validation)}
+    results['in_distribution'] = {
+        'num_examples': len(test),
+        **_classification_block(exp, calibrate, test_out['logits'], test.labels, with_reliability=True)}
+    in_scores = score_all(test_out['logits'], method.scores)
+    ood = {}
+    for name, out in ood_out.items():
+      out_scores = score_all(out['logits'], method.scores)
+      ood[name] = {score: metrics.ood_metrics(in_scores[score], out_scores[score]) for score in method.scores}
+    results['ood'] = ood
+    if ood:
+      results['ood_mean'] = metrics.mean_over_sets(ood)
+    if config.eval.corruptions:
+      results['corrupted'] = _corrupted(exp, run, calibrate)
 
-  logits = run(test)['logits']
-  results: dict[str, Any] = {
-      **header,
-      'in_distribution': {'num_examples': len(test),
-                          **metrics.classification_metrics(np.asarray(method.probabilities(logits)), test.labels)},
-  }
-  in_scores = score_all(logits, method.scores)
-  ood = {}
-  for name in config.eval.ood_sets:
-    out_scores = score_all(run(ood_set(name))['logits'], method.scores)
-    ood[name] = {score: metrics.ood_metrics(in_scores[score], out_scores[score]) for score in method.scores}
-  results['ood'] = ood
-  if ood:
-    results['ood_mean'] = metrics.mean_over_sets(ood)
-  if config.eval.corruptions:
-    results['corrupted'] = _corrupted(exp, run)
+  if spec:
+    head = adapter.head_weights(variables, 'head') if method.head == 'dense' else None
+    without_embeddings = lambda out: {k: v for k, v in out.items() if k != 'embeddings'}
+    results['detectors'] = evaluate_detectors(
+        spec, train=without_embeddings(train_out), test=without_embeddings(test_out),
+        ood={name: without_embeddings(out) for name, out in ood_out.items()}, num_classes=info.num_classes,
+        head=None if head is None else tuple(np.asarray(w) for w in head))
   return results
 
 
-def _corrupted(exp, run) -> dict[str, Any]:
-  """Accuracy, ECE and NLL per (corruption, severity), their spread per severity and their mean."""
+def _spread(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+  return {name: metrics.summary([row[name] for row in rows]) for name in metrics.CLASSIFICATION_METRICS}
+
+
+def _corrupted(exp, run, calibrate) -> dict[str, Any]:
+  """Classification metrics per (corruption, severity), their spread per severity and their mean.
+
+  With a calibrator, each level also holds 'calibrated': the same after calibration (fitted once, on
+  clean validation data, as a deployed model would be).
+  """
   eval_config = exp.config.eval
-  names = ('accuracy', 'ece', 'nll')
   per_pair = {}
   for corruption in eval_config.corruptions:
     for severity in eval_config.severities:
       data = catalog.load_corrupted_set(exp.info, corruption, severity, data_dir=exp.config.get('data_dir'))
-      probs = np.asarray(exp.method.probabilities(run(data)['logits']))
-      block = metrics.classification_metrics(probs, data.labels)
-      per_pair[f'{corruption}_{severity}'] = {name: block[name] for name in names}
-  per_severity = {
-      str(severity): {name: metrics.summary([per_pair[f'{c}_{severity}'][name] for c in eval_config.corruptions])
-                      for name in names}
-      for severity in eval_config.severities
-  }
-  return {
-      'per_pair': per_pair,
-      'per_severity': per_severity,
-      'mean': {name: float(np.mean([pair[name] for pair in per_pair.values()])) for name in names},
-  }
+      per_pair[f'{corruption}_{severity}'] = _classification_block(exp, calibrate, run(data)['logits'], data.labels)
+  views = [((), lambda block: block)] + ([(('calibrated',), lambda block: block['calibrated'])] if calibrate else [])
+  out: dict[str, Any] = {'per_pair': per_pair, 'per_severity': {}, 'mean': {}}
+  for path, view in views:
+    per_severity = {str(s): _spread([view(per_pair[f'{c}_{s}']) for c in eval_config.corruptions])
+                    for s in eval_config.severities}
+    mean = {name: float(np.mean([view(block)[name] for block in per_pair.values()]))
+            for name in metrics.CLASSIFICATION_METRICS}
+    if path:
+      for severity, spread in per_severity.items():
+        out['per_severity'][severity]['calibrated'] = spread
+      out['mean']['calibrated'] = mean
+    else:
+      out['per_severity'], out['mean'] = per_severity, mean
+  return out
 
 
 def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
@@ -116,4 +218,3 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None) -> d
   results = evaluate_model(exp, variables, mesh)
   report.write_results(results, workdir)
   return results
-

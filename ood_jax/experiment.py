@@ -19,6 +19,7 @@ import ml_collections
 
 from ood_jax import checkpoint
 from ood_jax import corruptions
+from ood_jax import detectors
 from ood_jax import methods as methods_lib
 from ood_jax import models as models_lib
 from ood_jax import optim
@@ -87,7 +88,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_required(config)
   _check_init_from(config, method)
   _check_base_model(config, method)
-  _check_eval(config.eval)
+  _check_eval(config.eval, method)
+  if not 0.0 <= config.get('validation_fraction', 0.0) <= 0.5:
+    raise ValueError(f'validation_fraction must lie in [0, 0.5], got {config.validation_fraction}.')
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
@@ -129,7 +132,22 @@ def _check_base_model(config, method) -> None:
                      f'maps; {config.base_model} used {base_method.name!r} ({base_method.head} head).')
 
 
-def _check_eval(eval_config) -> None:
+def detector_names(spec: str) -> str | tuple[str, ...]:
+  """`config.eval.detectors` ('' none, 'all', or comma-separated names) as `detectors.resolve` takes it."""
+  spec = (spec or '').strip()
+  if spec == 'all':
+    return 'all'
+  return tuple(name.strip() for name in spec.split(',') if name.strip())
+
+
+def detector_inputs(method: methods_lib.Method) -> set[str]:
+  """What the evaluator can give a post-hoc detector of a model trained with `method`."""
+  if method.probabilities is None:  # a contrastive model: features only
+    return {'features'}
+  return {'logits', 'features'} | ({'head'} if method.head == 'dense' else set())
+
+
+def _check_eval(eval_config, method) -> None:
   if eval_config.batch_size % jax.device_count():
     raise ValueError(f'eval.batch_size ({eval_config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
@@ -138,6 +156,13 @@ def _check_eval(eval_config) -> None:
   for corruption in eval_config.corruptions:
     for severity in eval_config.severities:
       corruptions.check_corruption(corruption, severity)
+  spec = (eval_config.get('detectors') or '').strip()
+  if spec:
+    try:
+      detectors.resolve(detector_names(spec), available=detector_inputs(method))
+    except ValueError as e:
+      raise ValueError(f'eval.detectors={spec!r}: {e} Method {method.name!r} ({method.head} head) gives '
+                       f'detectors {sorted(detector_inputs(method))}.') from None
 
 
 def normalization(config: ml_collections.ConfigDict, info: registry.DatasetInfo):

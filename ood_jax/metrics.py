@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ood_jax import _checks
+from ood_jax import calibration
 
 __all__ = [
     'auroc',
@@ -49,6 +50,7 @@ __all__ = [
     'reliability_diagram',
     'mes_radius',
     'centroid_dispersion',
+    'CLASSIFICATION_METRICS',
     'OOD_METRICS',
     'classification_metrics',
     'ood_metrics',
@@ -478,29 +480,49 @@ def centroid_dispersion(embeddings, labels, *, num_classes: int | None = None) -
 # The blocks of a results file: the metrics the evaluator reports, grouped.
 
 
-def classification_metrics(probs, labels, *, num_bins: int = 15) -> dict[str, Any]:
-  """Accuracy, NLL, ECE and reliability-diagram data of predictive probabilities.
+CLASSIFICATION_METRICS = ('accuracy', 'nll', 'ece', 'brier', 'adaptive_ece', 'classwise_ece', 'mce', 'aurc', 'eaurc',
+                          'accuracy_at_95')
 
-  NLL is −log of the true class's probability after normalising the row to sum to one (one-vs-all
-  rows need not sum to one); probabilities are floored at 1e-300 so a confident mistake costs ~690,
-  not inf.
+
+def classification_metrics(probs, labels, *, num_bins: int = 15) -> dict[str, Any]:
+  """Accuracy, calibration and selective-prediction metrics of predictive probabilities.
+
+  * 'accuracy', 'ece' (equal-width bins, `expected_calibration_error`) and 'reliability' (the
+    `reliability_diagram` arrays as lists) on the probabilities as given;
+  * 'nll' and 'brier' (`calibration.brier_score`, summed over classes) after normalising each row to
+    sum to one, since one-vs-all rows need not; probabilities are floored at 1e-300, so a confident
+    mistake costs ~690 nats, not inf;
+  * 'adaptive_ece' (equal-mass bins), 'classwise_ece' and 'mce' (maximum calibration error) of
+    `ood_jax.calibration`, and selective prediction by the top-label confidence: 'aurc', 'eaurc'
+    (AURC minus that of the best ordering) and 'accuracy_at_95' (accuracy of the 95 % most
+    confident examples).
 
   Args:
     probs: `[N, K]` predictive probabilities.
     labels: `[N]` integer labels in [0, K).
-    num_bins: equal-width confidence bins of the ECE and the diagram.
+    num_bins: bins of the ECE variants and the diagram.
 
   Returns:
-    {'accuracy', 'nll', 'ece'} floats and 'reliability': the `reliability_diagram` arrays as lists.
+    The floats named in `CLASSIFICATION_METRICS` and 'reliability'.
   """
   diagram = reliability_diagram(probs, labels, num_bins=num_bins)
   probs64 = np.asarray(probs, np.float64)
   labels = np.asarray(labels)
-  true = probs64[np.arange(len(labels)), labels] / np.maximum(probs64.sum(axis=-1), 1e-300)
+  totals = probs64.sum(axis=-1, keepdims=True)
+  # A row of underflowed one-vs-all probabilities carries no preference: read it as uniform.
+  normalised = np.where(totals > 0, probs64 / np.maximum(totals, 1e-300), 1.0 / probs64.shape[-1])
+  true = normalised[np.arange(len(labels)), labels]
   return {
       'accuracy': float(np.mean(np.argmax(probs64, axis=-1) == labels)),
       'nll': float(-np.mean(np.log(np.maximum(true, 1e-300)))),
       'ece': float(diagram['ece']),
+      'brier': calibration.brier_score(normalised, labels),
+      'adaptive_ece': calibration.adaptive_calibration_error(probs64, labels, num_bins=num_bins),
+      'classwise_ece': calibration.classwise_calibration_error(probs64, labels, num_bins=num_bins),
+      'mce': calibration.maximum_calibration_error(probs64, labels, num_bins=num_bins),
+      'aurc': calibration.aurc(probs64, labels),
+      'eaurc': calibration.excess_aurc(probs64, labels),
+      'accuracy_at_95': calibration.accuracy_at_coverage(probs64, labels, coverage=0.95),
       'reliability': {k: np.asarray(v).tolist() for k, v in diagram.items() if k != 'ece'},
   }
 

@@ -18,36 +18,83 @@ def _percent_row(values: dict[str, float]) -> str:
   return ' | '.join(f'{100 * values[name]:.2f}' for name in metrics.OOD_METRICS)
 
 
+def _calibration_row(label: str, block: dict[str, Any], examples: str) -> str:
+  return (f"| {label} | {100 * block['accuracy']:.2f} % | {block['nll']:.4f} | {block['ece']:.4f} | "
+          f"{block['brier']:.4f} | {block['aurc']:.4f} | {examples} |")
+
+
+def _calibrated_label(results: dict[str, Any]) -> str:
+  info = results.get('calibration', {})
+  if info.get('calibrator') == 'temperature':
+    return f"+ temperature (T = {info['temperature']:.3f})"
+  return '+ Platt (per class)'
+
+
+def _ood_table(title: str, per_set: dict, mean: dict | None, first: str) -> list[str]:
+  lines = [title, '', f'| OOD set | {first} | AUROC | AUPR-In | AUPR-Out | FPR@95 | TNR@95 | DTACC |',
+           '|---|---|---:|---:|---:|---:|---:|---:|']
+  rows = list(per_set.items()) + ([('**mean**', mean)] if mean else [])
+  for set_name, per_score in rows:
+    for score, values in per_score.items():
+      lines.append(f'| {set_name} | {score} | {_percent_row(values)} |')
+  return lines + ['']
+
+
+def _detector_table(block: dict[str, Any]) -> list[str]:
+  """One row per detector: AUROC / FPR@95 (%) on every OOD set and their mean."""
+  sets = list(block['ood'])
+  names = list(block.get('ood_mean', {}))
+  lines = ['Post-hoc detectors (fitted on the training features; AUROC / FPR@95, %, ID positive):', '',
+           '| detector | ' + ' | '.join(sets) + ' | mean |', '|---|' + '---:|' * (len(sets) + 1)]
+  pair = lambda values: f"{100 * values['auroc']:.2f} / {100 * values['fpr95']:.2f}"
+  for name in names:
+    cells = [pair(block['ood'][s][name]) for s in sets] + [pair(block['ood_mean'][name])]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  for name, message in block.get('errors', {}).items():
+    lines.append(f'| {name} | failed: {message} |')
+  return lines + ['']
+
+
 def markdown(results: dict[str, Any]) -> str:
   """The readable tables of one run's results."""
   in_dist = results['in_distribution']
   lines = [
       f"# {results['method']} · {results['backbone']} · {results['dataset']}", '',
-      '| accuracy | NLL | ECE | test examples |', '|---:|---:|---:|---:|',
-      f"| {100 * in_dist['accuracy']:.2f} % | {in_dist['nll']:.4f} | {in_dist['ece']:.4f} | "
-      f"{in_dist['num_examples']} |", '',
+      '| probabilities | accuracy | NLL | ECE | Brier | AURC | test examples |',
+      '|---|---:|---:|---:|---:|---:|---:|',
+      _calibration_row('model', in_dist, str(in_dist['num_examples'])),
   ]
+  if 'calibrated' in in_dist:
+    validation = results['calibration']['validation_examples']
+    lines.append(_calibration_row(_calibrated_label(results), in_dist['calibrated'],
+                                  f'fitted on {validation} validation'))
+  lines.append('')
   if 'mes_radius_mean' in in_dist:
     lines += ['Accuracy and calibration of a linear probe on the frozen features. Embedding statistics '
               '(paper 003): mean MES radius {:.4f}, mean centroid cosine similarity {:.4f}.'.format(
                   in_dist['mes_radius_mean'], in_dist['dispersion_mean']), '']
   if results.get('ood'):
-    lines += [f"OOD detection (ID positive; default score `{results['default_score']}`), percentages:", '',
-              '| OOD set | score | AUROC | AUPR-In | AUPR-Out | FPR@95 | TNR@95 | DTACC |',
-              '|---|---|---:|---:|---:|---:|---:|---:|']
-    rows = list(results['ood'].items()) + [('**mean**', results['ood_mean'])]
-    for set_name, per_score in rows:
-      for score, values in per_score.items():
-        lines.append(f'| {set_name} | {score} | {_percent_row(values)} |')
-    lines.append('')
+    lines += _ood_table(f"OOD detection (ID positive; default score `{results['default_score']}`), percentages:",
+                        results['ood'], results.get('ood_mean'), 'score')
+  if results.get('detectors', {}).get('ood'):
+    lines += _detector_table(results['detectors'])
   if results.get('corrupted'):
-    lines += ['Under corruption (mean over corruptions per severity):', '',
-              '| severity | accuracy | ECE | NLL |', '|---:|---:|---:|---:|']
-    for severity, spread in results['corrupted']['per_severity'].items():
-      lines.append(f"| {severity} | {100 * spread['accuracy']['mean']:.2f} % | {spread['ece']['mean']:.4f} | "
-                   f"{spread['nll']['mean']:.4f} |")
-    mean = results['corrupted']['mean']
-    lines += [f"| all | {100 * mean['accuracy']:.2f} % | {mean['ece']:.4f} | {mean['nll']:.4f} |", '']
+    corrupted = results['corrupted']
+    calibrated = 'calibrated' in corrupted['mean']
+    header = '| severity | accuracy | ECE | NLL | Brier |' + (' ECE calibrated | NLL calibrated |' if calibrated else '')
+    lines += ['Under corruption (mean over corruptions per severity):', '', header,
+              '|' + '---:|' * (header.count('|') - 1)]
+    levels = [(severity, {name: spread[name]['mean'] for name in ('accuracy', 'ece', 'nll', 'brier')},
+               {name: spread['calibrated'][name]['mean'] for name in ('ece', 'nll')} if calibrated else None)
+              for severity, spread in corrupted['per_severity'].items()]
+    levels.append(('all', corrupted['mean'], corrupted['mean'].get('calibrated')))
+    for severity, raw, after in levels:
+      row = (f"| {severity} | {100 * raw['accuracy']:.2f} % | {raw['ece']:.4f} | {raw['nll']:.4f} | "
+             f"{raw['brier']:.4f} |")
+      if calibrated:
+        row += f" {after['ece']:.4f} | {after['nll']:.4f} |"
+      lines.append(row)
+    lines.append('')
   return '\n'.join(lines)
 
 

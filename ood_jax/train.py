@@ -91,7 +91,8 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh) -> step_lib.TrainS
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
 
   config = exp.config
-  train_data = sources.load_split(exp.info.name, exp.info.train_split, data_dir=config.get('data_dir'))
+  train_data, _ = catalog.load_train_and_validation(
+      exp.info, validation_fraction=config.get('validation_fraction', 0.0), data_dir=config.get('data_dir'))
   batch_at, steps_per_epoch = _batches(exp, train_data, mesh)
   total_steps = config.get('num_steps') or config.num_epochs * steps_per_epoch
   schedule = optim.make_schedule(config.optimizer, steps_per_epoch, total_steps)

@@ -105,6 +105,8 @@ def host(batch: Mapping, key: str, index: int, *, detector: str, ndim: int | Non
   value = value.astype(dtype)
   if ndim is not None and value.ndim != ndim:
     raise ValueError(f'{key!r} (batch {index}) must have rank {ndim}, got shape {value.shape}.')
+  if value.ndim >= 2 and 0 in value.shape[1:]:
+    raise ValueError(f'{key!r} (batch {index}) has an empty dimension: shape {value.shape}.')
   if want is jnp.floating and not np.all(np.isfinite(value)):
     raise ValueError(f'{key!r} (batch {index}) contains NaN or inf.')
   return value
@@ -156,6 +158,8 @@ def features_arg(features, *, detector: str, dim: int | None = None, name: str =
   if features is None:
     raise ValueError(f'detector {detector!r} needs {name} [N, D]; got None (logits alone are not enough).')
   features = _checks.floating(name, features, ndim=2)
+  if features.shape[1] == 0:
+    raise ValueError(f'{name} must have at least one dimension, got shape {features.shape}.')
   if dim is not None and features.shape[1] != dim:
     raise ValueError(f'{name} have dimension {features.shape[1]}, but detector {detector!r} was fitted '
                      f'on dimension {dim}.')

@@ -41,6 +41,9 @@ class Method:
     needs_base_model: the trainer loads `config.base_model` (a workdir) and passes it to `inputs`.
     needs_outliers: the trainer adds `batch['outlier']`, a batch of auxiliary outliers
       (`config.outliers`), to every training batch.
+    calibration: the post-hoc calibrator the evaluator fits on the validation split:
+      'temperature' (softmax probabilities; Guo et al. 2017) or 'platt' (per-class sigmoids of
+      one-vs-all models; Platt 1999).
   """
 
   name: str
@@ -53,6 +56,7 @@ class Method:
   augment: str | None = None
   needs_outliers: bool = False
   needs_base_model: bool = False
+  calibration: str = 'temperature'
 
 
 @dataclasses.dataclass(frozen=True)

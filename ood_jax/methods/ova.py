@@ -18,6 +18,7 @@ ONE_VS_ALL = base.Method(
     loss=base.classification_loss(losses.one_vs_all),
     probabilities=jax.nn.sigmoid,
     scores=('max_sigmoid', 'max_softmax', 'energy'),  # max σ ranks like max logit
+    calibration='platt',
 )
 
 DISTANCE_ONE_VS_ALL = base.Method(
@@ -26,4 +27,5 @@ DISTANCE_ONE_VS_ALL = base.Method(
     loss=base.classification_loss(losses.distance_one_vs_all),
     probabilities=base.distance_probabilities,
     scores=('max_distance_sigmoid', 'max_softmax', 'entropic_score'),  # max 2σ ranks like −min d
+    calibration='platt',  # σ(a_k·z_k + b_k) of the negative distances, in place of 2σ(z_k)
 )
