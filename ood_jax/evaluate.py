@@ -43,6 +43,8 @@ from ood_jax.detectors import adapter
 
 # Rows per training batch handed to a detector's streamed fit.
 _FIT_BATCH = 4096
+# Lower bound of the fitted temperature (the bound of `calibration.fit_temperature`).
+_MIN_TEMPERATURE = 0.01
 
 
 def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
@@ -101,8 +103,15 @@ def _calibrator(method, validation_logits: np.ndarray, validation_labels: np.nda
   if method.calibration == 'platt':
     state = calibration.fit_platt(validation_logits, validation_labels)
     return {'calibrator': 'platt'}, lambda logits: np.asarray(calibration.apply_platt(state, logits))
-  state = calibration.fit_temperature(validation_logits, validation_labels)
+  state = calibration.fit_temperature(validation_logits, validation_labels, min_temperature=_MIN_TEMPERATURE)
   summary = {'calibrator': 'temperature', 'temperature': float(state.temperature)}
+  if np.isclose(summary['temperature'], _MIN_TEMPERATURE):
+    # Every validation example is classified with room to spare, so the NLL falls as T → 0 and the
+    # fit stops at its bound: a larger validation split (or one with errors) is needed.
+    summary['warning'] = (f'temperature at its lower bound {_MIN_TEMPERATURE}: the validation split is '
+                          'separated perfectly, so temperature scaling over-sharpens; raise '
+                          '--config.validation_fraction.')
+    logging.warning('calibration: %s', summary['warning'])
   return summary, lambda logits: np.asarray(calibration.apply_temperature(state, logits))
 
 
@@ -138,6 +147,7 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh) -> dict[str,
   spec = experiment_lib.detector_names(config.eval.get('detectors', ''))
   test_out = run(test)
   ood_out = {name: run(catalog.load_ood_set(name, info, data_dir=data_dir)) for name in config.eval.ood_sets}
+  spec = spec if ood_out else ()  # detectors are scored against OOD sets only
   train_out = run(train) if spec or method.probabilities is None else None
   results: dict[str, Any] = {'dataset': info.name, 'backbone': config.backbone, 'method': method.name,
                              'default_score': method.scores[0]}

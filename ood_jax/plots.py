@@ -6,8 +6,13 @@ state and no backend switch, so the functions are safe inside libraries, scripts
 exactly the numbers their figure draws, so tests and tables can use them without a figure.
 
 * `reliability_diagram`: accuracy per confidence bin against the diagonal (paper 002, Fig. S2).
-* `shift_box_plots` / `shift_box_data`: ECE, accuracy or NLL per shift intensity, one box per
-  method over the corruptions (paper 002, Figs. 2–3).
+* `shift_box_plots` / `shift_box_data`: a classification metric (ECE, accuracy, NLL, Brier,
+  adaptive / classwise ECE, MCE, AURC, ...) per shift intensity, one box per method over the
+  corruptions (paper 002, Figs. 2–3).
+* `calibrated` / `calibrated_label`: the results after the run's post-hoc calibrator, for the
+  "+TS" / "+Platt" variants of any figure drawn from results.
+* `risk_coverage` / `risk_coverage_data`: selective risk against coverage, AURC in the legend
+  (Geifman & El-Yaniv 2017).
 * `accuracy_vs_confidence` / `accuracy_vs_confidence_data`: accuracy of the examples whose
   confidence is at least τ, against τ (paper 002, Fig. 4).
 * `score_histograms`: densities of an OOD score on in-distribution and OOD sets (paper 000, Fig. 5).
@@ -24,25 +29,46 @@ Paper numbers: 000 IsoMax (Macêdo et al. 2021), 002 one-vs-all (Padhy et al. 20
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import copy
 from typing import Any
 
 from matplotlib import patches as mpatches
 from matplotlib.figure import Figure
 import numpy as np
 
+from ood_jax import calibration
+
 __all__ = [
     'accuracy_vs_confidence',
     'accuracy_vs_confidence_data',
+    'calibrated',
+    'calibrated_label',
     'confidence_landscape',
     'embedding_statistics',
     'learned_centres',
     'reliability_diagram',
+    'risk_coverage',
+    'risk_coverage_data',
     'score_histograms',
     'shift_box_data',
     'shift_box_plots',
 ]
 
-_SHIFT_METRICS = {'accuracy': 'Accuracy', 'ece': 'ECE', 'nll': 'NLL'}
+# Axis labels of the metrics a results file holds per shift level (`metrics.CLASSIFICATION_METRICS`).
+_SHIFT_METRICS = {
+    'accuracy': 'Accuracy',
+    'nll': 'NLL',
+    'ece': 'ECE',
+    'brier': 'Brier score',
+    'adaptive_ece': 'Adaptive ECE',
+    'classwise_ece': 'Classwise ECE',
+    'mce': 'MCE',
+    'aurc': 'AURC',
+    'eaurc': 'E-AURC',
+    'accuracy_at_95': 'Accuracy at 95 % coverage',
+}
+# How a calibrated variant is named after the evaluator's `results['calibration']['calibrator']`.
+_CALIBRATOR_SUFFIX = {'temperature': '+TS', 'platt': '+Platt'}
 _DIAGRAM_KEYS = ('bin_edges', 'counts', 'accuracy', 'confidence')
 _STATISTIC_TITLES = {'mes_radius': 'Mean MES radius (↓)', 'dispersion': 'Mean centroid dispersion (↑)'}
 _PANEL_SIZE = 3.6  # inches per panel: readable tick labels at the default font size
@@ -145,6 +171,77 @@ def reliability_diagram(results_or_diagram: Mapping[str, Any], *, title: str | N
 
 
 # ----------------------------------------------------------------------------------------------
+# The "+TS" / "+Platt" variants: results after the run's post-hoc calibrator.
+
+_NOT_CALIBRATED = ('no post-hoc calibrated metrics in these results ({where} has no "calibrated" block): the '
+                   'evaluator fits a calibrator only on a validation split of the training data, so the run was '
+                   'evaluated with validation_fraction=0, is an embedding (contrastive) model without class '
+                   'probabilities, or predates calibration (re-evaluate it with `python -m experiments.evaluate`).')
+
+
+def _calibrated_block(block, where: str) -> dict[str, Any]:
+  if not isinstance(block, Mapping) or not isinstance(block.get('calibrated'), Mapping):
+    raise ValueError(_NOT_CALIBRATED.format(where=where))
+  return copy.deepcopy(dict(block['calibrated']))
+
+
+def calibrated(results: Mapping[str, Any]) -> dict[str, Any]:
+  """A copy of evaluator results with every classification block replaced by its calibrated one.
+
+  `results['in_distribution']`, each `results['corrupted']['per_pair'][pair]`, each
+  `['per_severity'][s]` and `['mean']` become their `'calibrated'` blocks (the same metrics after the
+  calibrator the evaluator fitted on the validation split: temperature scaling, or per-class Platt
+  scaling for one-vs-all models), so every function of this module draws the calibrated variant
+  unchanged, e.g. `shift_box_plots({'CE': r, 'CE+TS': calibrated(r)})` or
+  `reliability_diagram(calibrated(r))`. 'num_examples' is kept (the same examples); everything else
+  (OOD metrics, 'calibration', ...) is copied as is. The input is not modified, and the copy has no
+  'calibrated' blocks left, so calibrating twice fails instead of passing silently.
+
+  Args:
+    results: the evaluator's results of a classifier run.
+
+  Returns:
+    A new results dict.
+
+  Raises:
+    ValueError: if a block has no 'calibrated' entry (evaluated with validation_fraction=0, an
+      embedding model, or results written before calibration); the message says which block.
+  """
+  _nonempty_mapping('results', results)
+  if 'in_distribution' not in results:
+    raise ValueError('results must be the evaluator\'s results of a classifier (no "in_distribution" block).')
+  out = copy.deepcopy(dict(results))
+  raw = results['in_distribution']
+  out['in_distribution'] = _calibrated_block(raw, "results['in_distribution']")
+  if 'num_examples' in raw:
+    out['in_distribution']['num_examples'] = raw['num_examples']
+  corrupted = results.get('corrupted')
+  if corrupted:
+    shifted = out['corrupted']
+    shifted['per_pair'] = {pair: _calibrated_block(block, f"results['corrupted']['per_pair'][{pair!r}]")
+                           for pair, block in corrupted.get('per_pair', {}).items()}
+    if 'per_severity' in corrupted:
+      shifted['per_severity'] = {
+          severity: _calibrated_block(block, f"results['corrupted']['per_severity'][{severity!r}]")
+          for severity, block in corrupted['per_severity'].items()}
+    if 'mean' in corrupted:
+      shifted['mean'] = _calibrated_block(corrupted['mean'], "results['corrupted']['mean']")
+  return out
+
+
+def calibrated_label(name: str, results: Mapping[str, Any]) -> str:
+  """The display name of a method's calibrated variant: `name` + '+TS' or '+Platt' (e.g. 'CE+TS').
+
+  Read from `results['calibration']['calibrator']`, as the evaluator writes it; ValueError (with
+  the reason, as `calibrated`) when the run has no calibrator.
+  """
+  calibrator = results.get('calibration', {}).get('calibrator')
+  if calibrator is None:
+    raise ValueError(_NOT_CALIBRATED.format(where="results['calibration']"))
+  return name + _CALIBRATOR_SUFFIX.get(calibrator, f'+{calibrator}')
+
+
+# ----------------------------------------------------------------------------------------------
 # Calibration under dataset shift (paper 002, Figs. 2–3).
 
 
@@ -157,8 +254,10 @@ def shift_box_data(results_by_method: Mapping[str, Mapping[str, Any]],
   evaluator's order. Results without corrupted sets give severity 0 only.
 
   Args:
-    results_by_method: evaluator results keyed by the method's display name.
-    metric: 'ece', 'accuracy' or 'nll'.
+    results_by_method: evaluator results keyed by the method's display name; a method's
+      calibrated variant is `calibrated(results)` under its own name.
+    metric: a name of `metrics.CLASSIFICATION_METRICS`: 'accuracy', 'nll', 'ece', 'brier',
+      'adaptive_ece', 'classwise_ece', 'mce', 'aurc', 'eaurc' or 'accuracy_at_95'.
 
   Returns:
     `{method: {severity: [values]}}` with severities in increasing order.
@@ -168,13 +267,21 @@ def shift_box_data(results_by_method: Mapping[str, Mapping[str, Any]],
     raise ValueError(f'metric must be one of {", ".join(_SHIFT_METRICS)}, got {metric!r}.')
   data = {}
   for method, results in results_by_method.items():
-    by_severity = {0: [float(results['in_distribution'][metric])]}
+    by_severity = {0: [_shift_value(method, 'in_distribution', results['in_distribution'], metric)]}
     for pair, values in results.get('corrupted', {}).get('per_pair', {}).items():
       # Corruption names contain underscores themselves (gaussian_noise_3): split at the last one.
       severity = int(pair.rsplit('_', 1)[1])
-      by_severity.setdefault(severity, []).append(float(values[metric]))
+      by_severity.setdefault(severity, []).append(_shift_value(method, pair, values, metric))
     data[method] = dict(sorted(by_severity.items()))
   return data
+
+
+def _shift_value(method: str, where: str, block: Mapping[str, Any], metric: str) -> float:
+  if metric not in block:
+    # Results written before the evaluator reported this metric: say so instead of a bare KeyError.
+    raise ValueError(f'{method!r} has no {metric!r} in {where} (results written before the evaluator reported '
+                     f'it? re-evaluate the run with `python -m experiments.evaluate`); it has {", ".join(block)}.')
+  return float(block[metric])
 
 
 def shift_box_plots(results_by_method: Mapping[str, Mapping[str, Any]], *, metric: str = 'ece',
@@ -185,8 +292,9 @@ def shift_box_plots(results_by_method: Mapping[str, Mapping[str, Any]], *, metri
   minimum and maximum (no outliers are singled out); "Test" is the clean test set.
 
   Args:
-    results_by_method: evaluator results keyed by the method's display name (legend order).
-    metric: 'ece', 'accuracy' or 'nll'.
+    results_by_method: evaluator results keyed by the method's display name (legend order), e.g.
+      `{'CE': r, 'CE+TS': calibrated(r)}` for temperature scaling next to the raw model.
+    metric: a name of `metrics.CLASSIFICATION_METRICS` (see `shift_box_data`).
     title: axes title.
 
   Returns:
@@ -275,6 +383,78 @@ def accuracy_vs_confidence(probs_by_method: Mapping[str, tuple[Any, Any]], *,
   acc_ax.set(xlabel='Confidence threshold τ', ylabel='Accuracy (confidence ≥ τ)')
   kept_ax.set(xlabel='Confidence threshold τ', ylabel='Fraction of examples kept', ylim=(0.0, 1.02))
   acc_ax.legend()
+  return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Risk–coverage curves (selective prediction; Geifman & El-Yaniv 2017).
+
+_CURVE_KEYS = ('coverage', 'risk')
+
+
+def risk_coverage_data(curves_by_method: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """The curves a risk–coverage figure draws, and their AURC, per method.
+
+  Args:
+    curves_by_method: `{method: (probs [N, K], labels [N])}`, whose curve is
+      `calibration.risk_coverage_curve(probs, labels)`, or `{method: curve}` with a precomputed
+      dict holding 'coverage' and 'risk' (e.g. that function's output) and optionally 'aurc'. The
+      two forms can be mixed.
+
+  Returns:
+    `{method: {'coverage': [N], 'risk': [N], 'aurc': float}}`: float64 arrays, and the AURC as the
+    mean risk over the curve's points (equal to `calibration.aurc` for its curves) unless the
+    curve dict gives one, which a subsampled curve needs.
+  """
+  _nonempty_mapping('curves_by_method', curves_by_method)
+  data = {}
+  for method, given in curves_by_method.items():
+    if isinstance(given, Mapping):
+      missing = [key for key in _CURVE_KEYS if key not in given]
+      if missing:
+        raise ValueError(f'curve of {method!r} must be a calibration.risk_coverage_curve dict; missing '
+                         f'{", ".join(missing)}.')
+      curve = dict(given)
+    elif isinstance(given, (tuple, list)) and len(given) == 2:
+      curve = calibration.risk_coverage_curve(*given)
+    else:
+      raise TypeError(f'curves_by_method[{method!r}] must be (probs, labels) or a risk-coverage curve dict, '
+                      f'got {type(given).__name__}.')
+    coverage = _array(f'{method}: coverage', curve['coverage'], ndim=1)
+    risk = _array(f'{method}: risk', curve['risk'], ndim=1)
+    if coverage.shape != risk.shape or not coverage.size:
+      raise ValueError(f'{method}: coverage and risk must be non-empty and of one shape, got {coverage.shape} '
+                       f'and {risk.shape}.')
+    aurc = float(curve['aurc']) if 'aurc' in curve else float(np.mean(risk))
+    data[method] = {'coverage': coverage, 'risk': risk, 'aurc': aurc}
+  return data
+
+
+def risk_coverage(curves_by_method: Mapping[str, Any], *, title: str | None = None) -> Figure:
+  """Selective risk (error rate of the accepted examples) against coverage, one line per method.
+
+  Examples are accepted from the most confident down (`calibration.risk_coverage_curve`); the
+  legend gives each method's AURC (lower is better). A calibrator that keeps the ranking within
+  the data (temperature scaling) leaves the curve unchanged; per-class Platt scaling can move it.
+
+  Args:
+    curves_by_method: `{method: (probs, labels)}` or `{method: curve dict}`, see
+      `risk_coverage_data`; legend order.
+    title: axes title.
+
+  Returns:
+    A Figure with one Axes; `ax.lines[i]` is the i-th method's curve, its legend entry
+    '<method> (AURC 0.0123)'.
+  """
+  data = risk_coverage_data(curves_by_method)
+  fig, (ax,) = _figure(1, width=1.2 * _PANEL_SIZE)
+  for (method, curve), color in zip(data.items(), _colors(len(data))):
+    ax.plot(curve['coverage'], curve['risk'], color=color, label=f'{method} (AURC {curve["aurc"]:.4f})')
+  ax.set(xlim=(0.0, 1.0), xlabel='Coverage', ylabel='Selective risk (error rate)')
+  ax.set_ylim(bottom=0.0)
+  ax.legend()
+  if title:
+    ax.set_title(title)
   return fig
 
 

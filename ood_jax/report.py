@@ -69,6 +69,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(_calibration_row(_calibrated_label(results), in_dist['calibrated'],
                                   f'fitted on {validation} validation'))
   lines.append('')
+  if results.get('calibration', {}).get('warning'):
+    lines += [f"Note: {results['calibration']['warning']}", '']
   if 'mes_radius_mean' in in_dist:
     lines += ['Accuracy and calibration of a linear probe on the frozen features. Embedding statistics '
               '(paper 003): mean MES radius {:.4f}, mean centroid cosine similarity {:.4f}.'.format(
