@@ -1,8 +1,19 @@
 r"""One-vs-all classifiers under dataset shift (paper 002, Padhy et al., "Revisiting One-vs-All
 Classifiers for Predictive Uncertainty and Out-of-Distribution Detection in Neural Networks").
 
-  python -m experiments.train --config=configs/ova.py --workdir=runs/ova_c10_resnet20 \
+The four losses of Figure 2 (ResNet-20, CIFAR-10 → CIFAR-10-C), one workdir each:
+
+  python -m experiments.train --config=configs/ova.py --workdir=runs/ova_c10/softmax --config.method=softmax
+  python -m experiments.train --config=configs/ova.py --workdir=runs/ova_c10/dm --config.method=dm
+  python -m experiments.train --config=configs/ova.py --workdir=runs/ova_c10/one_vs_all --config.method=one_vs_all
+  python -m experiments.train --config=configs/ova.py --workdir=runs/ova_c10/distance_one_vs_all \
       --config.method=distance_one_vs_all
+
+Each evaluates itself when training ends, raw and after the post-hoc calibrator fitted on the held-out
+10 % of the training images (temperature scaling for softmax and dm, CE+TS being the usual baseline;
+per-class Platt scaling for the one-vs-all heads). colab/cifar10c_calibration.ipynb draws Figure 2
+with CE+TS from these workdirs (set its OOD_JAX_RESTORE_DIR=runs/ova_c10). The other recipes:
+
   python -m experiments.train --config=configs/ova.py:cifar10,wrn28_10 --workdir=runs/ce_c10_wrn \
       --config.method=softmax
   python -m experiments.train --config=configs/ova.py:cifar100 --workdir=runs/ova_c100_wrn \

@@ -43,8 +43,6 @@ from ood_jax.detectors import adapter
 
 # Rows per training batch handed to a detector's streamed fit.
 _FIT_BATCH = 4096
-# Lower bound of the fitted temperature (the bound of `calibration.fit_temperature`).
-_MIN_TEMPERATURE = 0.01
 
 
 def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
@@ -98,21 +96,38 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
   return block
 
 
+def _softmax64(z: np.ndarray) -> np.ndarray:
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
 def _calibrator(method, validation_logits: np.ndarray, validation_labels: np.ndarray):
-  """(summary, logits → calibrated probabilities) of the method's calibrator, fitted on validation."""
+  """(summary, logits → calibrated probabilities) of the method's calibrator, fitted on validation.
+
+  The calibrated probabilities are computed in float64 on the host: a temperature well below 1 pushes
+  float32 probabilities to exactly 1.0, and the ties that makes would change rank metrics (AURC)
+  that temperature scaling cannot change.
+  """
   if method.calibration == 'platt':
     state = calibration.fit_platt(validation_logits, validation_labels)
-    return {'calibrator': 'platt'}, lambda logits: np.asarray(calibration.apply_platt(state, logits))
-  state = calibration.fit_temperature(validation_logits, validation_labels, min_temperature=_MIN_TEMPERATURE)
-  summary = {'calibrator': 'temperature', 'temperature': float(state.temperature)}
-  if np.isclose(summary['temperature'], _MIN_TEMPERATURE):
-    # Every validation example is classified with room to spare, so the NLL falls as T → 0 and the
-    # fit stops at its bound: a larger validation split (or one with errors) is needed.
-    summary['warning'] = (f'temperature at its lower bound {_MIN_TEMPERATURE}: the validation split is '
-                          'separated perfectly, so temperature scaling over-sharpens; raise '
-                          '--config.validation_fraction.')
+    slope, intercept = np.asarray(state.slope, np.float64), np.asarray(state.intercept, np.float64)
+    sigmoid = lambda x: np.exp(-np.logaddexp(0.0, -x))
+    return {'calibrator': 'platt'}, lambda logits: sigmoid(np.asarray(logits, np.float64) * slope + intercept)
+  summary = {'calibrator': 'temperature'}
+  if np.all(np.argmax(validation_logits, axis=-1) == validation_labels):
+    # With no validation error the NLL keeps falling as T → 0: the data carry no information about
+    # T, and the bound the fit would stop at over-sharpens every later mistake (on digits-C it
+    # multiplied the NLL by 70). Keep the model's own probabilities and say so.
+    temperature = 1.0
+    summary['warning'] = ('every validation example is classified correctly, so the temperature cannot be '
+                          'fitted (the NLL falls as T → 0); T = 1 is kept. Raise --config.validation_fraction '
+                          'or calibrate on harder held-out data.')
     logging.warning('calibration: %s', summary['warning'])
-  return summary, lambda logits: np.asarray(calibration.apply_temperature(state, logits))
+  else:
+    temperature = float(calibration.fit_temperature(validation_logits, validation_labels).temperature)
+  summary['temperature'] = temperature
+  return summary, lambda logits: _softmax64(np.asarray(logits, np.float64) / temperature)
 
 
 def _shift_metrics(probs, labels) -> dict[str, float]:

@@ -83,7 +83,8 @@ def markdown(results: dict[str, Any]) -> str:
   if results.get('corrupted'):
     corrupted = results['corrupted']
     calibrated = 'calibrated' in corrupted['mean']
-    header = '| severity | accuracy | ECE | NLL | Brier |' + (' ECE calibrated | NLL calibrated |' if calibrated else '')
+    header = '| severity | accuracy | ECE | NLL | Brier |'
+    header += ' ECE calibrated | NLL calibrated |' if calibrated else ''
     lines += ['Under corruption (mean over corruptions per severity):', '', header,
               '|' + '---:|' * (header.count('|') - 1)]
     levels = [(severity, {name: spread[name]['mean'] for name in ('accuracy', 'ece', 'nll', 'brier')},

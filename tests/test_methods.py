@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
+from ood_jax import detectors
 from ood_jax import finetune
 from ood_jax import methods
 from ood_jax import train
@@ -196,9 +197,12 @@ def test_smot_trains_from_a_base_model_checkpoint(tmp_path):
 def test_contrastive_methods_train_and_evaluate_by_features(tmp_path, method):
   config = _smoke(method, augment='two_views')
   config.eval.knn_k = 10
+  config.eval.detectors = 'all'  # an embedding model gets the feature detectors
   results = train.train_and_evaluate(config, str(tmp_path / method))
   ind = results['in_distribution']
   assert results['default_score'] == 'knn'
+  feature_only = {d.name for d in detectors.resolve('all', available=('features',))}
+  assert set(results['detectors']['ood']['digits/near']) == feature_only and 'errors' not in results['detectors']
   assert 0.0 <= ind['accuracy'] <= 1.0 and sum(ind['reliability']['counts']) == 359  # the linear probe
   assert len(ind['mes_radius']) == 6 and 0.0 < ind['mes_radius_mean'] <= 2.0
   assert -1.0 <= ind['dispersion_mean'] <= 1.0

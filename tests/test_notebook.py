@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import nbformat
 from nbclient import NotebookClient
@@ -22,7 +23,15 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   for method in ('softmax', 'dm', 'one_vs_all', 'distance_one_vs_all'):
     assert (tmp_path / 'runs' / method / 'results.json').exists()
   images = [o for out in outputs.values() for o in out if 'image/png' in o.get('data', {})]
-  assert len(images) >= 3
+  # ECE and accuracy with CE+TS, ECE after calibration, 4 reliability diagrams, 2 risk-coverage panels.
+  assert len(images) >= 9
+  text = ''.join(o.get('text', '') for out in outputs.values() for o in out if o.get('output_type') == 'stream')
+  # The risk-coverage panel restores the checkpoints: the recomputed AURC is the evaluator's.
+  aurcs = re.findall(r'(\S+(?: DM)?): AURC recomputed ([\d.]+), evaluator ([\d.]+)', text)
+  assert [name for name, _, _ in aurcs] == ['CE', 'DM', 'OvA', 'OvA DM']
+  assert all(recomputed == evaluator for _, recomputed, evaluator in aurcs), aurcs
   summary = [output['data']['text/markdown'] for cell in outputs.values() for output in cell
              if 'text/markdown' in output.get('data', {})]
-  assert summary and 'Mock data' in summary[-1] and '| OvA DM |' in summary[-1]
+  assert summary and 'Mock data' in summary[-1]
+  for row in ('| CE |', '| CE+TS |', '| DM+TS |', '| OvA+Platt |', '| OvA DM |', '| OvA DM+Platt |'):
+    assert summary[-1].count(row) == 2, row  # clean test and CIFAR-10-C tables

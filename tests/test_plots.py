@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn import decomposition
 
+from ood_jax import calibration
 from ood_jax import metrics
 from ood_jax import plots
 
@@ -23,16 +25,47 @@ def _probs(rng, n=400, k=5, sharpness=3.0):
   return probs / probs.sum(axis=1, keepdims=True), rng.integers(0, k, n)
 
 
-def _results(seed):
-  """Evaluator-layout results: clean test metrics plus every corruption × severity pair."""
+def _shift_block(probs, labels):
+  block = metrics.classification_metrics(probs, labels)
+  return {m: block[m] for m in metrics.CLASSIFICATION_METRICS}
+
+
+def _results(seed, *, calibrate=False):
+  """Evaluator-layout results (mock numbers): clean test metrics plus every corruption × severity pair.
+
+  With `calibrate`, every level also holds the 'calibrated' block the evaluator writes: here the
+  metrics after temperature scaling with T = 2 (halving the logits' scale).
+  """
   rng = np.random.default_rng(seed)
-  results = {'in_distribution': metrics.classification_metrics(*_probs(rng))}
-  per_pair = {}
-  for corruption in CORRUPTIONS:
-    for severity in SEVERITIES:
-      cm = metrics.classification_metrics(*_probs(rng, sharpness=3.0 / severity))
-      per_pair[f'{corruption}_{severity}'] = {m: cm[m] for m in ('accuracy', 'ece', 'nll')}
-  results['corrupted'] = {'per_pair': per_pair}
+
+  def block(sharpness, *, with_reliability=False):
+    labels = rng.integers(0, 5, 400)
+    logits = sharpness * rng.normal(size=(400, 5))
+    measure = metrics.classification_metrics if with_reliability else _shift_block
+    out = measure(np.asarray(calibration.apply_temperature(calibration.TemperatureState(1.0), logits)), labels)
+    if calibrate:
+      out['calibrated'] = measure(np.asarray(calibration.apply_temperature(calibration.TemperatureState(2.0),
+                                                                           logits)), labels)
+    return out
+
+  results = {'in_distribution': {'num_examples': 400, **block(3.0, with_reliability=True)}}
+  per_pair = {f'{c}_{s}': block(3.0 / s) for c in CORRUPTIONS for s in SEVERITIES}
+  views = [((), lambda b: b)] + ([(('calibrated',), lambda b: b['calibrated'])] if calibrate else [])
+  per_severity, mean = {}, {}
+  for path, view in views:
+    spread = {str(s): {m: metrics.summary([view(per_pair[f'{c}_{s}'])[m] for c in CORRUPTIONS])
+                       for m in metrics.CLASSIFICATION_METRICS} for s in SEVERITIES}
+    average = {m: float(np.mean([view(b)[m] for b in per_pair.values()])) for m in metrics.CLASSIFICATION_METRICS}
+    if path:
+      for s in spread:
+        per_severity[s]['calibrated'] = spread[s]
+      mean['calibrated'] = average
+    else:
+      per_severity, mean = spread, average
+  results['corrupted'] = {'per_pair': per_pair, 'per_severity': per_severity, 'mean': mean}
+  if calibrate:
+    results['calibration'] = {'calibrator': 'temperature', 'temperature': 2.0, 'validation_examples': 40}
+  results['ood'] = {'svhn': {'max_softmax': {'auroc': 0.9}}}
   return results
 
 
@@ -73,7 +106,8 @@ def test_reliability_diagram_rejects_other_dicts():
 
 def test_shift_box_data_is_the_evaluators_values():
   results = {'CE': _results(0), 'OvA DM': _results(1)}
-  for metric in ('ece', 'accuracy', 'nll'):
+  assert set(plots._SHIFT_METRICS) == set(metrics.CLASSIFICATION_METRICS)  # every metric the evaluator writes
+  for metric in metrics.CLASSIFICATION_METRICS:
     data = plots.shift_box_data(results, metric)
     assert list(data) == ['CE', 'OvA DM']
     for method, by_severity in data.items():
@@ -83,6 +117,68 @@ def test_shift_box_data_is_the_evaluators_values():
         assert by_severity[s] == [results[method]['corrupted']['per_pair'][f'{c}_{s}'][metric] for c in CORRUPTIONS]
   with pytest.raises(ValueError, match='metric'):
     plots.shift_box_data(results, 'auroc')
+  # Results written before the evaluator reported Brier: the error names the method, level and metric.
+  old = {'in_distribution': {'accuracy': 0.9, 'ece': 0.1, 'nll': 0.3}}
+  with pytest.raises(ValueError, match=r"'CE' has no 'brier' in in_distribution"):
+    plots.shift_box_data({'CE': old}, 'brier')
+
+
+@pytest.mark.parametrize('metric,label', [('brier', 'Brier score'), ('aurc', 'AURC'), ('adaptive_ece', 'Adaptive ECE')])
+def test_shift_box_plots_of_the_new_metrics(metric, label):
+  results = {'CE': _results(0), 'OvA': _results(2)}
+  data = plots.shift_box_data(results, metric)
+  fig = plots.shift_box_plots(results, metric=metric)
+  (ax,) = fig.axes
+  for box, box_values in zip(ax.patches, [v for by_severity in data.values() for v in by_severity.values()]):
+    ys = box.get_path().vertices[:, 1]
+    np.testing.assert_allclose([ys.min(), ys.max()], np.percentile(box_values, [25, 75]))
+  assert ax.get_ylabel() == label
+
+
+def test_calibrated_moves_exactly_the_calibrated_blocks():
+  results = _results(0, calibrate=True)
+  frozen = copy.deepcopy(results)
+  out = plots.calibrated(results)
+  assert results == frozen  # the input is untouched
+  ind = results['in_distribution']
+  assert out['in_distribution'] == {**ind['calibrated'], 'num_examples': 400}
+  assert 'reliability' in out['in_distribution']  # reliability_diagram(calibrated(r)) draws the calibrated bins
+  assert set(out['corrupted']['per_pair']) == set(results['corrupted']['per_pair'])
+  for pair, block in results['corrupted']['per_pair'].items():
+    assert out['corrupted']['per_pair'][pair] == block['calibrated']
+  for s, block in results['corrupted']['per_severity'].items():
+    assert out['corrupted']['per_severity'][s] == block['calibrated']
+  assert out['corrupted']['mean'] == results['corrupted']['mean']['calibrated']
+  for key in ('ood', 'calibration'):
+    assert out[key] == results[key]
+  # Temperature scaling keeps every argmax, and T = 2 softens these over-confident mock models.
+  assert out['in_distribution']['accuracy'] == ind['accuracy']
+  assert out['in_distribution']['ece'] != ind['ece']
+  # The "+TS" variant is just another method of the box plots, drawing the calibrated values.
+  data = plots.shift_box_data({'CE': results, 'CE+TS': out}, 'ece')
+  assert data['CE+TS'][0] == [ind['calibrated']['ece']]
+  assert data['CE+TS'][3] == [results['corrupted']['per_pair'][f'{c}_3']['calibrated']['ece'] for c in CORRUPTIONS]
+  assert plots.calibrated_label('CE', results) == 'CE+TS'
+  assert plots.calibrated_label('OvA', {'calibration': {'calibrator': 'platt'}}) == 'OvA+Platt'
+  bars = plots.reliability_diagram(out).axes[0].containers[0]
+  np.testing.assert_allclose([b.get_height() for b in bars], ind['calibrated']['reliability']['accuracy'])
+
+
+def test_calibrated_says_why_there_is_nothing_to_move():
+  raw = _results(0)  # evaluated with validation_fraction=0: no 'calibrated' blocks
+  with pytest.raises(ValueError, match=r'validation_fraction=0.*embedding'):
+    plots.calibrated(raw)
+  with pytest.raises(ValueError, match='validation_fraction=0'):
+    plots.calibrated_label('CE', raw)
+  once = plots.calibrated(_results(0, calibrate=True))
+  with pytest.raises(ValueError, match='no "calibrated" block'):
+    plots.calibrated(once)  # calibrating twice is an error, not a silent no-op
+  partial = _results(0, calibrate=True)
+  del partial['corrupted']['per_pair']['motion_blur_2']['calibrated']
+  with pytest.raises(ValueError, match='motion_blur_2'):
+    plots.calibrated(partial)
+  with pytest.raises(ValueError, match='in_distribution'):
+    plots.calibrated({'ood': {}})  # an embedding model's results
 
 
 def test_shift_box_plots_draw_quartiles_and_extremes():
@@ -150,6 +246,42 @@ def test_accuracy_vs_confidence_plots_the_data():
     np.testing.assert_allclose(kept_ax.lines[i].get_ydata(), data['fraction'])
   with pytest.raises(ValueError, match=r'\[-1, 5\)'):
     plots.accuracy_vs_confidence_data(inputs['CE'][0], np.full(400, 5), [0.5])
+
+
+def test_risk_coverage_lines_are_the_calibration_curves():
+  rng = np.random.default_rng(5)
+  probs, labels = _probs(rng, n=300, k=4, sharpness=1.0)
+  probs = np.round(probs, 2)  # ties: the curve averages them
+  ova = rng.uniform(size=(200, 3))  # one-vs-all rows need not sum to one
+  ova_labels = rng.integers(0, 3, 200)
+  precomputed = calibration.risk_coverage_curve(ova, ova_labels)
+  subsampled = {'coverage': precomputed['coverage'][::10], 'risk': precomputed['risk'][::10], 'aurc': 0.25}
+  fig = plots.risk_coverage({'CE': (probs, labels), 'OvA': precomputed, 'OvA (every 10th)': subsampled},
+                            title='Test')
+  (ax,) = fig.axes
+  expected = calibration.risk_coverage_curve(probs, labels)
+  np.testing.assert_array_equal(ax.lines[0].get_xdata(), expected['coverage'])
+  np.testing.assert_array_equal(ax.lines[0].get_ydata(), expected['risk'])
+  np.testing.assert_array_equal(ax.lines[1].get_ydata(), precomputed['risk'])
+  np.testing.assert_array_equal(ax.lines[2].get_xdata(), precomputed['coverage'][::10])
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert legend == [f'CE (AURC {calibration.aurc(probs, labels):.4f})',
+                    f'OvA (AURC {calibration.aurc(ova, ova_labels):.4f})', 'OvA (every 10th) (AURC 0.2500)']
+  data = plots.risk_coverage_data({'CE': (probs, labels)})
+  assert data['CE']['aurc'] == pytest.approx(calibration.aurc(probs, labels), abs=1e-15)
+  assert ax.get_title() == 'Test' and ax.get_xlim() == (0.0, 1.0)
+  fig.savefig(io.BytesIO(), format='png')
+
+
+def test_risk_coverage_rejects_bad_curves():
+  with pytest.raises(ValueError, match='missing risk'):
+    plots.risk_coverage({'CE': {'coverage': [0.5, 1.0]}})
+  with pytest.raises(ValueError, match='one shape'):
+    plots.risk_coverage({'CE': {'coverage': [0.5, 1.0], 'risk': [0.1]}})
+  with pytest.raises(TypeError, match=r'\(probs, labels\)'):
+    plots.risk_coverage({'CE': np.zeros((3, 2))})
+  with pytest.raises(ValueError, match='empty'):
+    plots.risk_coverage({})
 
 
 def test_score_histograms_are_densities_on_shared_bins():
