@@ -218,20 +218,21 @@ def _corrupted(exp, run, calibrate) -> dict[str, Any]:
     for severity in eval_config.severities:
       data = catalog.load_corrupted_set(exp.info, corruption, severity, data_dir=exp.config.get('data_dir'))
       per_pair[f'{corruption}_{severity}'] = _classification_block(exp, calibrate, run(data)['logits'], data.labels)
-  views = [((), lambda block: block)] + ([(('calibrated',), lambda block: block['calibrated'])] if calibrate else [])
-  out: dict[str, Any] = {'per_pair': per_pair, 'per_severity': {}, 'mean': {}}
-  for path, view in views:
-    per_severity = {str(s): _spread([view(per_pair[f'{c}_{s}']) for c in eval_config.corruptions])
-                    for s in eval_config.severities}
-    mean = {name: float(np.mean([view(block)[name] for block in per_pair.values()]))
-            for name in metrics.CLASSIFICATION_METRICS}
-    if path:
-      for severity, spread in per_severity.items():
-        out['per_severity'][severity]['calibrated'] = spread
-      out['mean']['calibrated'] = mean
-    else:
-      out['per_severity'], out['mean'] = per_severity, mean
-  return out
+  out: dict[str, Any] = _levels(eval_config, per_pair)
+  if calibrate is not None:
+    calibrated = _levels(eval_config, {pair: block['calibrated'] for pair, block in per_pair.items()})
+    for severity, spread in calibrated['per_severity'].items():
+      out['per_severity'][severity]['calibrated'] = spread
+    out['mean']['calibrated'] = calibrated['mean']
+  return {'per_pair': per_pair, **out}
+
+
+def _levels(eval_config, per_pair: dict[str, dict[str, float]]) -> dict[str, Any]:
+  """The spread of every metric over corruptions per severity, and its mean over all pairs."""
+  per_severity = {str(s): _spread([per_pair[f'{c}_{s}'] for c in eval_config.corruptions])
+                  for s in eval_config.severities}
+  mean = {name: float(np.mean([block[name] for block in per_pair.values()])) for name in metrics.CLASSIFICATION_METRICS}
+  return {'per_severity': per_severity, 'mean': mean}
 
 
 def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:

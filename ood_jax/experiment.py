@@ -89,8 +89,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_init_from(config, method)
   _check_base_model(config, method)
   _check_eval(config.eval, method)
-  if not 0.0 <= config.get('validation_fraction', 0.0) <= 0.5:
-    raise ValueError(f'validation_fraction must lie in [0, 0.5], got {config.validation_fraction}.')
+  catalog.check_validation_fraction(config.get('validation_fraction', 0.0))
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')

@@ -62,8 +62,11 @@ def _append_jsonl(path: str, record: dict) -> None:
       f.write(json.dumps(record) + '\n')
 
 
-def _batches(exp: experiment_lib.Experiment, train_data: sources.ArrayData, mesh):
-  """step → the global training batch ('image', 'label' and, for outlier exposure, 'outlier')."""
+def _batches(exp: experiment_lib.Experiment, train_data: sources.ArrayData, mesh, wait):
+  """step → the global training batch ('image', 'label' and, for outlier exposure, 'outlier').
+
+  `wait` is the mesh's `sharding.program_barrier`, applied to each program that builds a batch.
+  """
   config = exp.config
   stream = pipeline.TrainStream(train_data.images, train_data.labels, global_batch_size=config.batch_size,
                                 seed=config.seed, mesh=mesh, augment=config.augment, mean=exp.mean, std=exp.std)
@@ -75,8 +78,6 @@ def _batches(exp: experiment_lib.Experiment, train_data: sources.ArrayData, mesh
                                     seed=config.seed)
     outliers = pipeline.outlier_stream(data.images, global_batch_size=cfg.batch_size, seed=config.seed, mesh=mesh,
                                        augment=cfg.get('augment') or config.augment, mean=exp.mean, std=exp.std)
-  wait = sharding.program_barrier(mesh)
-
   def batch_at(step):
     batch = wait(stream.batch(step))
     if outliers is not None:
@@ -93,7 +94,8 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh) -> step_lib.TrainS
   config = exp.config
   train_data, _ = catalog.load_train_and_validation(
       exp.info, validation_fraction=config.get('validation_fraction', 0.0), data_dir=config.get('data_dir'))
-  batch_at, steps_per_epoch = _batches(exp, train_data, mesh)
+  wait = sharding.program_barrier(mesh)
+  batch_at, steps_per_epoch = _batches(exp, train_data, mesh, wait)
   total_steps = config.get('num_steps') or config.num_epochs * steps_per_epoch
   schedule = optim.make_schedule(config.optimizer, steps_per_epoch, total_steps)
   optimizer = optim.make_optimizer(config.optimizer, schedule)
@@ -130,7 +132,6 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh) -> step_lib.TrainS
       in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0)
-  wait = sharding.program_barrier(mesh)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   log_every = config.get('log_every_steps', 100)

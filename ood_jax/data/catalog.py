@@ -25,6 +25,7 @@ FOLDER_PREFIX = 'folder:'
 __all__ = [
     'DIGITS_OUTLIERS',
     'check_ood_set',
+    'check_validation_fraction',
     'load_corrupted_set',
     'load_ood_set',
     'load_outlier_set',
@@ -70,6 +71,14 @@ def load_outlier_set(source: str, info: registry.DatasetInfo, *, data_dir: str |
                                channels=info.image_shape[-1], max_examples=max_examples, seed=seed)
 
 
+def check_validation_fraction(fraction) -> float:
+  """`fraction` as a float if it lies in [0, 0.5] (a held-out share of each class), else ValueError."""
+  fraction = float(fraction)
+  if not 0.0 <= fraction <= 0.5:
+    raise ValueError(f'validation_fraction must lie in [0, 0.5], got {fraction}.')
+  return fraction
+
+
 def split_validation(data: sources.ArrayData, fraction: float, *, seed: int = VALIDATION_SEED
                      ) -> tuple[sources.ArrayData, sources.ArrayData]:
   """(train, validation): a stratified, deterministic held-out part of a labelled training set.
@@ -87,9 +96,7 @@ def split_validation(data: sources.ArrayData, fraction: float, *, seed: int = VA
   Returns:
     `(train, validation)` ArrayData named '<name>:train' and '<name>:validation'.
   """
-  fraction = float(fraction)
-  if not 0.0 <= fraction <= 0.5:
-    raise ValueError(f'validation_fraction must lie in [0, 0.5], got {fraction}.')
+  fraction = check_validation_fraction(fraction)
   labels = np.asarray(data.labels)
   if labels.size and labels.min() < 0:
     raise ValueError(f'split_validation needs labelled data; {data.name} has label {labels.min()}.')
