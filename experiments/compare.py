@@ -5,19 +5,25 @@ r"""One table comparing finished runs: python -m experiments.compare <workdir> [
 
 Reads each run's results.json (written by experiments.train / experiments.evaluate) and prints, per
 run, accuracy, ECE and AUROC / FPR@95 of its default score on every OOD set, as
-`ood_jax.report.comparison_markdown`; --output also writes the table to a file.
+`ood_jax.report.comparison_markdown`; when every run was evaluated on a benchmark protocol
+(--benchmark), also the methods × detectors leaderboard (`ood_jax.leaderboard.compare_markdown`).
+--output also writes the tables to a file.
 """
 
 from absl import app
 from absl import flags
 
+from ood_jax import leaderboard
 from ood_jax import report
 
 
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError('Usage: python -m experiments.compare <workdir> [<workdir> ...] [--output=FILE]')
-  table = report.comparison_markdown(report.load_results(argv[1:]))
+  runs = report.load_results(argv[1:])
+  table = report.comparison_markdown(runs)
+  if all('benchmark' in results for results in runs.values()):
+    table += '\n' + leaderboard.compare_markdown(runs)
   if flags.FLAGS.output:
     with open(flags.FLAGS.output, 'w', encoding='utf-8') as f:
       f.write(table)

@@ -1,7 +1,12 @@
 r"""Evaluate the latest checkpoint of a run: python -m experiments.evaluate --workdir=<dir>.
 
-Uses the config the run saved in <workdir>/config.json; --config.eval.* style changes are made by
-passing --config=<file> explicitly. Writes <workdir>/results.json and results.md and prints the tables.
+  python -m experiments.evaluate --workdir=runs/digits --benchmark=digits --detectors=all
+  python -m experiments.evaluate --workdir=runs/c10_resnet18 --benchmark=openood_v1_5 --detectors=all
+
+Uses the config the run saved in <workdir>/config.json (or --config=<file>); --benchmark and
+--detectors override its eval.benchmark / eval.detectors. Each set's logits and features are cached
+in <workdir>/features, so adding a detector later does not run the model again. Writes
+<workdir>/results.json and results.md (with the leaderboard table for a benchmark) and prints them.
 """
 
 import os
@@ -13,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ood_jax import checkpoint
 from ood_jax import evaluate
 from ood_jax import report
 
@@ -23,12 +29,19 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax narrates every save at INFO; keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
-  print(report.markdown(evaluate.evaluate(flags.FLAGS.workdir, flags.FLAGS.config)))
+  workdir = flags.FLAGS.workdir
+  config = flags.FLAGS.config or checkpoint.load_config(workdir)
+  for field in ('benchmark', 'detectors'):
+    if flags.FLAGS[field].value is not None:
+      config.eval[field] = flags.FLAGS[field].value
+  print(report.markdown(evaluate.evaluate(workdir, config)))
 
 
 if __name__ == '__main__':
   # Defined here, not on import: importing two scripts must not define a flag twice.
   config_flags.DEFINE_config_file('config', None, 'Optional config file (default: the saved one).')
   flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
+  flags.DEFINE_string('benchmark', None, "Protocol of ood_jax.data.protocols, e.g. 'openood_v1_5' or 'digits'.")
+  flags.DEFINE_string('detectors', None, "Post-hoc detectors: 'all', or comma-separated names.")
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -20,6 +20,7 @@ positive class; FPR@95 / TNR@95 at TPR 95 %. Probabilities are the method's (sof
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from absl import logging
@@ -31,12 +32,15 @@ from ood_jax import checkpoint
 from ood_jax import detectors
 from ood_jax import embedding_eval
 from ood_jax import experiment as experiment_lib
+from ood_jax import feature_cache
 from ood_jax import inference
+from ood_jax import leaderboard
 from ood_jax import metrics
 from ood_jax import report
 from ood_jax import scores as scores_lib
 from ood_jax import sharding
 from ood_jax import step
+from ood_jax import tuning
 from ood_jax.data import catalog
 from ood_jax.data import sources
 from ood_jax.detectors import adapter
@@ -51,7 +55,8 @@ def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
 
 
 def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], num_classes: int,
-                       head=None) -> dict[str, Any]:
+                       head=None, validation: dict | None = None, validation_ood: dict[str, dict] | None = None
+                       ) -> dict[str, Any]:
   """OOD metrics of post-hoc detectors fitted on training outputs, one entry per detector.
 
   Args:
@@ -59,13 +64,17 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
     train: training-set outputs of `inference.run` ('features', 'labels', and 'logits' for a
       classifier), in training order.
     test: in-distribution test outputs ('features', and 'logits' for a classifier).
-    ood: OOD set name → its outputs.
+    ood: OOD test set name → its outputs.
     num_classes: K.
     head: the final dense layer's (kernel, bias), or None when the head is not affine.
+    validation: in-distribution validation outputs; with `validation_ood`, detectors with a grid are
+      tuned (`ood_jax.tuning.select`) on these two alone and scored on the test sets with the choice.
+    validation_ood: validation OOD set name → its outputs (never a test set).
 
   Returns:
-    {'ood': {set: {detector: metrics}}, 'ood_mean': {detector: metrics}} and, for detectors that
-    failed on this model, 'errors': {detector: message} (logged too).
+    {'ood': {set: {detector: metrics}}, 'ood_mean': {detector: metrics}}, 'tuning': {detector:
+    {'hparams', 'validation_auroc', 'candidates'}} for tuned detectors and, for detectors that failed
+    on this model, 'errors': {detector: message} (logged too).
   """
   has_logits = 'logits' in train
   available = {'features'} | ({'logits'} if has_logits else set()) | ({'head'} if head is not None else set())
@@ -73,24 +82,34 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
   keys = ('logits', 'features', 'labels') if has_logits else ('features', 'labels')
   batches = [{key: train[key][start:start + _FIT_BATCH] for key in keys}
              for start in range(0, len(train['labels']), _FIT_BATCH)]
+  tune = bool(validation_ood) and validation is not None and len(validation['features']) > 0
   # One call per detector over the test set and every OOD set together, then split.
   sets = [test] + list(ood.values())
   inputs = {key: np.concatenate([s[key] for s in sets]) for key in keys[:-1]}
   bounds = np.cumsum([len(s['features']) for s in sets])[:-1]
-  per_set, errors = {name: {} for name in ood}, {}
+  per_set, errors, tuned = {name: {} for name in ood}, {}, {}
   for det in chosen:
+    fit = lambda _det=det, **hp: _det.fit(batches, head=head, num_classes=num_classes, **hp)
     try:
-      state = det.fit(batches, head=head, num_classes=num_classes)
-      values = np.split(np.asarray(det.score(state, **inputs), np.float64), bounds)
+      hparams = {}
+      if tune and det.grid:
+        hparams, tuned[det.name] = tuning.select(
+            det, fit, validation_in={k: validation[k] for k in keys[:-1]}, validation_ood=validation_ood,
+            feature_dim=train['features'].shape[-1], num_classes=num_classes)
+      state = fit(**{k: v for k, v in hparams.items() if k in det.fit_params})
+      values = np.split(np.asarray(det.score(state, **inputs, **hparams), np.float64), bounds)
     except (ValueError, TypeError, np.linalg.LinAlgError) as e:
       logging.warning('detector %s failed on this model: %s', det.name, e)
       errors[det.name] = f'{type(e).__name__}: {e}'
+      tuned.pop(det.name, None)
       continue
     for name, out_scores in zip(ood, values[1:]):
       per_set[name][det.name] = metrics.ood_metrics(values[0], out_scores)
   block: dict[str, Any] = {'ood': per_set}
   if ood and any(per_set.values()):
     block['ood_mean'] = metrics.mean_over_sets(per_set)
+  if tuned:
+    block['tuning'] = tuned
   if errors:
     block['errors'] = errors
   return block
@@ -144,43 +163,79 @@ def _classification_block(exp, calibrate, logits, labels, *, with_reliability=Fa
   return block
 
 
-def evaluate_model(exp: experiment_lib.Experiment, variables, mesh) -> dict[str, Any]:
-  """All results of a trained model; see the module docstring."""
+def _feature_cache(exp, variables, workdir, names) -> feature_cache.FeatureCache | None:
+  if workdir is None or not exp.config.eval.get('feature_cache', True):
+    return None
+  config = exp.config
+  key = feature_cache.fingerprint(
+      variables, backbone=config.backbone, backbone_kwargs=config.get('backbone_kwargs', {}),
+      method=config.method, dtype=config.get('dtype'), mean=exp.mean, std=exp.std, names=names,
+      image_shape=exp.info.image_shape, data_dir=config.get('data_dir'), benchmark_dir=config.get('benchmark_dir'))
+  return feature_cache.FeatureCache(workdir, key)
+
+
+def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: str | None = None) -> dict[str, Any]:
+  """All results of a trained model; see the module docstring.
+
+  With `workdir`, each set's outputs are cached under <workdir>/features (`ood_jax.feature_cache`)
+  and reused while the weights are the same, so re-evaluating with other detectors or another
+  protocol runs the model only on sets it has not seen.
+  """
   config, info, method = exp.config, exp.info, exp.method
   data_dir = config.get('data_dir')
+  bench_dir = config.get('benchmark_dir')
   # A contrastive model's projection head returns unit embeddings where a classifier has logits.
   names = ('logits', 'features') if method.probabilities else ('embeddings', 'features')
+  plan = experiment_lib.evaluation_sets(config.eval, info.name)
+  catalog.check_prepared(plan.test_sets + plan.validation, benchmark_dir=bench_dir)
+  cache = _feature_cache(exp, variables, workdir, names)
 
   def run(data):
     labels = data.labels if data.labels.min() >= 0 else None
     return inference.run(inference.model_apply(exp.model), variables, data.images, labels, mesh=mesh,
                          batch_size=config.eval.batch_size, mean=exp.mean, std=exp.std, names=names)
 
-  test = sources.load_split(info.name, info.test_split, data_dir=data_dir)
-  train, validation = catalog.load_train_and_validation(
-      info, validation_fraction=config.get('validation_fraction', 0.0), data_dir=data_dir)
+  def outputs(key, load):
+    """The model's outputs on one set (with its labels, −1 for OOD), from the cache when it has them."""
+    out = cache.load(key) if cache else None
+    if out is None:
+      data = load()
+      out = {**run(data), 'labels': np.asarray(data.labels, np.int32)}
+      if cache:
+        cache.save(key, out)
+    return out
+
+  fraction = config.get('validation_fraction', 0.0)
+  split = functools.cache(lambda: catalog.load_train_and_validation(info, validation_fraction=fraction,
+                                                                    data_dir=data_dir))
+  ood_set = lambda name: outputs(name, lambda: catalog.load_ood_set(name, info, data_dir=data_dir,
+                                                                     benchmark_dir=bench_dir))
   spec = experiment_lib.detector_names(config.eval.get('detectors', ''))
-  test_out = run(test)
-  ood_out = {name: run(catalog.load_ood_set(name, info, data_dir=data_dir)) for name in config.eval.ood_sets}
+  test_out = outputs(f'{info.name}:{info.test_split}',
+                     lambda: sources.load_split(info.name, info.test_split, data_dir=data_dir))
+  ood_out = {name: ood_set(name) for name in plan.test_sets}
   spec = spec if ood_out else ()  # detectors are scored against OOD sets only
-  train_out = run(train) if spec or method.probabilities is None else None
+  train_out = (outputs(f'{info.name}:{info.train_split}-validation@{fraction}', lambda: split()[0])
+               if spec or method.probabilities is None else None)
+  validation_out = (outputs(f'{info.name}:validation@{fraction}', lambda: split()[1])
+                    if fraction > 0 and (spec or method.probabilities) else None)
   results: dict[str, Any] = {'dataset': info.name, 'backbone': config.backbone, 'method': method.name,
                              'default_score': method.scores[0]}
 
   if method.probabilities is None:
     block = embedding_eval.evaluate_embeddings(train_out, test_out, ood_out, num_classes=info.num_classes,
-                                               k=min(config.eval.get('knn_k', 50), len(train)))
+                                               k=min(config.eval.get('knn_k', 50), len(train_out['labels'])))
     results.update(block)
     if block['ood']:
       results['ood_mean'] = metrics.mean_over_sets(block['ood'])
   else:
     calibrate = None
-    if len(validation):
-      summary, calibrate = _calibrator(method, run(validation)['logits'], validation.labels)
-      results['calibration'] = {**summary, 'validation_examples': len(validation)}
+    if validation_out is not None:
+      summary, calibrate = _calibrator(method, validation_out['logits'], validation_out['labels'])
+      results['calibration'] = {**summary, 'validation_examples': len(validation_out['labels'])}
     results['in_distribution'] = {
-        'num_examples': len(test),
-        **_classification_block(exp, calibrate, test_out['logits'], test.labels, with_reliability=True)}
+        'num_examples': len(test_out['labels']),
+        **_classification_block(exp, calibrate, test_out['logits'], test_out['labels'], with_reliability=True)}
     in_scores = score_all(test_out['logits'], method.scores)
     ood = {}
     for name, out in ood_out.items():
@@ -195,10 +250,19 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh) -> dict[str,
   if spec:
     head = adapter.head_weights(variables, 'head') if method.head == 'dense' else None
     without_embeddings = lambda out: {k: v for k, v in out.items() if k != 'embeddings'}
+    validation_ood = {name: without_embeddings(ood_set(name)) for name in plan.validation}
+    if validation_ood and validation_out is None:
+      logging.warning('eval: validation OOD sets are given but validation_fraction is 0, so detectors keep '
+                      'their default hyperparameters.')
     results['detectors'] = evaluate_detectors(
         spec, train=without_embeddings(train_out), test=without_embeddings(test_out),
         ood={name: without_embeddings(out) for name, out in ood_out.items()}, num_classes=info.num_classes,
-        head=None if head is None else tuple(np.asarray(w) for w in head))
+        head=None if head is None else tuple(np.asarray(w) for w in head),
+        validation=None if validation_out is None else without_embeddings(validation_out),
+        validation_ood=validation_ood)
+  if plan.protocol:
+    results['benchmark'] = leaderboard.benchmark_block(results, protocol=plan.protocol, groups=plan.groups,
+                                                       validation=plan.validation)
   return results
 
 
@@ -241,6 +305,6 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None) -> d
   mesh = sharding.make_mesh()
   restored = checkpoint.restore(workdir, sharding=sharding.replicated(mesh))
   variables = step.model_variables(restored['params'], restored.get('batch_stats'))
-  results = evaluate_model(exp, variables, mesh)
+  results = evaluate_model(exp, variables, mesh, workdir=workdir)
   report.write_results(results, workdir)
   return results

@@ -7,15 +7,17 @@ metric is an O(n log n) sweep over the distinct score values, fast enough for mi
 
 Conventions:
 
-* Scores are "higher = more in-distribution". Detection metrics take `(in_scores, out_scores)` and
-  treat in-distribution (ID) as the POSITIVE class, as the IsoMax, ODIN, Mahalanobis and Energy
-  papers do. OpenOOD v1.5 instead reports FPR@95 with OOD as the positive class; numbers from this
-  module are therefore not directly comparable with its FPR column.
+* Scores are "higher = more in-distribution". Detection metrics take `(in_scores, out_scores)`
+  (not scikit-learn's `(y_true, y_score)`: 0/1 labels as the first argument raise TypeError).
+  AUROC and DTACC do not depend on which class is positive; FPR@95 does, and the field uses both:
+  `positive='id'` (the default; the IsoMax, ODIN, Mahalanobis and Energy papers) and
+  `positive='ood'` (OpenOOD v1.5, pytorch-ood). `ood_metrics` reports both, named
+  'fpr95_id_positive' and 'fpr95_ood_positive'.
 * `auroc` counts ties as one half (equal to `sklearn.metrics.roc_auc_score` with ID = 1).
 * `aupr_in` / `aupr_out` are average precision (`sklearn.metrics.average_precision_score`) with ID
   positive on the scores, and with OOD positive on the negated scores.
-* `fpr_at_tpr` picks the largest threshold t whose ID acceptance rate P_in(s >= t) reaches `tpr`
-  and reports P_out(s >= t); tied scores always share one threshold.
+* `fpr_at_tpr` picks the first threshold reaching `tpr` of the positive class and reports the
+  negatives on the wrong side of it; tied scores always share one threshold.
 * `detection_accuracy` is eq. 8 of the IsoMax paper (Macêdo et al., "Entropic Out-of-Distribution
   Detection") with equal priors:
   DTACC = 1 - min_delta {0.5 P_in(s < delta) + 0.5 P_out(s >= delta)}.
@@ -31,6 +33,7 @@ raise `ValueError` / `TypeError` naming the offending argument. They cannot be c
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -104,8 +107,26 @@ def _float64(name: str, x, *, ndim: int, allow_integer: bool = False) -> np.ndar
 
 def _scores(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
   """Both score vectors as float64; ±inf is legal (it sorts), NaN is not."""
-  return (_float64('in_scores', in_scores, ndim=1, allow_integer=True),
-          _float64('out_scores', out_scores, ndim=1, allow_integer=True))
+  ins = _float64('in_scores', in_scores, ndim=1, allow_integer=True)
+  outs = _float64('out_scores', out_scores, ndim=1, allow_integer=True)
+  _check_argument_order(in_scores, out_scores)  # after the checks above: both are concrete, rank 1
+  return ins, outs
+
+
+def _check_argument_order(in_scores, out_scores) -> None:
+  """TypeError for scikit-learn's `(y_true, y_score)` order, which would otherwise return a number.
+
+  The tell: a first argument of integers that are all 0 or 1, as long as a floating second argument
+  (boolean arguments are refused by the dtype check already). Integer scores are legal, but 0/1 ID
+  scores beside float OOD scores of exactly the same length are not a plausible detector output.
+  """
+  first, second = np.asarray(in_scores), np.asarray(out_scores)
+  if (np.issubdtype(first.dtype, np.integer) and first.shape == second.shape
+      and np.issubdtype(second.dtype, np.floating) and np.all((first == 0) | (first == 1))):
+    raise TypeError(
+        "in_scores looks like 0/1 labels: ood_jax.metrics take (in_scores, out_scores), not scikit-learn's "
+        '(y_true, y_score). With labels y (1 = in-distribution) and scores s, call e.g. '
+        'metrics.auroc(s[y == 1], s[y == 0]).')
 
 
 def _labels(name: str, x, *, size: int, num_classes: int | None, match: str) -> np.ndarray:
@@ -130,6 +151,31 @@ def _positive_int(name: str, value) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # OOD detection.
+#
+# Every metric is a function of one `_Curve`: both score sets sorted once and the ID / OOD counts
+# at every distinct threshold. The public functions build it per call; `ood_metrics` builds it once
+# and derives every metric from it (one sort instead of one per metric).
+
+POSITIVE_CLASSES = ('id', 'ood')
+
+
+class _Curve:
+  """Counts at every distinct score value, in both directions.
+
+  Attributes (P ID scores, N OOD scores, T distinct values v_0 > v_1 > ... > v_{T-1}):
+    num_in, num_out: P and N.
+    tp, fp: [T] int64, number of ID / OOD scores >= v_i (ID positive, threshold walking down).
+    ood_tp, ood_fp: [T] int64, number of OOD / ID scores <= u_j for the same values in increasing
+      order u_j = v_{T-1-j} (OOD positive on the negated scores, threshold walking up).
+  """
+
+  def __init__(self, ins: np.ndarray, outs: np.ndarray):
+    self.num_in, self.num_out = ins.size, outs.size
+    self.tp, self.fp = _roc_counts(ins, outs)
+    # #OOD <= v_i = N - #OOD > v_i = N - fp[i-1]: the other direction needs no second sort.
+    previous = lambda counts: np.concatenate([[0], counts[:-1]])
+    self.ood_tp = (self.num_out - previous(self.fp))[::-1]
+    self.ood_fp = (self.num_in - previous(self.tp))[::-1]
 
 
 def _roc_counts(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,11 +205,47 @@ def _roc_counts(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarr
   return tp.astype(np.int64), fp.astype(np.int64)
 
 
+def _curve(in_scores, out_scores) -> _Curve:
+  return _Curve(*_scores(in_scores, out_scores))
+
+
+def _auroc(curve: _Curve) -> float:
+  # Trapezoids in integer arithmetic are exact: each step adds d_fp * (tp_prev + tp) / 2, which
+  # is exactly half a tie's worth of area. int64 holds 2 * P * N for P, N up to ~2e9.
+  tp_prev = np.concatenate([[0], curve.tp[:-1]])
+  dfp = np.diff(curve.fp, prepend=0)
+  twice_area = int(np.sum(dfp * (curve.tp + tp_prev)))
+  return twice_area / (2.0 * curve.num_in * curve.num_out)
+
+
+def _average_precision(tp: np.ndarray, fp: np.ndarray, num_positive: int) -> float:
+  """Average precision Σ_n (R_n - R_{n-1}) P_n from the positive / negative counts per threshold."""
+  precision = tp / (tp + fp)
+  recall_step = np.diff(tp, prepend=0) / num_positive
+  return float(np.sum(recall_step * precision))
+
+
+def _fpr(curve: _Curve, tpr: float, positive: str) -> float:
+  tp, fp, num_pos, num_neg = ((curve.tp, curve.fp, curve.num_in, curve.num_out) if positive == 'id' else
+                              (curve.ood_tp, curve.ood_fp, curve.num_out, curve.num_in))
+  # Same float expression as scikit-learn (tp / P) so the ">=" comparison agrees bit for bit;
+  # the last entry has tp / P == 1 > tpr, so argmax always finds a True.
+  first = int(np.argmax(tp / num_pos >= tpr))
+  return float(fp[first] / num_neg)
+
+
+def _dtacc(curve: _Curve) -> float:
+  error = 0.5 * (curve.num_in - curve.tp) / curve.num_in + 0.5 * curve.fp / curve.num_out
+  # 0.5 is the "reject everything" candidate. It ties with the last entry ("accept everything",
+  # error exactly 0.5), so it never changes the minimum; it is kept to spell out the candidate set.
+  return float(1.0 - min(0.5, float(error.min())))
+
+
 def auroc(in_scores, out_scores) -> float:
-  """Area under the ROC curve, ID positive; ties count one half.
+  """Area under the ROC curve; ties count one half. The same whichever class is positive.
 
   Equal to the Mann-Whitney probability P(s_in > s_out) + 0.5 P(s_in = s_out), i.e.
-  `sklearn.metrics.roc_auc_score(y, s)` with y = 1 for ID.
+  `sklearn.metrics.roc_auc_score(y, s)` with y = 1 for ID (and `roc_auc_score(1 - y, -s)`).
 
   Args:
     in_scores: [P] scores of in-distribution examples (higher = more ID).
@@ -171,23 +253,12 @@ def auroc(in_scores, out_scores) -> float:
 
   Returns:
     AUROC in [0, 1] as a Python float.
+
+  Example:
+    >>> metrics.auroc([0.9, 0.8], [0.1, 0.85])   # 3 of 4 pairs ordered
+    0.75
   """
-  ins, outs = _scores(in_scores, out_scores)
-  tp, fp = _roc_counts(ins, outs)
-  # Trapezoids in integer arithmetic are exact: each step adds d_fp * (tp_prev + tp) / 2, which
-  # is exactly half a tie's worth of area. int64 holds 2 * P * N for P, N up to ~2e9.
-  tp_prev = np.concatenate([[0], tp[:-1]])
-  dfp = np.diff(fp, prepend=0)
-  twice_area = int(np.sum(dfp * (tp + tp_prev)))
-  return twice_area / (2.0 * ins.size * outs.size)
-
-
-def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
-  """Average precision Σ_n (R_n - R_{n-1}) P_n over distinct thresholds, `pos` the positives."""
-  tp, fp = _roc_counts(pos, neg)
-  precision = tp / (tp + fp)
-  recall_step = np.diff(tp, prepend=0) / pos.size
-  return float(np.sum(recall_step * precision))
+  return _auroc(_curve(in_scores, out_scores))
 
 
 def aupr_in(in_scores, out_scores) -> float:
@@ -195,7 +266,8 @@ def aupr_in(in_scores, out_scores) -> float:
 
   Step-wise, as `sklearn.metrics.average_precision_score(y, s)` with y = 1 for ID:
   AP = Σ_n (R_n - R_{n-1}) P_n over the distinct thresholds, from the highest score down. Not the
-  trapezoidal area, which is optimistic for PR curves.
+  trapezoidal area (`sklearn.metrics.auc(recall, precision)`, which OpenOOD and pytorch-ood
+  report): that is optimistic for PR curves and slightly higher.
 
   Args:
     in_scores: [P] scores of in-distribution examples (higher = more ID).
@@ -204,8 +276,8 @@ def aupr_in(in_scores, out_scores) -> float:
   Returns:
     AUPR-In in (0, 1] as a Python float.
   """
-  ins, outs = _scores(in_scores, out_scores)
-  return _average_precision(ins, outs)
+  curve = _curve(in_scores, out_scores)
+  return _average_precision(curve.tp, curve.fp, curve.num_in)
 
 
 def aupr_out(in_scores, out_scores) -> float:
@@ -220,8 +292,8 @@ def aupr_out(in_scores, out_scores) -> float:
   Returns:
     AUPR-Out in (0, 1] as a Python float.
   """
-  ins, outs = _scores(in_scores, out_scores)
-  return _average_precision(-outs, -ins)
+  curve = _curve(in_scores, out_scores)
+  return _average_precision(curve.ood_tp, curve.ood_fp, curve.num_out)
 
 
 def _tpr_arg(tpr) -> float:
@@ -233,44 +305,64 @@ def _tpr_arg(tpr) -> float:
   return tpr
 
 
-def fpr_at_tpr(in_scores, out_scores, *, tpr: float = 0.95) -> float:
-  """False-positive rate (OOD accepted as ID) at the first threshold reaching the given TPR.
+def _positive_arg(positive) -> str:
+  if positive not in POSITIVE_CLASSES:
+    raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}.")
+  return positive
 
-  The threshold t is the largest score such that P_in(s >= t) >= tpr; the result is
-  P_out(s >= t). This equals the FPR of `sklearn.metrics.roc_curve(y, s,
-  drop_intermediate=False)` (y = 1 for ID) at the first point whose TPR >= tpr. Tied scores share
-  one threshold, so with heavy ties the achieved TPR may exceed `tpr`. ID is positive here;
-  OpenOOD v1.5's FPR@95 treats OOD as positive and is a different number.
+
+def fpr_at_tpr(in_scores, out_scores, *, tpr: float = 0.95, positive: str = 'id') -> float:
+  """False-positive rate at the first threshold reaching the given true-positive rate.
+
+  The field uses two conventions, and they give different numbers:
+
+  * `positive='id'` (the IsoMax, ODIN, Mahalanobis and Energy papers): the fraction of OOD accepted
+    as ID when `tpr` of the ID examples are kept. The threshold t is the largest score with
+    P_in(s >= t) >= tpr; the result is P_out(s >= t).
+  * `positive='ood'` (OpenOOD v1.5, pytorch-ood, torch-uncertainty): the fraction of ID rejected
+    when `tpr` of the OOD examples are caught. The threshold t is the smallest score with
+    P_out(s <= t) >= tpr; the result is P_in(s <= t).
+
+  Each equals the FPR of `sklearn.metrics.roc_curve(y, s, drop_intermediate=False)` at the first
+  point whose TPR >= tpr, with y = 1 for ID (positive='id') or `roc_curve(y, -s, ...)` with y = 1
+  for OOD (positive='ood'). OpenOOD keeps scikit-learn's default drop_intermediate=True, which can
+  skip the first such point only when two consecutive thresholds add the same (ID, OOD) counts,
+  i.e. with repeated ties. Tied scores share one threshold, so with heavy ties the achieved TPR may
+  exceed `tpr`.
 
   Args:
     in_scores: [P] scores of in-distribution examples (higher = more ID).
     out_scores: [N] scores of OOD examples.
     tpr: target true-positive rate in (0, 1).
+    positive: 'id' or 'ood', the positive class.
 
   Returns:
     FPR in [0, 1] as a Python float.
+
+  Example:
+    >>> ins, outs = [4.0, 3.0, 2.0, 1.0], [2.5, 0.0, -1.0, -2.0]
+    >>> metrics.fpr_at_tpr(ins, outs, tpr=0.75)                  # keep 3 ID (s >= 2): 1 OOD in
+    0.25
+    >>> metrics.fpr_at_tpr(ins, outs, tpr=0.75, positive='ood')  # catch 3 OOD (s <= 0): no ID out
+    0.0
   """
-  tpr = _tpr_arg(tpr)
-  ins, outs = _scores(in_scores, out_scores)
-  tp, fp = _roc_counts(ins, outs)
-  # Same float expression as scikit-learn (tp / P) so the ">=" comparison agrees bit for bit;
-  # the last entry has tp / P == 1 > tpr, so argmax always finds a True.
-  first = int(np.argmax(tp / ins.size >= tpr))
-  return float(fp[first] / outs.size)
+  tpr, positive = _tpr_arg(tpr), _positive_arg(positive)
+  return _fpr(_curve(in_scores, out_scores), tpr, positive)
 
 
-def tnr_at_tpr(in_scores, out_scores, *, tpr: float = 0.95) -> float:
-  """True-negative rate (OOD rejected) at the TPR threshold: 1 - `fpr_at_tpr`.
+def tnr_at_tpr(in_scores, out_scores, *, tpr: float = 0.95, positive: str = 'id') -> float:
+  """True-negative rate at the TPR threshold: 1 - `fpr_at_tpr` (same conventions).
 
   Args:
     in_scores: [P] scores of in-distribution examples (higher = more ID).
     out_scores: [N] scores of OOD examples.
     tpr: target true-positive rate in (0, 1).
+    positive: 'id' (OOD rejected when `tpr` of ID is kept: the IsoMax paper's "TNR@TPR95") or 'ood'.
 
   Returns:
-    TNR in [0, 1] as a Python float (the IsoMax paper's "TNR@TPR95" for tpr = 0.95).
+    TNR in [0, 1] as a Python float.
   """
-  return 1.0 - fpr_at_tpr(in_scores, out_scores, tpr=tpr)
+  return 1.0 - fpr_at_tpr(in_scores, out_scores, tpr=tpr, positive=positive)
 
 
 def detection_accuracy(in_scores, out_scores) -> float:
@@ -280,7 +372,7 @@ def detection_accuracy(in_scores, out_scores) -> float:
   of a threshold rule "ID iff s >= delta". Only the accepted set matters, so delta ranges over
   every distinct score plus one value above all scores (everything rejected, error 0.5); the
   paper's form with "<=" and ">" over real delta gives the same accepted sets. Equivalently
-  DTACC = 0.5 + 0.5 max(0, max_delta (TPR - FPR)), so DTACC >= 0.5.
+  DTACC = 0.5 + 0.5 max(0, max_delta (TPR - FPR)), so DTACC >= 0.5. Symmetric in the classes.
 
   Args:
     in_scores: [P] scores of in-distribution examples (higher = more ID).
@@ -289,12 +381,7 @@ def detection_accuracy(in_scores, out_scores) -> float:
   Returns:
     DTACC in [0.5, 1] as a Python float.
   """
-  ins, outs = _scores(in_scores, out_scores)
-  tp, fp = _roc_counts(ins, outs)
-  error = 0.5 * (ins.size - tp) / ins.size + 0.5 * fp / outs.size
-  # 0.5 is the "reject everything" candidate. It ties with the last entry ("accept everything",
-  # error exactly 0.5), so it never changes the minimum; it is kept to spell out the candidate set.
-  return float(1.0 - min(0.5, float(error.min())))
+  return _dtacc(_curve(in_scores, out_scores))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,15 +618,33 @@ OOD_METRICS = {
     'auroc': auroc,
     'aupr_in': aupr_in,
     'aupr_out': aupr_out,
-    'fpr95': fpr_at_tpr,
-    'tnr95': tnr_at_tpr,
+    'fpr95_id_positive': functools.partial(fpr_at_tpr, positive='id'),
+    'fpr95_ood_positive': functools.partial(fpr_at_tpr, positive='ood'),
+    'tnr95_id_positive': functools.partial(tnr_at_tpr, positive='id'),
     'dtacc': detection_accuracy,
 }
 
 
 def ood_metrics(in_scores, out_scores) -> dict[str, float]:
-  """Every metric of `OOD_METRICS` (ID positive, TPR 95 %) of one score on one OOD set."""
-  return {name: fn(in_scores, out_scores) for name, fn in OOD_METRICS.items()}
+  """Every metric of `OOD_METRICS` of one score on one OOD set, from one sort of the scores.
+
+  Keys: 'auroc', 'aupr_in', 'aupr_out' (average precision, ID / OOD positive), 'fpr95_id_positive'
+  (OOD accepted at 95 % ID kept: IsoMax, ODIN, Energy papers), 'fpr95_ood_positive' (ID rejected at
+  95 % OOD caught: OpenOOD v1.5, pytorch-ood), 'tnr95_id_positive' (1 - fpr95_id_positive, the IsoMax
+  paper's TNR@TPR95) and 'dtacc'. Each value equals the function of the same name on the same
+  scores, bit for bit; this is several times faster than calling them one by one.
+  """
+  curve = _curve(in_scores, out_scores)
+  fpr_id = _fpr(curve, 0.95, 'id')
+  return {
+      'auroc': _auroc(curve),
+      'aupr_in': _average_precision(curve.tp, curve.fp, curve.num_in),
+      'aupr_out': _average_precision(curve.ood_tp, curve.ood_fp, curve.num_out),
+      'fpr95_id_positive': fpr_id,
+      'fpr95_ood_positive': _fpr(curve, 0.95, 'ood'),
+      'tnr95_id_positive': 1.0 - fpr_id,
+      'dtacc': _dtacc(curve),
+  }
 
 
 def mean_over_sets(per_set: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

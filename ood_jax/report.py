@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from ood_jax import leaderboard
 from ood_jax import metrics
 
 RESULTS_JSON = 'results.json'
@@ -31,8 +32,8 @@ def _calibrated_label(results: dict[str, Any]) -> str:
 
 
 def _ood_table(title: str, per_set: dict, mean: dict | None, first: str) -> list[str]:
-  lines = [title, '', f'| OOD set | {first} | AUROC | AUPR-In | AUPR-Out | FPR@95 | TNR@95 | DTACC |',
-           '|---|---|---:|---:|---:|---:|---:|---:|']
+  lines = [title, '', f'| OOD set | {first} | AUROC | AUPR-In | AUPR-Out | FPR@95 (ID+) | FPR@95 (OOD+) '
+           '| TNR@95 (ID+) | DTACC |', '|---|---|---:|---:|---:|---:|---:|---:|---:|']
   rows = list(per_set.items()) + ([('**mean**', mean)] if mean else [])
   for set_name, per_score in rows:
     for score, values in per_score.items():
@@ -44,9 +45,9 @@ def _detector_table(block: dict[str, Any]) -> list[str]:
   """One row per detector: AUROC / FPR@95 (%) on every OOD set and their mean."""
   sets = list(block['ood'])
   names = list(block.get('ood_mean', {}))
-  lines = ['Post-hoc detectors (fitted on the training features; AUROC / FPR@95, %, ID positive):', '',
+  lines = ['Post-hoc detectors (fitted on the training features; AUROC / FPR@95 with ID positive, %):', '',
            '| detector | ' + ' | '.join(sets) + ' | mean |', '|---|' + '---:|' * (len(sets) + 1)]
-  pair = lambda values: f"{100 * values['auroc']:.2f} / {100 * values['fpr95']:.2f}"
+  pair = lambda values: f"{100 * values['auroc']:.2f} / {100 * values['fpr95_id_positive']:.2f}"
   for name in names:
     cells = [pair(block['ood'][s][name]) for s in sets] + [pair(block['ood_mean'][name])]
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
@@ -75,8 +76,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ['Accuracy and calibration of a linear probe on the frozen features. Embedding statistics '
               '(paper 003): mean MES radius {:.4f}, mean centroid cosine similarity {:.4f}.'.format(
                   in_dist['mes_radius_mean'], in_dist['dispersion_mean']), '']
+  if results.get('benchmark'):
+    lines += [leaderboard.markdown(results['benchmark'])]
   if results.get('ood'):
-    lines += _ood_table(f"OOD detection (ID positive; default score `{results['default_score']}`), percentages:",
+    lines += _ood_table(f"OOD detection (default score `{results['default_score']}`), percentages; FPR@95 with "
+                        'ID (ID+) or OOD (OOD+) as the positive class:',
                         results['ood'], results.get('ood_mean'), 'score')
   if results.get('detectors', {}).get('ood'):
     lines += _detector_table(results['detectors'])
@@ -120,8 +124,18 @@ def load_results(workdirs) -> dict[str, dict[str, Any]]:
       raise FileNotFoundError(f'{path} not found: train the run first, or evaluate its checkpoint with '
                               f'`python -m experiments.evaluate --workdir={workdir}`.')
     with open(path, encoding='utf-8') as f:
-      runs[workdir] = json.load(f)
+      runs[workdir] = json.load(f, object_hook=_upgrade_metric_names)
   return runs
+
+
+# ood_jax 0.1 wrote FPR@95 / TNR@95 (ID positive) under these names.
+_OLD_METRIC_NAMES = {'fpr95': 'fpr95_id_positive', 'tnr95': 'tnr95_id_positive'}
+
+
+def _upgrade_metric_names(block: dict) -> dict:
+  if 'auroc' in block:
+    block = {_OLD_METRIC_NAMES.get(key, key): value for key, value in block.items()}
+  return block
 
 
 def comparison_markdown(runs: dict[str, dict[str, Any]]) -> str:
@@ -141,11 +155,11 @@ def comparison_markdown(runs: dict[str, dict[str, Any]]) -> str:
   ood_names = list(dict.fromkeys(name for run in runs.values() for name in run.get('ood', {})))
   corrupted = any(run.get('corrupted') for run in runs.values())
   header = ['run', 'method', 'accuracy', 'ECE', 'score', *(f'{name} AUROC / FPR95' for name in ood_names)]
-  header += ['mean AUROC / FPR95'] if ood_names else []
+  header += ['mean AUROC / FPR95'] if ood_names else []  # FPR95: ID positive, as the papers
   header += ['shifted accuracy', 'shifted ECE'] if corrupted else []
   align = ['---', '---', '---:', '---:', '---'] + ['---:'] * (len(header) - 5)  # text left, numbers right
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(align) + '|']
-  pair = lambda values: f"{100 * values['auroc']:.1f} / {100 * values['fpr95']:.1f}"
+  pair = lambda values: f"{100 * values['auroc']:.1f} / {100 * values['fpr95_id_positive']:.1f}"
   for label, run in runs.items():
     score, in_dist = run['default_score'], run['in_distribution']
     row = [label, run['method'], f"{100 * in_dist['accuracy']:.2f} %", f"{in_dist['ece']:.4f}", score]

@@ -86,7 +86,7 @@ def test_constants_agree_with_registry():
 
 def test_shapes_dtypes_names_and_read_only():
   expected = {'digits': None, 'digits/near': 237, 'digits/photos': PHOTO_GRID,
-              'digits/gaussian_noise': 500, 'digits/uniform_noise': 500}
+              'digits/gaussian_noise': 500, 'digits/uniform_noise': 500, 'digits/validation': 119}
   names = []
   for data in _all_sets():
     names.append(data.name)
@@ -99,7 +99,7 @@ def test_shapes_dtypes_names_and_read_only():
     with pytest.raises(ValueError, match='read-only'):
       data.labels[0] = 1
   assert names == ['digits', 'digits', 'digits/near', 'digits/photos', 'digits/gaussian_noise',
-                   'digits/uniform_noise']
+                   'digits/uniform_noise', 'digits/validation']
 
 
 def test_counts_per_class_and_labels():

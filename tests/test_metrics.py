@@ -43,11 +43,14 @@ def _sklearn(ins, outs, tpr=0.95) -> dict[str, float]:
   y = np.concatenate([np.ones(ins.size), np.zeros(outs.size)])
   s = np.concatenate([ins, outs])
   fpr, tpr_curve, _ = skm.roc_curve(y, s, drop_intermediate=False)
+  # OpenOOD's convention: OOD positive on the negated scores.
+  fpr_ood, tpr_ood, _ = skm.roc_curve(1 - y, -s, drop_intermediate=False)
   return {
       'auroc': skm.roc_auc_score(y, s),
       'aupr_in': skm.average_precision_score(y, s),
       'aupr_out': skm.average_precision_score(1 - y, -s),
       'fpr': fpr[np.argmax(tpr_curve >= tpr)],
+      'fpr_ood_positive': fpr_ood[np.argmax(tpr_ood >= tpr)],
   }
 
 
@@ -57,6 +60,7 @@ def _ours(ins, outs, tpr=0.95) -> dict[str, float]:
       'aupr_in': metrics.aupr_in(ins, outs),
       'aupr_out': metrics.aupr_out(ins, outs),
       'fpr': metrics.fpr_at_tpr(ins, outs, tpr=tpr),
+      'fpr_ood_positive': metrics.fpr_at_tpr(ins, outs, tpr=tpr, positive='ood'),
   }
 
 
@@ -80,6 +84,44 @@ def _dtacc_brute_force(ins, outs) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Detection metrics against scikit-learn.
+
+
+def test_fpr_conventions_by_hand():
+  # ID 10, 9, ..., 1; OOD 8.5, 0.5, 0, -1 (one OOD among the ID scores, three below them).
+  ins, outs = np.arange(10, 0, -1.0), np.array([8.5, 0.5, 0.0, -1.0])
+  # ID positive, 90 % of ID kept (s >= 2): of the OOD only 8.5 is accepted -> 1/4.
+  assert metrics.fpr_at_tpr(ins, outs, tpr=0.9) == 0.25
+  # OOD positive, 75 % of OOD caught (s <= 0.5): no ID score is that low -> 0.
+  assert metrics.fpr_at_tpr(ins, outs, tpr=0.75, positive='ood') == 0.0
+  # 100 % of OOD needs s <= 8.5: ID 1..8 are rejected as well -> 8/10.
+  assert metrics.fpr_at_tpr(ins, outs, tpr=0.99, positive='ood') == 0.8
+  assert metrics.tnr_at_tpr(ins, outs, tpr=0.99, positive='ood') == pytest.approx(0.2)
+  # Each convention is the other with the classes swapped and the scores negated.
+  for tpr in (0.5, 0.75, 0.9, 0.99):
+    assert metrics.fpr_at_tpr(ins, outs, tpr=tpr, positive='ood') == metrics.fpr_at_tpr(-outs, -ins, tpr=tpr)
+  with pytest.raises(ValueError, match="'id' or 'ood'"):
+    metrics.fpr_at_tpr(ins, outs, positive='in')
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_ood_metrics_equal_the_functions_bitwise(kind):
+  ins, outs = _make_scores(kind, 0)
+  got = metrics.ood_metrics(ins, outs)
+  assert got == {name: fn(ins, outs) for name, fn in metrics.OOD_METRICS.items()}
+  assert got['fpr95_id_positive'] == metrics.fpr_at_tpr(ins, outs)
+  assert got['fpr95_ood_positive'] == metrics.fpr_at_tpr(-outs, -ins)
+  assert got['tnr95_id_positive'] == 1.0 - got['fpr95_id_positive']
+
+
+def test_sklearn_argument_order_is_refused():
+  rng = np.random.default_rng(0)
+  y, s = rng.integers(0, 2, 50), rng.normal(size=50)
+  for fn in (metrics.auroc, metrics.ood_metrics, metrics.fpr_at_tpr):
+    with pytest.raises(TypeError, match=r'auroc\(s\[y == 1\], s\[y == 0\]\)'):
+      fn(y, s)
+  # Integer scores stay legal when they are not 0/1 labels beside a float vector of equal length.
+  assert metrics.auroc(np.array([2, 3, 1]), np.array([0, 1, 0])) == pytest.approx(8.5 / 9)
+  assert metrics.auroc(np.array([1, 1, 0]), np.array([0.5, 0.1])) == pytest.approx(4 / 6)
 
 
 @pytest.mark.parametrize('seed', SEEDS)

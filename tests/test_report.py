@@ -10,10 +10,10 @@ from ood_jax import report
 
 def _fake_results(method, score, accuracy, ood, corrupted=None):
   results = {'method': method, 'default_score': score, 'in_distribution': {'accuracy': accuracy, 'ece': 0.0123},
-             'ood': {name: {score: {'auroc': a, 'fpr95': f}} for name, (a, f) in ood.items()}}
+             'ood': {name: {score: {'auroc': a, 'fpr95_id_positive': f}} for name, (a, f) in ood.items()}}
   if ood:
     results['ood_mean'] = {score: {'auroc': np.mean([a for a, _ in ood.values()]),
-                                   'fpr95': np.mean([f for _, f in ood.values()])}}
+                                   'fpr95_id_positive': np.mean([f for _, f in ood.values()])}}
   if corrupted:
     results['corrupted'] = {'mean': corrupted}
   return results

@@ -86,7 +86,7 @@ def test_train_evaluate_round_trip(tmp_path):
   for per_score in results['ood'].values():
     assert set(per_score) == {'entropic_score', 'max_softmax', 'max_logit'}
     for m in per_score.values():
-      assert 0.0 <= m['auroc'] <= 1.0 and m['tnr95'] == pytest.approx(1.0 - m['fpr95'])
+      assert 0.0 <= m['auroc'] <= 1.0 and m['tnr95_id_positive'] == pytest.approx(1.0 - m['fpr95_id_positive'])
   # Files a person and a script read.
   on_disk = json.loads((tmp_path / 'run' / 'results.json').read_text())
   assert on_disk['in_distribution']['accuracy'] == ind['accuracy']

@@ -14,13 +14,20 @@ RGB). Digits 0–5 are in-distribution; 6–9 are near-OOD, the same kind of ima
 | `load_ood('photos')`         | 64×64 patches of the two photos, 2 × 12 × 19 grid  |    456 | −1     |
 | `load_ood('gaussian_noise')` | N(0.5, 1) clipped to [0, 1], as in ODIN            |    500 | −1     |
 | `load_ood('uniform_noise')`  | U[0, 1), as in ODIN                                |    500 | −1     |
+| `load_ood('validation')`     | digits 6–9, ¼ of the train part (30 30 29 30)      |    119 | −1     |
+| `load_outliers()`            | digits 6–9, the rest of the train part             |    358 | −1     |
 | `load_corrupted(name, s)`    | the ID test split, 19 corruptions × severities 1–5 |    359 | 0..5   |
 
 Every image is uint8 [32, 32, 1]. OOD labels are `sources.OUTLIER_LABEL` (−1), like every other OOD
-set. The train part of digits 6–9 (477 images) is never returned, so the near-OOD images stay unseen
-even if a later outlier-exposure set draws on those classes. There is deliberately no single 'far'
+set. The test part of digits 6–9 is only ever the near-OOD test set, so it stays unseen by outlier
+exposure, whose pool is the train part of those classes. There is deliberately no single 'far'
 set: as in OpenOOD, metrics are computed per OOD set and then averaged, whereas concatenating photos
 and noise would let the set sizes choose the weights.
+
+The train part of digits 6–9 is split once more, as OpenOOD v1.5 splits TinyImageNet: a quarter of
+each class (drawn by `np.random.RandomState(1)`) is the validation OOD set on which detector
+hyperparameters are tuned (`ood_jax.data.protocols`, protocol 'digits'), the rest is the auxiliary
+outlier pool of outlier exposure, so no method trains on the images its detectors are tuned with.
 
 Why 32×32 when the digits are 8×8: every CIFAR backbone, the pad-4 random-crop augmentation and the
 CIFAR-C corruption parameters are defined at 32×32, so the digits benchmark runs exactly the code
@@ -63,7 +70,8 @@ ID_CLASSES = (0, 1, 2, 3, 4, 5)
 OOD_CLASSES = (6, 7, 8, 9)
 IMAGE_SIZE = 32
 SPLITS = ('train', 'test')
-OOD_SETS = ('near', 'photos', 'gaussian_noise', 'uniform_noise')
+OOD_SETS = ('near', 'photos', 'gaussian_noise', 'uniform_noise', 'validation')
+TEST_OOD_SETS = OOD_SETS[:-1]
 
 _SPLIT_SEED = 0
 _TEST_DIVISOR = 3  # ⌊n / 3⌋ of each class is test
@@ -72,6 +80,8 @@ _PATCH_SIZE = 64
 _PATCH_STRIDE = 32
 _NUM_NOISE = 500
 _NOISE_SEED = 0
+_VALIDATION_SEED = 1
+_VALIDATION_DIVISOR = 4  # ⌊n / 4⌋ of each class of the outlier pool is validation OOD
 
 
 def load_split(split: str) -> ArrayData:
@@ -96,7 +106,8 @@ def load_ood(name: str) -> ArrayData:
 
   Args:
     name: 'near' (test digits 6–9), 'photos' (patches of scikit-learn's two sample photos),
-      'gaussian_noise' or 'uniform_noise'.
+      'gaussian_noise', 'uniform_noise', or 'validation' (the held-out quarter of the train digits
+      6–9, for tuning; never a test set).
 
   Returns:
     ArrayData named 'digits/<name>': images uint8 [N, 32, 32, 1], labels all `sources.OUTLIER_LABEL`;
@@ -134,14 +145,14 @@ def load_corrupted(name: str, severity: int, *, corrupt_fn: ood_sets.CorruptFn |
 
 
 def load_outliers() -> ArrayData:
-  """Auxiliary outliers for outlier exposure: the 477 *train* digits of classes 6–9.
+  """Auxiliary outliers for outlier exposure: the *train* digits of classes 6–9 less the validation set.
 
-  Disjoint from every test set, but of the same classes as the near-OOD test set: a model trained
-  with them has seen near-OOD classes (as OE with 80M Tiny Images sees many test OOD classes), while
-  the far-OOD sets (photos, noise) stay unseen.
+  Disjoint from every test set and from `load_ood('validation')`, but of the same classes as the
+  near-OOD test set: a model trained with them has seen near-OOD classes (as OE with 80M Tiny
+  Images sees many test OOD classes), while the far-OOD sets (photos, noise) stay unseen.
 
   Returns:
-    ArrayData named 'digits/outliers': images uint8 [477, 32, 32, 1], labels all
+    ArrayData named 'digits/outliers': images uint8 [358, 32, 32, 1], labels all
     `sources.OUTLIER_LABEL`; shared, read-only.
   """
   return _outliers()
@@ -150,7 +161,7 @@ def load_outliers() -> ArrayData:
 @functools.lru_cache(maxsize=None)
 def _outliers() -> ArrayData:
   images, labels, is_test = _all_digits()
-  images = images[np.isin(labels, OOD_CLASSES) & ~is_test]
+  images = images[np.isin(labels, OOD_CLASSES) & ~is_test & ~_validation_mask(labels, is_test)]
   return _shared(ArrayData(images, np.full(len(images), sources.OUTLIER_LABEL, np.int32), 'digits/outliers'))
 
 
@@ -168,6 +179,9 @@ def _ood(name: str) -> ArrayData:
     images = images[np.isin(labels, OOD_CLASSES) & is_test]
   elif name == 'photos':
     images = _photo_patches()
+  elif name == 'validation':
+    images, labels, is_test = _all_digits()
+    images = images[_validation_mask(labels, is_test)]
   else:
     images = ood_sets.load_ood(name, image_size=(IMAGE_SIZE, IMAGE_SIZE), num_examples=_NUM_NOISE,
                                seed=_NOISE_SEED, channels=1).images
@@ -194,6 +208,16 @@ def _test_mask(labels: np.ndarray) -> np.ndarray:
     members = rng.permutation(np.flatnonzero(labels == digit))
     is_test[members[:len(members) // _TEST_DIVISOR]] = True
   return is_test
+
+
+def _validation_mask(labels: np.ndarray, is_test: np.ndarray) -> np.ndarray:
+  """True for ⌊n/4⌋ of the train examples of each OOD class, drawn by a seeded permutation."""
+  rng = np.random.RandomState(_VALIDATION_SEED)
+  mask = np.zeros(labels.shape, bool)
+  for digit in OOD_CLASSES:
+    members = rng.permutation(np.flatnonzero((labels == digit) & ~is_test))
+    mask[members[:len(members) // _VALIDATION_DIVISOR]] = True
+  return mask
 
 
 def _upsampling_matrix(size: int, factor: int) -> np.ndarray:

@@ -29,12 +29,14 @@ from ood_jax.data import sources
 _TFDS_SETS = {
     'cifar10': ('cifar10', 'test'),
     'cifar100': ('cifar100', 'test'),
+    'mnist': ('mnist', 'test'),
     'svhn_cropped': ('svhn_cropped', 'test'),
     'dtd': ('dtd', 'train+validation+test'),
     'places365_small': ('places365_small', 'test'),
 }
 _DEFAULT_NUM_EXAMPLES = {'places365_small': 10_000, 'gaussian_noise': 10_000, 'uniform_noise': 10_000}
 _FOLDER = 'folder:'
+_IMGLIST = 'imglist:'
 _IMAGE_SUFFIXES = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp'})
 
 CorruptFn = Callable[[np.ndarray, str, int, jax.Array], np.ndarray]
@@ -49,7 +51,7 @@ def _uniform_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
 
 
 _NOISE = {'gaussian_noise': _gaussian_noise, 'uniform_noise': _uniform_noise}
-OOD_SETS = (*_TFDS_SETS, *_NOISE, _FOLDER + '<path>')
+OOD_SETS = (*_TFDS_SETS, *_NOISE, _FOLDER + '<path>', _IMGLIST + '<list file>[@<image root>]')
 
 
 def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size: tuple[int, int] = (32, 32),
@@ -61,7 +63,10 @@ def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size
       Textures images, every split), 'places365_small' (test split), 'gaussian_noise' (N(0.5, 1)
       clipped to [0, 1]), 'uniform_noise' (U[0, 1]), or 'folder:<path>': every PNG/JPEG/... file
       under <path>, recursively, in sorted path order (ODIN's LSUN / TinyImageNet / iSUN releases,
-      or a tfds.folder_dataset.ImageFolder tree root/<split>/<label>/*.png).
+      or a tfds.folder_dataset.ImageFolder tree root/<split>/<label>/*.png), or
+      'imglist:<list file>[@<image root>]': the images an OpenOOD benchmark_imglist file names, one
+      `<relative path> <label>` line each, read in file order from <image root> (default: the list
+      file's folder); the labels are ignored (every image is OOD here).
     data_dir: TFDS data directory; None means TFDS's default.
     image_size: (height, width) to resize to (Pillow antialiased bilinear, once, on the host).
     num_examples: a random subset of at most this many examples, in source order. None means the set's
@@ -85,6 +90,8 @@ def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size
 
   if name.startswith(_FOLDER):
     images = _load_folder(name[len(_FOLDER):], image_size, num_examples, seed)
+  elif name.startswith(_IMGLIST):
+    images = _load_image_list(name[len(_IMGLIST):], image_size, num_examples, seed)
   elif name in _NOISE:
     pixels = _NOISE[name](np.random.default_rng(seed), (num_examples, *image_size, channels))
     images = np.round(pixels * 255).astype(np.uint8)
@@ -168,6 +175,46 @@ def _load_folder(root: str, image_size: tuple[int, int], num_examples: int | Non
   if not files:
     raise sources.DatasetNotFoundError(
         f'OOD image folder {root!r} holds no image files ({", ".join(sorted(_IMAGE_SUFFIXES))}).')
+  keep = sources.choose(len(files), num_examples, seed)
+  if keep is not None:
+    files = [files[i] for i in keep]
+  return np.stack([_read_image(path, image_size) for path in files])
+
+
+def read_image_list(list_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[pathlib.Path]:
+  """The image paths of an OpenOOD-style image list, in file order.
+
+  Each non-empty line is `<path relative to image_root> <anything>` (OpenOOD writes the class label,
+  or a dict of extras, after the first space); blank lines are skipped.
+
+  Args:
+    list_file: the text file.
+    image_root: folder the paths are relative to; None means the list file's folder.
+
+  Returns:
+    Absolute paths. Raises DatasetNotFoundError for a missing list, an empty one or a listed image that
+    does not exist (naming the first few missing).
+  """
+  list_file = pathlib.Path(list_file)
+  if not list_file.is_file():
+    raise sources.DatasetNotFoundError(f'Image list {os.fspath(list_file)!r} does not exist.')
+  root = list_file.parent if image_root is None else pathlib.Path(image_root)
+  with open(list_file, encoding='utf-8') as f:
+    paths = [root / line.strip().split(' ', 1)[0] for line in f if line.strip()]
+  if not paths:
+    raise sources.DatasetNotFoundError(f'Image list {os.fspath(list_file)!r} names no image.')
+  missing = [path for path in paths if not path.is_file()]
+  if missing:
+    shown = ', '.join(os.fspath(path) for path in missing[:3])
+    raise sources.DatasetNotFoundError(
+        f'{len(missing)} of the {len(paths)} images of {os.fspath(list_file)!r} are missing under '
+        f'{os.fspath(root)!r} (e.g. {shown}); is the image root right?')
+  return paths
+
+
+def _load_image_list(spec: str, image_size: tuple[int, int], num_examples: int | None, seed: int) -> np.ndarray:
+  list_file, _, image_root = spec.partition('@')
+  files = read_image_list(list_file, image_root or None)
   keep = sources.choose(len(files), num_examples, seed)
   if keep is not None:
     files = [files[i] for i in keep]
