@@ -9,6 +9,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = 'cifar10'           # ood_jax.data.registry name
   c.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default, ~/tensorflow_datasets)
+  # True: TFDS may download and prepare missing datasets into data_dir (needs internet: Colab, a
+  # workstation). False never downloads: a missing dataset fails with the command that prepares it.
+  c.download = False
   c.backbone = 'resnet18'         # ood_jax.models.BACKBONES name (the head is the method's)
   c.backbone_kwargs = ml_collections.ConfigDict()  # backbone attribute overrides, e.g. dropout_rate
   c.method = 'softmax'            # ood_jax.methods.METHODS name; the method picks the head
@@ -39,7 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_head = 'auto'
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
+  c.checkpoint_every_minutes = 0.0  # > 0: also save when this much wall-clock time passed (long epochs)
   c.keep_checkpoints = 2
+  # Resume a workdir whose checkpoints were trained under a config that differs in a field that
+  # counts (ood_jax.checkpoint.RESUME_IGNORED_FIELDS lists those that do not); refused otherwise.
+  c.allow_config_change = False
   c.num_devices = 0               # 0: every device; n: the first n (e.g. to compare with 1 device)
   c.distributed = False           # jax.distributed.initialize() for multi-host runs
   c.eval = ml_collections.ConfigDict(dict(
@@ -48,7 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
       ood_sets=(), corruptions=(), severities=(1, 2, 3, 4, 5),
       # Post-hoc detectors (ood_jax.detectors) to fit on the training features and report: '' none,
       # 'all' (every one the model allows), or comma-separated names, e.g. 'react,vim,knn'.
-      detectors=''))
+      detectors='',
+      # A protocol of ood_jax.data.protocols ('openood_v1_5', 'digits', ...): its near/far test sets are
+      # evaluated (with ood_sets), detector hyperparameters tuned on its validation OOD sets, and results.md
+      # gets the leaderboard table. '' for none.
+      benchmark='',
+      validation_ood_sets=(),  # OOD sets for hyperparameter tuning without a protocol (never test sets)
+      # Cache each set's logits / features in <workdir>/features (keyed by a hash of the weights), so a
+      # re-evaluation with other detectors does not run the model again.
+      feature_cache=True))
+  # Folder of downloaded benchmark releases (openood/, odin/); None: $OOD_JAX_BENCHMARK_DIR or ~/ood_jax_data.
+  c.benchmark_dir = config_dict.placeholder(str)
   return c
 
 

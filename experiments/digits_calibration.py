@@ -54,6 +54,7 @@ def run(workdir: str, output_dir: str, *, smoke: bool = False) -> dict:
     config.method = method
     config.optimizer.learning_rate = LEARNING_RATES[method]
     config.eval.ood_sets = ()
+    config.eval.benchmark = ''
     config.eval.corruptions = corruptions.BENCHMARK_CORRUPTIONS[:2] if smoke else corruptions.BENCHMARK_CORRUPTIONS
     results[label] = train.train_and_evaluate(config, os.path.join(workdir, method))
   os.makedirs(output_dir, exist_ok=True)

@@ -34,6 +34,8 @@ def main(argv):
   for field in ('benchmark', 'detectors'):
     if flags.FLAGS[field].value is not None:
       config.eval[field] = flags.FLAGS[field].value
+  if flags.FLAGS.download is not None:
+    config.download = flags.FLAGS.download
   print(report.markdown(evaluate.evaluate(workdir, config)))
 
 
@@ -43,5 +45,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
   flags.DEFINE_string('benchmark', None, "Protocol of ood_jax.data.protocols, e.g. 'openood_v1_5' or 'digits'.")
   flags.DEFINE_string('detectors', None, "Post-hoc detectors: 'all', or comma-separated names.")
+  flags.DEFINE_bool('download', None, 'Let TFDS download and prepare missing datasets (config.download).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -3,9 +3,14 @@ r"""Train and evaluate a method: python -m experiments.train --config=configs/<x
 Override any config field on the command line, e.g. --config.method=isomax --config.num_epochs=5.
 Re-running the same command after an interruption resumes from the latest checkpoint in workdir.
 Prints the results table at the end (also in <workdir>/results.md and results.json).
+
+Exit status: 0 finished; 75 (`train.PREEMPTED_EXIT_CODE`, os.EX_TEMPFAIL) a preemption notice (SIGTERM)
+stopped training after saving the last completed step: run the same command again to resume;
+anything else is an error (docs/fault_tolerance.md).
 """
 
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -24,7 +29,12 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax narrates every save at INFO; keep the progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
-  results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except train.PreemptedError as e:
+    logging.warning('%s', e)
+    sys.stdout.flush()
+    sys.exit(train.PREEMPTED_EXIT_CODE)
   print(report.markdown(results))
 
 

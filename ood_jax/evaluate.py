@@ -183,6 +183,7 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
   """
   config, info, method = exp.config, exp.info, exp.method
   data_dir = config.get('data_dir')
+  download = config.get('download', False)  # opt-in: TFDS downloads and prepares missing sets
   bench_dir = config.get('benchmark_dir')
   # A contrastive model's projection head returns unit embeddings where a classifier has logits.
   names = ('logits', 'features') if method.probabilities else ('embeddings', 'features')
@@ -207,12 +208,12 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
 
   fraction = config.get('validation_fraction', 0.0)
   split = functools.cache(lambda: catalog.load_train_and_validation(info, validation_fraction=fraction,
-                                                                    data_dir=data_dir))
+                                                                    data_dir=data_dir, download=download))
   ood_set = lambda name: outputs(name, lambda: catalog.load_ood_set(name, info, data_dir=data_dir,
-                                                                     benchmark_dir=bench_dir))
+                                                                     benchmark_dir=bench_dir, download=download))
   spec = experiment_lib.detector_names(config.eval.get('detectors', ''))
   test_out = outputs(f'{info.name}:{info.test_split}',
-                     lambda: sources.load_split(info.name, info.test_split, data_dir=data_dir))
+                     lambda: sources.load_split(info.name, info.test_split, data_dir=data_dir, download=download))
   ood_out = {name: ood_set(name) for name in plan.test_sets}
   spec = spec if ood_out else ()  # detectors are scored against OOD sets only
   train_out = (outputs(f'{info.name}:{info.train_split}-validation@{fraction}', lambda: split()[0])
@@ -280,7 +281,8 @@ def _corrupted(exp, run, calibrate) -> dict[str, Any]:
   per_pair = {}
   for corruption in eval_config.corruptions:
     for severity in eval_config.severities:
-      data = catalog.load_corrupted_set(exp.info, corruption, severity, data_dir=exp.config.get('data_dir'))
+      data = catalog.load_corrupted_set(exp.info, corruption, severity, data_dir=exp.config.get('data_dir'),
+                                        download=exp.config.get('download', False))
       per_pair[f'{corruption}_{severity}'] = _classification_block(exp, calibrate, run(data)['logits'], data.labels)
   out: dict[str, Any] = _levels(eval_config, per_pair)
   if calibrate is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from ood_jax import methods as methods_lib
 from ood_jax import models as models_lib
 from ood_jax import optim
 from ood_jax.data import catalog
+from ood_jax.data import protocols
 from ood_jax.data import registry
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -88,11 +90,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_required(config)
   _check_init_from(config, method)
   _check_base_model(config, method)
-  _check_eval(config.eval, method)
+  _warn_method_recipe(config, method)
+  _check_eval(config.eval, method, config.dataset)
   catalog.check_validation_fraction(config.get('validation_fraction', 0.0))
+  _check_fault_tolerance(config)
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
+
+
+def _check_fault_tolerance(config) -> None:
+  minutes = config.get('checkpoint_every_minutes', 0)
+  if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
+    raise ValueError(f'checkpoint_every_minutes must be a number >= 0 (0: no time-based checkpoints), got '
+                     f'{minutes!r}.')
+  if not isinstance(config.get('allow_config_change', False), bool):
+    raise ValueError(f'allow_config_change must be True or False, got {config.allow_config_change!r}.')
 
 
 # What to say when a recipe's `required_fields` entry is unset.
@@ -131,6 +144,24 @@ def _check_base_model(config, method) -> None:
                      f'maps; {config.base_model} used {base_method.name!r} ({base_method.head} head).')
 
 
+def _warn_method_recipe(config, method) -> None:
+  """Warnings for recipes that run but are known to train badly (the losses' docstrings explain)."""
+  kwargs = config.get('method_kwargs', {})
+  if method.name == 'energy' and not config.get('init_from') and not ({'margin_in', 'margin_out'} & set(kwargs)):
+    warnings.warn(
+        "Method 'energy' is training from scratch with the default margins (m_in, m_out) = (-25, -7), which "
+        'assume a pretrained network: its energy term can swamp the cross-entropy and leave a fresh model at '
+        'chance. Fine-tune with --config.init_from=<workdir of a softmax run>, or set '
+        '--config.method_kwargs.margin_in / margin_out (ood_jax.losses.energy_in_margin shows how to pick them).',
+        UserWarning, stacklevel=3)
+  optimizer = config.get('optimizer', {})
+  if method.name == 'ice' and not optimizer.get('grad_clip_norm') and optimizer.get('learning_rate', 1.0) != 0:
+    warnings.warn(
+        "Method 'ice' is training without gradient clipping: its squared Mahalanobis distances make unclipped "
+        'runs diverge within a few steps. Set --config.optimizer.grad_clip_norm=1.0 (as configs/ice.py does).',
+        UserWarning, stacklevel=3)
+
+
 def detector_names(spec: str) -> str | tuple[str, ...]:
   """`config.eval.detectors` ('' none, 'all', or comma-separated names) as `detectors.resolve` takes it."""
   spec = (spec or '').strip()
@@ -146,12 +177,55 @@ def detector_inputs(method: methods_lib.Method) -> set[str]:
   return {'logits', 'features'} | ({'head'} if method.head == 'dense' else set())
 
 
-def _check_eval(eval_config, method) -> None:
+@dataclasses.dataclass(frozen=True)
+class EvaluationSets:
+  """The OOD sets an evaluation reads (`evaluation_sets`).
+
+  Attributes:
+    protocol: the benchmark protocol's name, or '' without one.
+    groups: 'near' / 'far' (the protocol's) and 'other' (eval.ood_sets outside it) → sets.
+    test_sets: every OOD test set, in group order.
+    validation: OOD sets for hyperparameter tuning (the protocol's, then eval.validation_ood_sets).
+  """
+
+  protocol: str
+  groups: dict
+  test_sets: tuple
+  validation: tuple
+
+
+def evaluation_sets(eval_config, dataset: str) -> EvaluationSets:
+  """The OOD test and validation sets of `config.eval` for in-distribution `dataset`, checked.
+
+  `eval.benchmark` names a protocol (`ood_jax.data.protocols`) whose near / far sets come first;
+  `eval.ood_sets` it does not list are evaluated too (group 'other'). Raises ValueError for an
+  unknown protocol or set, or a validation set that is also a test set.
+  """
+  name = (eval_config.get('benchmark') or '').strip()
+  groups, validation = {}, ()
+  if name:
+    protocol = protocols.get(name, dataset)
+    groups, validation = dict(protocol.groups), protocol.validation
+  listed = {s for sets in groups.values() for s in sets}
+  other = tuple(dict.fromkeys(s for s in eval_config.ood_sets if s not in listed))
+  if other:
+    groups['other'] = other
+  validation = tuple(dict.fromkeys(validation + tuple(eval_config.get('validation_ood_sets', ()))))
+  test_sets = tuple(s for sets in groups.values() for s in sets)
+  for set_name in test_sets + validation:
+    catalog.check_ood_set(set_name)
+  leaked = sorted(set(validation) & set(test_sets))
+  if leaked:
+    raise ValueError(f'eval.validation_ood_sets {leaked} are also test sets: hyperparameters tuned on a test '
+                     'set overstate every number measured on it. Pick validation sets disjoint from the test sets.')
+  return EvaluationSets(name, groups, test_sets, validation)
+
+
+def _check_eval(eval_config, method, dataset: str) -> None:
+  evaluation_sets(eval_config, dataset)
   if eval_config.batch_size % jax.device_count():
     raise ValueError(f'eval.batch_size ({eval_config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
-  for name in eval_config.ood_sets:
-    catalog.check_ood_set(name)
   for corruption in eval_config.corruptions:
     for severity in eval_config.severities:
       corruptions.check_corruption(corruption, severity)

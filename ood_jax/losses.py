@@ -6,6 +6,27 @@ are keyword-only. Arithmetic runs in at least float32 whatever the input dtype (
 give float32 losses), and in log space, so valid inputs never give NaN or inf: logits of ±1e4,
 distances of 0 and 1e4 and ICE logits → 0⁻ included.
 
+Out-of-range labels are loud, never a silently wrong finite loss. A label outside [0, K) (−1, the
+label ood_jax gives outliers, or ≥ K) raises `ValueError` naming `labels` when the labels are
+concrete (an eager call); under `jax.jit` (traced labels) the loss of that example is NaN, so the
+batch mean is NaN and the trainer's non-finite guard stops the run naming the step. Rows with valid
+labels keep their exact value and gradient (the NaN is a constant selected by `jnp.where`, so no NaN
+reaches their gradient), and a padded row masked out with `jnp.where(mask, loss, 0)` costs nothing;
+masking by multiplication (`loss * mask`) would keep the NaN. To get an error message instead of a
+NaN inside jit, wrap the function with `jax.experimental.checkify`; every check here is a
+`checkify.check(..., debug=True)`, which is free (removed from the program) unless functionalised:
+
+  from jax.experimental import checkify
+  checked = jax.jit(checkify.checkify(lambda z, y: losses.isomax(z, y).mean()))
+  err, loss = checked(logits, labels)
+  err.throw()  # ValueError: labels must lie in [0, K), got values in [-1, 3] ...
+
+Hyperparameters get the same treatment: a bad Python or concrete value (`entropic_scale=0`,
+`temperature=-1`, `weight=2`) raises `ValueError` at the call; a traced one (a hyperparameter passed
+as a jit argument) that breaks its range turns the returned losses into NaN and fails a checkify
+check. Contrastive labels are class ids compared only for equality, so any integer (−1 included) is
+a class there and needs no range.
+
 Papers: 000 IsoMax (Macêdo et al., "Entropic Out-of-Distribution Detection", 2021), 001 ICE (with OE and
 Energy), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD (Regmi et al. 2024, with SupCon), 004 SMOT.
 """
@@ -13,6 +34,7 @@ Energy), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD (Regmi et al. 2024,
 from __future__ import annotations
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,11 +62,44 @@ __all__ = [
 
 
 def _logits_and_labels(logits, labels, name='logits'):
+  """(logits in the compute dtype, labels safe to index with, mask of the labels in [0, K)).
+
+  Concrete labels out of range raise here. Traced ones cannot be read, so they are replaced by 0
+  for the arithmetic (no wrap-around of −1 to class K − 1, no out-of-bounds gather) and the mask
+  lets the caller turn those examples' losses into NaN with `_nan_where_invalid`.
+  """
   logits = _checks.floating(name, logits, min_ndim=1)
   if logits.shape[-1] < 1:
     raise ValueError(f'{name} must have at least one class, got shape {tuple(logits.shape)}.')
-  labels = _checks.labels('labels', labels, logits.shape[-1], shape=logits.shape[:-1])
-  return logits.astype(_checks.compute_dtype(logits)), labels
+  num_classes = logits.shape[-1]
+  labels = _checks.labels('labels', labels, num_classes, shape=logits.shape[:-1])
+  info = jnp.iinfo(labels.dtype)
+  valid = labels >= 0 if info.min < 0 else jnp.ones(labels.shape, dtype=bool)
+  if num_classes <= info.max:  # e.g. int8 labels with K = 200 are always < K
+    valid = valid & (labels < num_classes)
+  if labels.size:
+    checkify.check(jnp.all(valid), f'labels must lie in [0, {num_classes}), got values in [{{lo}}, {{hi}}] '
+                   '(-1 is the outlier label: pass outliers to the outlier terms, not with labels).',
+                   lo=jnp.min(labels), hi=jnp.max(labels), debug=True)
+  safe = jnp.where(valid, labels, jnp.zeros((), labels.dtype))
+  return logits.astype(_checks.compute_dtype(logits)), safe, valid
+
+
+def _nan_where_invalid(valid, values):
+  """`values` where the label was valid, NaN elsewhere; gradients of the valid entries are untouched."""
+  return jnp.where(valid, values, jnp.asarray(jnp.nan, values.dtype))
+
+
+def _traced_hyperparameter(values, name, value, ok, requirement):
+  """NaN `values` (and a checkify check) when a traced hyperparameter breaks its range.
+
+  Concrete values were checked eagerly with a ValueError, so they pass through unchanged.
+  """
+  if _checks.is_concrete(value):
+    return values
+  good = ok(jnp.asarray(value))
+  checkify.check(good, f'{name} must be {requirement}, got {{value}}.', value=value, debug=True)
+  return jnp.where(good, values, jnp.asarray(jnp.nan, values.dtype))
 
 
 def _logits(logits, name):
@@ -85,13 +140,14 @@ def softmax_cross_entropy(logits, labels):
 
   Args:
     logits: `[..., K]` logits.
-    labels: `[...]` integer labels in [0, K).
+    labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for
+      that example under jit (module docstring).
 
   Returns:
     `[...]` per-example losses.
   """
-  logits, labels = _logits_and_labels(logits, labels)
-  return -_pick(jax.nn.log_softmax(logits, axis=-1), labels)
+  logits, labels, valid = _logits_and_labels(logits, labels)
+  return _nan_where_invalid(valid, -_pick(jax.nn.log_softmax(logits, axis=-1), labels))
 
 
 def isomax(logits, labels, *, entropic_scale=10.0):
@@ -103,15 +159,17 @@ def isomax(logits, labels, *, entropic_scale=10.0):
 
   Args:
     logits: `[..., K]` negative distances.
-    labels: `[...]` integer labels in [0, K).
-    entropic_scale: E_s > 0, 10 in the paper.
+    labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for
+      that example under jit (module docstring).
+    entropic_scale: E_s > 0, 10 in the paper (a traced E_s ≤ 0 gives NaN losses).
 
   Returns:
     `[...]` per-example losses.
   """
   _checks.positive('entropic_scale', entropic_scale)
-  logits, labels = _logits_and_labels(logits, labels)
-  return -_pick(jax.nn.log_softmax(entropic_scale * logits, axis=-1), labels)
+  logits, labels, valid = _logits_and_labels(logits, labels)
+  values = _nan_where_invalid(valid, -_pick(jax.nn.log_softmax(entropic_scale * logits, axis=-1), labels))
+  return _traced_hyperparameter(values, 'entropic_scale', entropic_scale, lambda s: s > 0, '> 0')
 
 
 def one_vs_all(logits, labels):
@@ -121,15 +179,17 @@ def one_vs_all(logits, labels):
 
   Args:
     logits: `[..., K]` affine logits.
-    labels: `[...]` integer labels in [0, K).
+    labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for
+      that example under jit (module docstring).
+      (A plain one-hot of −1 would be all zeros: a finite loss of "no class", hence the NaN.)
 
   Returns:
     `[...]` per-example losses.
   """
-  logits, labels = _logits_and_labels(logits, labels)
+  logits, labels, valid = _logits_and_labels(logits, labels)
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
   # −log σ(z) = softplus(−z) for the target, −log(1 − σ(z)) = softplus(z) for the others.
-  return jnp.sum(jax.nn.softplus(jnp.where(onehot, -logits, logits)), axis=-1)
+  return _nan_where_invalid(valid, jnp.sum(jax.nn.softplus(jnp.where(onehot, -logits, logits)), axis=-1))
 
 
 def distance_one_vs_all(logits, labels, *, eps=1e-6):
@@ -142,20 +202,22 @@ def distance_one_vs_all(logits, labels, *, eps=1e-6):
 
   Args:
     logits: `[..., K]` negative distances (≤ 0; positive values are treated as distance `eps`).
-    labels: `[...]` integer labels in [0, K).
-    eps: distance floor for the non-target terms.
+    labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for
+      that example under jit (module docstring).
+    eps: distance floor > 0 for the non-target terms (a traced eps ≤ 0 gives NaN losses).
 
   Returns:
     `[...]` per-example losses.
   """
   _checks.positive('eps', eps)
-  logits, labels = _logits_and_labels(logits, labels)
+  logits, labels, valid = _logits_and_labels(logits, labels)
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
   d = -logits
   target = jax.nn.softplus(d) - jnp.log(2.0).astype(d.dtype)  # −log p_y
   d_other = jnp.maximum(d, eps)
   other = -(jnp.log(-jnp.expm1(-d_other)) - jax.nn.softplus(-d_other))  # −log(1 − p_k)
-  return jnp.sum(jnp.where(onehot, target, other), axis=-1)
+  values = _nan_where_invalid(valid, jnp.sum(jnp.where(onehot, target, other), axis=-1))
+  return _traced_hyperparameter(values, 'eps', eps, lambda e: e > 0, '> 0')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +230,11 @@ def outlier_exposure(outlier_logits):
   −(1/K) Σ_k log softmax(z̃)_k = logsumexp(z̃) − mean_k z̃_k. The OE objective is
   CE(in) + λ·mean(outlier_exposure(outlier_logits)), λ = 0.5.
 
+  Both terms are taken after subtracting max_k z̃_k, as log-softmax does: the unshifted difference
+  of two numbers near 1e4 would keep only float32's spacing there (~1e-3), e.g. 2.30273 instead of
+  log 10 = 2.302585 for logits all equal to 1e4, where the shifted form is exact. The gradient is
+  softmax(z̃) − 1/K.
+
   Args:
     outlier_logits: `[..., K]` logits of auxiliary outliers.
 
@@ -175,7 +242,10 @@ def outlier_exposure(outlier_logits):
     `[...]` per-outlier losses, minimal (= log K) for uniform predictions.
   """
   z = _logits(outlier_logits, 'outlier_logits')
-  return jax.nn.logsumexp(z, axis=-1) - jnp.mean(z, axis=-1)
+  # The shift cancels exactly in value and gradient; stop_gradient keeps ties of the max from
+  # routing a (zero-sum) gradient through the max.
+  shifted = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  return jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - jnp.mean(shifted, axis=-1)
 
 
 def energy_in_margin(logits, *, margin=-25.0):
@@ -185,9 +255,23 @@ def energy_in_margin(logits, *, margin=-25.0):
   λ = 0.1. Code defaults m_in = −25, m_out = −7; published runs used (−23, −5) on CIFAR-10 and
   (−27, −5) on CIFAR-100.
 
+  The default margins assume a *pretrained* network, as in Liu et al., who fine-tune one for 10
+  epochs: a freshly initialised network has logits near 0, so E ≈ −log K (−2.3 for K = 10), and
+  with m_in = −25 the term is ≈ (25 − 2.3)² ≈ 515 (≈ 51 after λ = 0.1) against a cross-entropy of
+  2.3: it swamps the classification loss, and a from-scratch model trained with these margins can
+  end at chance accuracy. Either fine-tune a pretrained model (`--config.init_from` in the trainer),
+  or read margins off your own network's energies, e.g. after a softmax warm-up:
+
+    energy_in = -jax.nn.logsumexp(apply(params, x_in), axis=-1)
+    energy_out = -jax.nn.logsumexp(apply(params, x_out), axis=-1)
+    m_in = float(jnp.median(energy_in)) - 1.0    # ask ID energies to go a little lower
+    m_out = float(jnp.median(energy_out)) + 1.0  # and outlier energies a little higher
+    reg = (energy_in_margin(z_in, margin=m_in).mean() + energy_out_margin(z_out, margin=m_out).mean())
+    loss = softmax_cross_entropy(z_in, y).mean() + 0.1 * reg
+
   Args:
     logits: `[..., K]` in-distribution logits.
-    margin: m_in.
+    margin: m_in, any float (−25: for a pretrained network, see above).
 
   Returns:
     `[...]` per-example losses.
@@ -199,9 +283,12 @@ def energy_in_margin(logits, *, margin=-25.0):
 def energy_out_margin(logits, *, margin=-7.0):
   """Energy-OE outlier term (Liu et al. 2020): relu(m_out − E(x̃))², E = −logsumexp(z̃).
 
+  The default m_out = −7 assumes a pretrained network, like m_in of `energy_in_margin`, whose
+  docstring shows how to choose both for a network trained from scratch.
+
   Args:
     logits: `[..., K]` outlier logits.
-    margin: m_out.
+    margin: m_out, any float.
 
   Returns:
     `[...]` per-outlier losses.
@@ -216,15 +303,25 @@ def ice_in(logits, labels):
   ICE: CE(h) + λ·[mean ice_in(h, y) + mean ice_out(h̃)], λ = 1 (eq. 0.15), with h the
   `layers.mahalanobis_logits`.
 
+  Clip the gradients when training with ICE: the squared Mahalanobis distances grow
+  quadratically with the features, so one large step makes the next larger, and without clipping
+  the loss diverges within a few steps (on the digits benchmark, within two). ood_jax's ICE configs
+  clip the global norm at 1:
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9, nesterov=True))
+
+  (`--config.optimizer.grad_clip_norm=1.0` in the trainer, which warns when method ice runs without.)
+
   Args:
     logits: `[..., K]` Mahalanobis logits h ≤ 0.
-    labels: `[...]` integer labels in [0, K).
+    labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for
+      that example under jit (module docstring).
 
   Returns:
     `[...]` per-example losses.
   """
-  logits, labels = _logits_and_labels(logits, labels)
-  return -_pick(logits, labels)
+  logits, labels, valid = _logits_and_labels(logits, labels)
+  return _nan_where_invalid(valid, -_pick(logits, labels))
 
 
 def ice_out(outlier_logits, *, eps=1e-6):
@@ -233,16 +330,19 @@ def ice_out(outlier_logits, *, eps=1e-6):
   Computed as −log(−expm1(a)), a = max_k h_k ≤ 0. It diverges as a → 0⁻ (an outlier on a class
   mean), so a is capped at −eps: exact for a ≤ −eps, at most −log(−expm1(−eps)) ≈ 13.8 above.
 
+  Train it with clipped gradients, as `ice_in`'s docstring explains.
+
   Args:
     outlier_logits: `[..., K]` Mahalanobis logits of outliers (≤ 0).
-    eps: cap on −max h.
+    eps: cap > 0 on −max h (a traced eps ≤ 0 gives NaN losses).
 
   Returns:
     `[...]` per-outlier losses.
   """
   _checks.positive('eps', eps)
   h = _logits(outlier_logits, 'outlier_logits')
-  return _neg_log_one_minus_exp(jnp.max(h, axis=-1), eps)
+  values = _neg_log_one_minus_exp(jnp.max(h, axis=-1), eps)
+  return _traced_hyperparameter(values, 'eps', eps, lambda e: e > 0, '> 0')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +376,9 @@ def supervised_contrastive(embeddings, labels, *, temperature=0.1):
 
   Args:
     embeddings: `[N, V, D]` L2-normalised embeddings (`layers.ProjectionHead`), V views each.
-    labels: `[N]` integer class labels.
-    temperature: τ > 0 (0.1 in paper 003; 0.07 in SupCon).
+    labels: `[N]` integer class ids, compared only for equality (any integer, −1 included, is a
+      class of its own here; no range applies).
+    temperature: τ > 0 (0.1 in paper 003; 0.07 in SupCon); a traced τ ≤ 0 gives NaN losses.
 
   Returns:
     `[N·V]` per-anchor losses, anchor index n·V + v (reshape to `[N, V]`).
@@ -289,7 +390,8 @@ def supervised_contrastive(embeddings, labels, *, temperature=0.1):
   log_denominator = _masked_logsumexp(logits, others)
   count = jnp.sum(positive, axis=-1)
   mean_positive = jnp.sum(jnp.where(positive, logits, 0.0), axis=-1) / jnp.maximum(count, 1)
-  return jnp.where(count > 0, log_denominator - mean_positive, 0.0)
+  values = jnp.where(count > 0, log_denominator - mean_positive, 0.0)
+  return _traced_hyperparameter(values, 'temperature', temperature, lambda t: t > 0, '> 0')
 
 
 def _reweighting(sim, between, within, stop_gradient):
@@ -321,8 +423,9 @@ def reweighted_contrastive(embeddings, labels, *, temperature=0.1, between=(5.0,
 
   Args:
     embeddings: `[N, V, D]` L2-normalised embeddings, V views each.
-    labels: `[N]` integer class labels.
-    temperature: τ > 0, 0.1 in the paper.
+    labels: `[N]` integer class ids, compared only for equality (any integer, −1 included, is a
+      class of its own here; no range applies).
+    temperature: τ > 0, 0.1 in the paper; a traced τ ≤ 0 gives NaN losses.
     between: (m_b, c_b): (5, −4) for CIFAR-10, (5, −2) for CIFAR-100.
     within: (m_w, c_w): (2, 1) for both.
     stop_gradient_weights: treat the reweighting factors as constants.
@@ -343,11 +446,13 @@ def reweighted_contrastive(embeddings, labels, *, temperature=0.1, between=(5.0,
     log_between = _masked_logsumexp(weight_between * sim / temperature, negative)
     log_within = _masked_logsumexp(weight_within * sim / temperature, positive)
     valid = jnp.any(positive, axis=-1) & jnp.any(negative, axis=-1)
-    return jnp.where(valid, log_between - log_within, 0.0)
-  upper = jnp.triu(jnp.ones(sim.shape, dtype=bool), k=1)  # each unordered pair once
-  log_within = _masked_logsumexp((-weight_within * sim / temperature).ravel(), (positive & upper).ravel())
-  log_between = _masked_logsumexp((weight_between * sim / temperature).ravel(), (negative & upper).ravel())
-  return jnp.broadcast_to(jax.nn.elu(log_within + log_between), sim.shape[:1])
+    values = jnp.where(valid, log_between - log_within, 0.0)
+  else:
+    upper = jnp.triu(jnp.ones(sim.shape, dtype=bool), k=1)  # each unordered pair once
+    log_within = _masked_logsumexp((-weight_within * sim / temperature).ravel(), (positive & upper).ravel())
+    log_between = _masked_logsumexp((weight_between * sim / temperature).ravel(), (negative & upper).ravel())
+    values = jnp.broadcast_to(jax.nn.elu(log_within + log_between), sim.shape[:1])
+  return _traced_hyperparameter(values, 'temperature', temperature, lambda t: t > 0, '> 0')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,16 +466,20 @@ def smot_smoothing(threshold, *, temperature=10.0):
   needed (ε → 0); lower thresholds mask more and get softer labels.
 
   Args:
-    threshold: `[...]` CAM thresholds t in [0, 255] (t = 255·Beta(α, β) in the paper).
-    temperature: T > 0: 10 (CIFAR-10), 150 (CIFAR-100), 200 (ImageNet-200).
+    threshold: `[...]` CAM thresholds t in [0, 255] (t = 255·Beta(α, β) in the paper). Not
+      range-checked: t > 255 gives ε < 0, which `smooth_training` rejects (NaN under jit).
+    temperature: T > 0: 10 (CIFAR-10), 150 (CIFAR-100), 200 (ImageNet-200); a traced T ≤ 0 gives
+      NaN.
 
   Returns:
-    `[...]` ε(t) in [0, 1).
+    `[...]` ε(t) in [0, 1) in exact arithmetic; in float32 small t can round to exactly 1 (t = 0,
+    T = 10 gives 1 − e^−25.5).
   """
   _checks.positive('temperature', temperature)
   t = _checks.floating('threshold', threshold)
   t = t.astype(_checks.compute_dtype(t))
-  return -jnp.expm1((t - 255.0) / temperature)
+  values = -jnp.expm1((t - 255.0) / temperature)
+  return _traced_hyperparameter(values, 'temperature', temperature, lambda s: s > 0, '> 0')
 
 
 def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
@@ -379,16 +488,20 @@ def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
   Args:
     logits: `[..., K]` logits of the clean inputs.
     masked_logits: `[..., K]` logits of the CAM-masked inputs.
-    labels: `[...]` integer labels in [0, K).
-    smoothing: ε, scalar or `[...]` (per example, `smot_smoothing(t)`), in [0, 1].
-    weight: λ in [0, 1], 0.1 in the paper.
+    labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for
+      that example under jit (module docstring).
+    smoothing: ε, scalar or `[...]` (per example, `smot_smoothing(t)`), in [0, 1]: ValueError when
+      concrete and outside, NaN loss for those examples when traced.
+    weight: λ in [0, 1], 0.1 in the paper; a traced λ outside [0, 1] gives NaN losses.
 
   Returns:
     `[...]` per-example losses.
   """
-  if not 0.0 <= weight <= 1.0:
+  if np.ndim(weight) != 0:
+    raise TypeError(f'weight must be a scalar, got shape {np.shape(weight)}.')
+  if _checks.is_concrete(weight) and not 0.0 <= float(weight) <= 1.0:
     raise ValueError(f'weight must lie in [0, 1], got {weight}.')
-  logits, labels = _logits_and_labels(logits, labels)
+  logits, labels, valid = _logits_and_labels(logits, labels)
   masked_logits = _checks.floating('masked_logits', masked_logits)
   if masked_logits.shape != logits.shape:
     raise ValueError(f'masked_logits must have the shape of logits {tuple(logits.shape)}, '
@@ -405,4 +518,11 @@ def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
   # CE to (1 − ε)·onehot + ε/K = (1 − ε)·(−log q_y) + ε·(−mean_k log q_k).
   eps = smoothing.astype(logits.dtype)
   soft = (1.0 - eps) * -_pick(log_q, labels) + eps * -jnp.mean(log_q, axis=-1)
-  return (1.0 - weight) * clean + weight * soft
+  values = (1.0 - weight) * clean + weight * soft
+  if value is None:  # traced ε: the examples whose ε is outside [0, 1] get NaN, like bad labels
+    in_range = (eps >= 0) & (eps <= 1)
+    checkify.check(jnp.all(in_range), 'smoothing must lie in [0, 1], got values in [{lo}, {hi}].',
+                   lo=jnp.min(eps), hi=jnp.max(eps), debug=True)
+    values = jnp.where(in_range, values, jnp.asarray(jnp.nan, values.dtype))
+  values = _nan_where_invalid(valid, values)
+  return _traced_hyperparameter(values, 'weight', weight, lambda w: (w >= 0) & (w <= 1), 'in [0, 1]')

@@ -116,13 +116,13 @@ def _scores(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
 def _check_argument_order(in_scores, out_scores) -> None:
   """TypeError for scikit-learn's `(y_true, y_score)` order, which would otherwise return a number.
 
-  The tell: a first argument of integers that are all 0 or 1, as long as a floating second argument
-  (boolean arguments are refused by the dtype check already). Integer scores are legal, but 0/1 ID
-  scores beside float OOD scores of exactly the same length are not a plausible detector output.
+  The tell: a first argument of integer labels, both 0 and 1 and nothing else, as long as a floating
+  second argument. Float 0/1 first arguments are let through: a confident model's ID MSP scores are
+  legitimately all exactly 1.0 in float32, beside non-binary OOD scores.
   """
   first, second = np.asarray(in_scores), np.asarray(out_scores)
   if (np.issubdtype(first.dtype, np.integer) and first.shape == second.shape
-      and np.issubdtype(second.dtype, np.floating) and np.all((first == 0) | (first == 1))):
+      and np.issubdtype(second.dtype, np.floating) and set(np.unique(first).tolist()) == {0, 1}):
     raise TypeError(
         "in_scores looks like 0/1 labels: ood_jax.metrics take (in_scores, out_scores), not scikit-learn's "
         '(y_true, y_score). With labels y (1 = in-distribution) and scores s, call e.g. '

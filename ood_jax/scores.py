@@ -28,6 +28,7 @@ import functools
 from typing import Callable, Iterable, NamedTuple
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,9 +53,32 @@ __all__ = [
 
 def _logits(logits, name='logits'):
   """Validates `[..., K]` logits with K >= 1 and casts them to the compute dtype."""
+  dtype = getattr(logits, 'dtype', None)
+  if dtype is None:
+    logits = np.asarray(logits)
+    dtype = logits.dtype
+  if jnp.issubdtype(dtype, jnp.integer):
+    # Integer arrays are labels: the usual mistake is an argument order copied from elsewhere.
+    raise TypeError(f'{name} must have a floating dtype, got {dtype}: integer arrays look like labels, '
+                    f'and scores take floating [..., num_classes] logits (model outputs).')
   logits = _checks.floating(name, logits, min_ndim=1)
   _checks.nonempty(name, logits, axis=-1)
   return logits.astype(_checks.compute_dtype(logits))
+
+
+def _traced_hyperparameter(values, name, value, ok, requirement):
+  """NaN scores (and a checkify check) when a traced hyperparameter breaks its range.
+
+  Concrete values are checked eagerly with a ValueError and pass through unchanged; a traced one
+  cannot be read, so a bad value makes every score NaN, which the metrics then reject loudly.
+  `jax.experimental.checkify.checkify` turns it into an error message (the check is free
+  otherwise).
+  """
+  if _checks.is_concrete(value):
+    return values
+  good = ok(jnp.asarray(value))
+  checkify.check(good, f'{name} must be {requirement}, got {{value}}.', value=value, debug=True)
+  return jnp.where(good, values, jnp.asarray(jnp.nan, values.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +149,8 @@ def energy(logits, *, temperature=1.0):
 
   Args:
     logits: `[..., num_classes]` floating logits.
-    temperature: T > 0. The Energy paper scores with T = 1.
+    temperature: T > 0. The Energy paper scores with T = 1. A Python or concrete T ≤ 0 raises
+      ValueError; a traced one (a jit argument) gives NaN scores.
 
   Returns:
     `[...]` scores, in at least float32.
@@ -133,7 +158,8 @@ def energy(logits, *, temperature=1.0):
   z = _logits(logits)
   _checks.positive('temperature', temperature)
   t = jnp.asarray(temperature, dtype=z.dtype)
-  return t * jax.nn.logsumexp(z / t, axis=-1)
+  scores = t * jax.nn.logsumexp(z / t, axis=-1)
+  return _traced_hyperparameter(scores, 'temperature', temperature, lambda v: v > 0, '> 0')
 
 
 def max_sigmoid(logits):
@@ -218,6 +244,9 @@ def odin(apply_fn: Callable[[jax.Array], jax.Array], inputs, *, temperature=1000
     inputs: `[batch, ...]` floating inputs.
     temperature: T > 0; 1000 as in the paper.
     epsilon: perturbation magnitude ε ≥ 0; 0.0014 as the paper's CIFAR-10 DenseNet setting.
+      Python or concrete values out of range (T ≤ 0, ε < 0) raise ValueError; traced ones (jit
+      arguments, e.g. in a hyperparameter sweep) cannot be read and give NaN scores instead. A
+      traced ε = 0 takes the gradient path and returns the same scores as ε = 0.
 
   Returns:
     `[batch]` scores in (0, 1], in at least float32. The perturbed inputs are formed in at least
@@ -235,7 +264,8 @@ def odin(apply_fn: Callable[[jax.Array], jax.Array], inputs, *, temperature=1000
 
   if _checks.is_concrete(epsilon) and float(epsilon) == 0:
     # Without a perturbation ODIN is temperature scaling; skip the useless backward pass.
-    return max_softmax(scaled_logits(inputs))
+    scores = max_softmax(scaled_logits(inputs))
+    return _traced_hyperparameter(scores, 'temperature', temperature, lambda v: v > 0, '> 0')
 
   def total_log_msp(x):
     log_probs = jax.nn.log_softmax(scaled_logits(x), axis=-1)
@@ -249,7 +279,9 @@ def odin(apply_fn: Callable[[jax.Array], jax.Array], inputs, *, temperature=1000
   eps = jnp.asarray(epsilon, dtype=dtype)
   # x − ε·sign(−∇ log S) = x + ε·sign(∇ log S).
   perturbed = inputs.astype(dtype) + eps * jnp.sign(grad).astype(dtype)
-  return max_softmax(scaled_logits(perturbed))
+  scores = max_softmax(scaled_logits(perturbed))
+  scores = _traced_hyperparameter(scores, 'temperature', temperature, lambda v: v > 0, '> 0')
+  return _traced_hyperparameter(scores, 'epsilon', epsilon, lambda v: v >= 0, '>= 0')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,8 +310,9 @@ def _host_batch(index, batch, num_classes, dim):
   try:
     features, labels = batch
   except (TypeError, ValueError):
+    shape = f' of shape {tuple(batch.shape)}' if hasattr(batch, 'shape') else ''
     raise TypeError(f'batches must yield (features, labels) pairs; item {index} is a '
-                    f'{type(batch).__name__}.') from None
+                    f'{type(batch).__name__}{shape}. {_FIT_GAUSSIAN_USAGE}') from None
   # `x.dtype or ...` would misfire: NumPy dtypes have len() 0 and are falsy.
   features_dtype = getattr(features, 'dtype', None)
   if features_dtype is None:
@@ -310,7 +343,16 @@ def _host_batch(index, batch, num_classes, dim):
   return features, labels, features_dtype
 
 
-def fit_gaussian(batches: Iterable, *, num_classes: int, ridge: float = 0.0) -> Gaussian:
+_FIT_GAUSSIAN_USAGE = ('Pass fit_gaussian(features, labels, num_classes=K) for whole arrays, or an iterable of '
+                       '(features, labels) batches such as [(features, labels)] or a generator.')
+
+
+def _is_array(x) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def fit_gaussian(batches: Iterable | jax.Array | np.ndarray, labels=None, *, num_classes: int,
+                 ridge: float = 0.0) -> Gaussian:
   """Fits class means and one shared (tied) covariance by streaming over batches (Lee et al. 2018).
 
     μ_k = mean of the features of class k,
@@ -325,11 +367,19 @@ def fit_gaussian(batches: Iterable, *, num_classes: int, ridge: float = 0.0) -> 
   ever computed as E[ffᵀ] − μμᵀ, so a large common offset (features around 1e4) or
   well-separated classes cost no precision to cancellation.
 
+  Three spellings, the same fit:
+
+    fit_gaussian(features, labels, num_classes=K)           # whole arrays
+    fit_gaussian((features, labels), num_classes=K)         # one (features, labels) pair
+    fit_gaussian(batch_iterator(), num_classes=K)           # streamed batches
+
   Args:
     batches: iterable of `(features [batch, dim], labels [batch])` pairs (NumPy or JAX arrays,
       floating features, integer labels in [0, num_classes)); batch sizes may differ and a batch
       may miss some classes, but every class needs at least one example overall. Consumed once,
-      so a generator works.
+      so a generator works. Also accepted: one `(features, labels)` pair of arrays, or the
+      `[N, dim]` features array itself when `labels` is given.
+    labels: `[N]` integer labels of `batches` when it is a features array; None otherwise.
     num_classes: K.
     ridge: relative shrinkage ≥ 0: the returned covariance is Σ + ridge·(tr Σ / dim)·I. The
       default 0 gives the exact maximum-likelihood estimate; pass e.g. 1e-6 when the covariance
@@ -343,7 +393,18 @@ def fit_gaussian(batches: Iterable, *, num_classes: int, ridge: float = 0.0) -> 
   Raises:
     ValueError: no examples, a class without examples, labels out of range, or a singular
       covariance.
+    TypeError: input that is none of the three spellings above (the message says what to pass).
   """
+  if labels is not None:
+    if not _is_array(batches):
+      raise TypeError(f'fit_gaussian(features, labels) needs a features array as its first argument, got a '
+                      f'{type(batches).__name__}. {_FIT_GAUSSIAN_USAGE}')
+    batches = [(batches, labels)]
+  elif _is_array(batches):
+    raise TypeError(f'fit_gaussian got a single array of shape {tuple(batches.shape)} and no labels. '
+                    f'{_FIT_GAUSSIAN_USAGE}')
+  elif isinstance(batches, (tuple, list)) and len(batches) == 2 and all(_is_array(b) for b in batches):
+    batches = [tuple(batches)]  # one (features, labels) pair; a list of batches holds pairs, not arrays
   num_classes = _checks.positive_int('num_classes', num_classes)
   _checks.nonnegative('ridge', ridge)
   ridge = float(ridge)

@@ -63,3 +63,30 @@ def test_config_round_trip_and_old_field_names(tmp_path):
   assert old.backbone == 'wrn40_2' and old.backbone_kwargs.dropout_rate == 0.3 and 'model' not in old
   with pytest.raises(FileNotFoundError, match='workdir of a training run'):
     checkpoint.load_config(str(tmp_path / 'nothing'))
+
+
+def test_config_differences_count_what_changes_a_run_and_nothing_else():
+  saved = ml_collections.ConfigDict({'method': 'softmax', 'seed': 0, 'optimizer': {'learning_rate': 0.1},
+                                     'method_kwargs': {}, 'eval': {'batch_size': 64}, 'log_every_steps': 10,
+                                     'num_devices': 8, 'old_field': 1})
+  new = ml_collections.ConfigDict(saved.to_dict())
+  new.eval.batch_size, new.log_every_steps, new.num_devices = 128, 1, 1  # ignored
+  assert checkpoint.config_differences(saved, new) == []
+  assert checkpoint.config_fingerprint(saved) == checkpoint.config_fingerprint(new)
+  del new['old_field']  # only one side has it: another version's field, not compared
+  new.new_field = 'x'
+  assert checkpoint.config_differences(saved, new) == []
+  # ... but the fingerprint changes: after such an upgrade no older step is fallen back to.
+  assert checkpoint.config_fingerprint(saved) != checkpoint.config_fingerprint(new)
+  new.optimizer.learning_rate = 0.01
+  new.method_kwargs = ml_collections.ConfigDict({'label_smoothing': 0.1})  # a whole value: added knobs count
+  assert checkpoint.config_differences(saved, new) == [
+      "method_kwargs: {} → {'label_smoothing': 0.1}", 'optimizer.learning_rate: 0.1 → 0.01']
+  assert checkpoint.config_fingerprint(saved) != checkpoint.config_fingerprint(new)
+
+
+def test_save_config_replaces_the_file_whole(tmp_path):
+  checkpoint.save_config(ml_collections.ConfigDict({'method': 'softmax'}), str(tmp_path))
+  checkpoint.save_config(ml_collections.ConfigDict({'method': 'isomax'}), str(tmp_path))
+  assert checkpoint.load_config(str(tmp_path)).method == 'isomax'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json']  # no temporary file left

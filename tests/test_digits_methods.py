@@ -21,20 +21,31 @@ def test_every_run_is_a_valid_config(monkeypatch):
   assert list(digits_methods.RUNS)[0] == 'softmax'  # trained first: others start from it
 
 
+# A subset in CI (every run is checked as a config above): a base run, the two runs that start from
+# it, a distance-head method and a contrastive one.
+_SMOKE_RUNS = ('softmax', 'ice_finetuned', 'smot', 'isomax', 'reweightood')
+
+
 def test_smoke_run_compares_every_method_in_one_table(tmp_path):
-  output = tmp_path / 'table.md'
-  table = digits_methods.run(str(tmp_path / 'runs'), str(output), smoke=True)
-  assert output.read_text() == table
+  output, matrix_output = tmp_path / 'table.md', tmp_path / 'leaderboard.md'
+  table, matrix = digits_methods.run(str(tmp_path / 'runs'), str(output), leaderboard_output=str(matrix_output),
+                                     smoke=True, names=_SMOKE_RUNS)
+  assert output.read_text() == table and matrix_output.read_text() == matrix
   lines = table.splitlines()
   assert lines[0].startswith('| run | method | accuracy | ECE | score | digits/near AUROC / FPR95 |')
   rows = {line.split('|')[1].strip(): line for line in lines[2:]}
-  assert list(rows) == list(digits_methods.RUNS)
-  for name, (method, _) in digits_methods.RUNS.items():
+  assert list(rows) == list(_SMOKE_RUNS)
+  assert matrix.splitlines()[2] == '| score / detector | ' + ' | '.join(_SMOKE_RUNS) + ' |'
+  for name in _SMOKE_RUNS:
+    method = digits_methods.RUNS[name][0]
     results = json.loads((tmp_path / 'runs' / name / 'results.json').read_text())
     cells = [cell.strip() for cell in rows[name].strip('|').split('|')]
     assert cells[1] == method and cells[4] == results['default_score']
     near = results['ood']['digits/near'][results['default_score']]
     assert cells[5] == f"{100 * near['auroc']:.1f} / {100 * near['fpr95_id_positive']:.1f}"
+    assert results['benchmark']['protocol'] == 'digits'
+    default = next(row for row in results['benchmark']['rows'] if row['name'] == results['default_score'])
+    assert default['per_set']['digits/near'] == near
   # The fine-tuned ICE run and SMOT start from the softmax run of the same workdir.
   saved = {name: json.loads((tmp_path / 'runs' / name / 'config.json').read_text())
            for name in ('ice_finetuned', 'smot')}

@@ -1,14 +1,21 @@
-"""Tests of ood_jax.layers against float64 NumPy formulas, explicit inverses and finite differences."""
+"""Tests of ood_jax.layers and its NNX twins (ood_jax.layers_nnx) against float64 NumPy formulas, explicit
+inverses and finite differences."""
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
 import numpy as np
+import optax
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from ood_jax import layers
-from ood_jax.layers import nnx as layers_nnx
+from ood_jax import layers_nnx  # the NNX twins' name beside `from flax import nnx`
+from ood_jax import losses
+from ood_jax import metrics
+from ood_jax import scores
+from ood_jax.layers import nnx as layers_nnx_alias  # their older path, kept working
 
 
 def _np_negative_distances(f, p):
@@ -185,18 +192,18 @@ def test_nnx_twins_match_linen():
   rng = np.random.default_rng(9)
   f = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
 
-  dist = layers_nnx.DistanceLogits(3, 5, rngs=nnx.Rngs(0))
+  dist = layers_nnx_alias.DistanceLogits(3, 5, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(dist.prototypes[...], 0.0)
   dist.prototypes[...] = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
   linen_vars = {'params': {'prototypes': dist.prototypes[...]}}
   np.testing.assert_allclose(dist(f), layers.DistanceLogits(5).apply(linen_vars, f), rtol=1e-6)
 
-  maha = layers_nnx.MahalanobisLogits(3, 4, rngs=nnx.Rngs(1))
+  maha = layers_nnx_alias.MahalanobisLogits(3, 4, rngs=nnx.Rngs(1))
   np.testing.assert_allclose(maha.cholesky(), np.eye(3), atol=1e-6)
   linen_vars = {'params': {'means': maha.means[...], 'cholesky_raw': maha.cholesky_raw[...]}}
   np.testing.assert_allclose(maha(f), layers.MahalanobisLogits(4).apply(linen_vars, f), rtol=1e-6)
 
-  head = layers_nnx.ProjectionHead(3, 16, 8, rngs=nnx.Rngs(2))
+  head = layers_nnx_alias.ProjectionHead(3, 16, 8, rngs=nnx.Rngs(2))
   linen_vars = {'params': {
       'hidden': {'kernel': head.hidden.kernel[...], 'bias': head.hidden.bias[...]},
       'output': {'kernel': head.output.kernel[...], 'bias': head.output.bias[...]}}}
@@ -223,3 +230,132 @@ def test_layer_errors():
     layers.mahalanobis_logits(f, np.zeros((4, 3), np.float32), np.diag([1.0, 0.0, 1.0]).astype(np.float32))
   with pytest.raises(TypeError, match='cholesky'):
     layers.mahalanobis_logits(f, np.zeros((4, 3), np.float32), np.eye(3, dtype=np.int32))
+
+
+# ------------------------------------------------------------------------------------------
+# API: an NNX module name that does not shadow flax.nnx, Flax's constructor keywords, the
+# Cholesky factor of either head.
+
+
+def test_layers_nnx_is_the_nnx_twins_under_a_name_beside_flax_nnx():
+  assert nnx.Linear is not None and nnx.Rngs is not None  # flax.nnx is still flax.nnx
+  for name in ('DistanceLogits', 'MahalanobisLogits', 'ProjectionHead'):
+    assert getattr(layers_nnx, name) is getattr(layers_nnx_alias, name)  # the old path still works
+  assert sorted(layers_nnx.__all__) == ['DistanceLogits', 'MahalanobisLogits', 'ProjectionHead']
+
+
+@pytest.mark.parametrize('cls', [layers.DistanceLogits, layers.MahalanobisLogits])
+def test_linen_heads_take_dense_features_keyword(cls):
+  f = jnp.asarray(np.random.default_rng(20).normal(size=(4, 3)), jnp.float32)
+  spellings = [cls(5), cls(num_classes=5), cls(features=5)]
+  variables = [m.init(jax.random.key(3), f) for m in spellings]
+  outputs = [np.asarray(jax.jit(m.apply)(v, f)) for m, v in zip(spellings, variables)]
+  for v, out in zip(variables[1:], outputs[1:]):
+    jax.tree.map(np.testing.assert_array_equal, v, variables[0])
+    np.testing.assert_array_equal(out, outputs[0])
+  assert outputs[0].shape == (4, 5)
+  with pytest.raises(TypeError, match='not both'):
+    cls(num_classes=5, features=5)  # at construction, not at the first call
+  with pytest.raises(TypeError, match='number of classes'):
+    cls()
+  with pytest.raises(TypeError, match='features'):
+    cls(features=2.5)
+
+
+@pytest.mark.parametrize('cls', [layers_nnx_alias.DistanceLogits, layers_nnx_alias.MahalanobisLogits])
+def test_nnx_heads_take_linear_in_out_features(cls):
+  f = jnp.asarray(np.random.default_rng(21).normal(size=(4, 3)), jnp.float32)
+  spellings = [cls(3, 5, rngs=nnx.Rngs(7)), cls(3, num_classes=5, rngs=nnx.Rngs(7)),
+               cls(in_features=3, out_features=5, rngs=nnx.Rngs(7))]
+  states = [nnx.state(m, nnx.Param) for m in spellings]
+  for state, module in zip(states[1:], spellings[1:]):
+    jax.tree.map(np.testing.assert_array_equal, state, states[0])
+    np.testing.assert_array_equal(module(f), spellings[0](f))
+  with pytest.raises(TypeError, match='not both'):
+    cls(3, 5, out_features=5, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match='out_features'):
+    cls(3, rngs=nnx.Rngs(0))
+
+
+def test_cholesky_factor_of_linen_and_nnx_heads_agree():
+  rng = np.random.default_rng(22)
+  raw = rng.normal(size=(3, 3)).astype(np.float32)
+  want = np.tril(raw.astype(np.float64), k=-1) + np.diag(np.log1p(np.exp(np.diag(raw).astype(np.float64))))
+  linen = layers.MahalanobisLogits(features=4)
+  variables = linen.init(jax.random.key(0), jnp.zeros((1, 3)))
+  variables = {'params': {**variables['params'], 'cholesky_raw': jnp.asarray(raw)}}
+  twin = layers_nnx_alias.MahalanobisLogits(3, 4, rngs=nnx.Rngs(0))
+  twin.cholesky_raw[...] = jnp.asarray(raw)
+  got = {
+      'linen method': linen.apply(variables, method='cholesky'),
+      'linen bound': linen.bind(variables).cholesky(),
+      'variables': layers.cholesky_factor(variables),
+      'params': layers.cholesky_factor(variables['params']),
+      'nnx method': twin.cholesky(),
+      'nnx module': layers.cholesky_factor(twin),
+  }
+  for name, value in got.items():
+    np.testing.assert_allclose(np.asarray(value), want, rtol=1e-6, atol=1e-7, err_msg=name)
+  with pytest.raises(ValueError, match='cholesky_raw'):
+    layers.cholesky_factor({'kernel': jnp.ones((3, 4))})  # a dense head has no factor
+
+
+def test_nnx_mnist_tutorial_pattern_with_ood_jax_head_loss_and_scores():
+  """The Flax NNX MNIST tutorial's loop, its last nnx.Linear replaced by ood_jax's distance head."""
+  class Net(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+      self.linear1 = nnx.Linear(2, 4, rngs=rngs)
+      self.head = layers_nnx.DistanceLogits(in_features=4, out_features=3, rngs=rngs)  # was nnx.Linear(4, 3)
+
+    def hidden(self, x):
+      return nnx.relu(self.linear1(x))
+
+    def __call__(self, x):
+      return self.head(self.hidden(x))
+
+  rng = np.random.default_rng(23)
+  centres = np.array([[3.0, 0.0], [-2.0, 2.5], [-2.0, -2.5]])
+  labels = np.repeat(np.arange(3), 20).astype(np.int32)
+  x = (centres[labels] + rng.normal(size=(60, 2))).astype(np.float32)
+  x_out = (np.array([6.0, 6.0]) + rng.normal(size=(60, 2))).astype(np.float32)
+  model = Net(rngs=nnx.Rngs(0))
+  learning_rate = 0.05
+  optimizer = nnx.Optimizer(model, optax.sgd(learning_rate), wrt=nnx.Param)
+
+  def loss_fn(model, batch):
+    logits = model(batch['image'])
+    return losses.isomax(logits, batch['label']).mean(), logits
+
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    optimizer.update(model, grads)
+    return loss
+
+  def np_isomax(hidden, prototypes):  # float64: mean −log softmax(−10‖h − p_y‖)
+    z = -10.0 * np.linalg.norm(hidden[:, None, :] - prototypes[None], axis=-1)
+    z = z - z.max(-1, keepdims=True)
+    return np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels])
+
+  batch = {'image': x, 'label': labels}
+  for step in range(30):
+    hidden = np.asarray(model.hidden(x), np.float64)
+    before = np.asarray(model.head.prototypes[...], np.float64)
+    loss = float(train_step(model, optimizer, batch))
+    np.testing.assert_allclose(loss, np_isomax(hidden, before), rtol=1e-5)
+    if step in (0, 29):  # the SGD step on the prototypes against a central-difference gradient
+      numeric = np.zeros_like(before)
+      for idx in np.ndindex(*before.shape):
+        delta = np.zeros_like(before)
+        delta[idx] = 1e-6
+        numeric[idx] = (np_isomax(hidden, before + delta) - np_isomax(hidden, before - delta)) / 2e-6
+      step_taken = (before - np.asarray(model.head.prototypes[...], np.float64)) / learning_rate
+      np.testing.assert_allclose(step_taken, numeric, rtol=2e-3, atol=1e-5)
+  model.eval()
+  logits = np.asarray(model(x))
+  hidden = np.asarray(model.hidden(x), np.float64)
+  protos = np.asarray(model.head.prototypes[...], np.float64)
+  np.testing.assert_allclose(logits, -np.linalg.norm(hidden[:, None] - protos[None], axis=-1), rtol=1e-5, atol=1e-5)
+  s_in, s_out = np.asarray(scores.entropic_score(model(x))), np.asarray(scores.entropic_score(model(x_out)))
+  want = roc_auc_score(np.r_[np.ones(60), np.zeros(60)], np.r_[s_in, s_out])
+  np.testing.assert_allclose(metrics.auroc(s_in, s_out), want, rtol=1e-12)

@@ -5,13 +5,17 @@ and share no code with the library; extreme regimes are checked against closed f
 """
 
 import functools
+import warnings
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 from jax.test_util import check_grads
 import numpy as np
 import pytest
 
+from configs import digits as digits_config
+from ood_jax import experiment
 from ood_jax import layers
 from ood_jax import losses
 
@@ -88,6 +92,42 @@ def test_outlier_exposure_is_cross_entropy_to_uniform():
   want = -np.mean(_np_log_softmax(z), axis=-1)  # −Σ_k (1/K) log p_k
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(losses.outlier_exposure(np.full((2, 6), 3.0, np.float32)), np.log(6.0), rtol=1e-6)
+
+
+def _np_outlier_exposure(z):
+  return -np.mean(_np_log_softmax(np.asarray(z, np.float64)), axis=-1)  # float64, max-shifted
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_outlier_exposure_exact_at_large_logits(dtype):
+  k = 10
+  # Equal logits of ±1e4 (bfloat16 rounds 1e4 to 9984): exactly uniform, so exactly log K. The
+  # unshifted logsumexp(z) − mean(z) gave 2.30273 here, 1.4e-4 off.
+  equal = jnp.asarray(np.stack([np.full(k, 1e4), np.full(k, -1e4), np.zeros(k)]), dtype)
+  got = np.asarray(jax.jit(losses.outlier_exposure)(equal))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, np.log(k), rtol=0, atol=np.spacing(np.float32(np.log(k))))
+  # Mixed scales: near-uniform rows at a 1e4 offset (where cancellation would cost ~1e-3 of a
+  # value ~1), one-hot-like rows spanning ±1e4, and ordinary logits.
+  rng = np.random.default_rng(20)
+  mixed = np.stack([1e4 + rng.integers(-4, 5, size=k) * 0.5, -1e4 + rng.integers(-4, 5, size=k) * 0.5,
+                    np.r_[1e4, -1e4, np.zeros(k - 2)], rng.normal(size=k) * 3, np.r_[1e4, np.full(k - 1, 1e4 - 20)]])
+  z = jnp.asarray(mixed, dtype)
+  want = _np_outlier_exposure(np.asarray(z.astype(jnp.float32)))
+  np.testing.assert_allclose(jax.jit(losses.outlier_exposure)(z), want, rtol=1e-6)
+
+
+def test_outlier_exposure_gradient_is_softmax_minus_uniform():
+  # Analytic gradient of logsumexp(z) − mean(z): softmax(z) − 1/K, in float64, at ±1e4 and mixed scales.
+  z = np.array([[1e4, 1e4, 1e4, 1e4], [1e4, 9999.0, -1e4, 0.0], [0.5, -1.0, 2.0, 0.0], [-1e4, -1e4, -1e4 + 2, -1e4]])
+  want = np.exp(_np_log_softmax(z)) - 1.0 / z.shape[-1]
+  grad = jax.jit(jax.grad(lambda x: losses.outlier_exposure(x).sum()))
+  np.testing.assert_allclose(grad(jnp.asarray(z, jnp.float32)), want, rtol=1e-6, atol=1e-7)
+  bf16_grad = grad(jnp.asarray(z, jnp.bfloat16))
+  assert np.all(np.isfinite(np.asarray(bf16_grad, np.float32)))
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(jax.grad(lambda x: losses.outlier_exposure(x).sum())(jnp.asarray(z)), want,
+                               rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize('m_in,m_out', [(-25.0, -7.0), (-23.0, -5.0), (-1.0, -2.0)])
@@ -408,3 +448,153 @@ def test_errors():
     losses.smooth_training(z, z, y, 0.1, weight=1.5)
   with pytest.raises(TypeError, match='threshold'):
     losses.smot_smoothing(np.array([3], np.int32))
+
+
+# ------------------------------------------------------------------------------------------
+# Out-of-range labels and hyperparameters under jit: NaN (or a checkify error), never a silently
+# wrong finite value; valid entries unchanged bit for bit.
+
+_SMOOTHING = np.linspace(0.0, 1.0, 8).astype(np.float32)
+LABEL_LOSSES = {
+    'softmax_cross_entropy': losses.softmax_cross_entropy,
+    'isomax': losses.isomax,
+    'one_vs_all': losses.one_vs_all,
+    'distance_one_vs_all': losses.distance_one_vs_all,
+    'ice_in': losses.ice_in,
+    'smooth_training': lambda z, y: losses.smooth_training(z, z[::-1] * 0.5, y, _SMOOTHING),
+}
+_BAD = np.array([0, -1, 2, 4, 1, 9, -7, 3], np.int32)  # K = 4: −1 (the outlier label), 4, 9 and −7 are invalid
+_INVALID = (_BAD < 0) | (_BAD >= 4)
+_GOOD = np.where(_INVALID, 1, _BAD).astype(np.int32)
+
+
+@pytest.mark.parametrize('name', sorted(LABEL_LOSSES))
+def test_out_of_range_labels_under_jit_give_nan_and_leave_valid_rows_exact(name):
+  z, _ = _data((8, 4), seed=30, negative=True)  # ≤ 0: valid for the distance and ICE losses too
+  fn = jax.jit(LABEL_LOSSES[name])
+  bad, good = np.asarray(fn(z, _BAD)), np.asarray(fn(z, _GOOD))
+  assert np.all(np.isnan(bad[_INVALID])), bad
+  np.testing.assert_array_equal(bad[~_INVALID], good[~_INVALID])  # the same bits
+  if name in REFERENCES:
+    np.testing.assert_allclose(bad[~_INVALID], REFERENCES[name](z, _GOOD)[~_INVALID], rtol=2e-5, atol=2e-6)
+  assert np.isnan(float(jax.jit(lambda z, y: LABEL_LOSSES[name](z, y).mean())(z, _BAD)))  # the trainer's signal
+
+  # Gradients: the NaN rows must not poison the valid ones (the where-gradient trap), whether the
+  # invalid rows are masked out with jnp.where or left in the mean.
+  masked = lambda y: jax.jit(jax.grad(lambda x: jnp.where(_INVALID, 0.0, LABEL_LOSSES[name](x, y)).sum()))(z)
+  grad_bad, grad_good = np.asarray(masked(_BAD)), np.asarray(masked(_GOOD))
+  assert np.all(np.isfinite(grad_bad))
+  np.testing.assert_array_equal(grad_bad, grad_good)
+  grad_mean = np.asarray(jax.jit(jax.grad(lambda x: LABEL_LOSSES[name](x, _BAD).mean()))(z))
+  assert np.all(np.isfinite(grad_mean))
+  if name != 'smooth_training':  # (its masked logits mix rows, so only the loss rows are independent)
+    np.testing.assert_array_equal(grad_mean[_INVALID], 0.0)
+    np.testing.assert_allclose(grad_mean[~_INVALID], grad_good[~_INVALID] / 8, rtol=1e-6)
+
+
+@pytest.mark.parametrize('dtype,num_classes,label,valid', [
+    (np.uint8, 4, 255, False), (np.int8, 200, 127, True), (np.int8, 200, -1, False), (np.int64, 4, 2**40, False)])
+def test_label_range_for_other_integer_dtypes(dtype, num_classes, label, valid):
+  if dtype == np.int64 and not jax.config.jax_enable_x64:
+    label = 4  # without x64 int64 labels become int32; still out of range
+  z = np.zeros((2, num_classes), np.float32)
+  y = np.array([0, label], dtype)
+  out = np.asarray(jax.jit(losses.softmax_cross_entropy)(z, y))
+  np.testing.assert_allclose(out[0], np.log(num_classes), rtol=1e-6)
+  assert np.isnan(out[1]) != valid
+  if valid:
+    np.testing.assert_allclose(out[1], np.log(num_classes), rtol=1e-6)
+
+
+def test_checkify_reports_out_of_range_labels_and_traced_hyperparameters():
+  z, y = _data((8, 4), seed=31, negative=True)
+  checked = jax.jit(checkify.checkify(lambda z, y: losses.isomax(z, y).mean()))
+  err, value = checked(z, _BAD)
+  assert 'labels must lie in [0, 4), got values in [-7, 9]' in err.get()
+  assert np.isnan(float(value))
+  err, value = checked(z, y)
+  assert err.get() is None
+  np.testing.assert_allclose(float(value), REFERENCES['isomax'](z, y).mean(), rtol=1e-6)
+  err, _ = jax.jit(checkify.checkify(lambda z, s: losses.isomax(z, y, entropic_scale=s)))(z, 0.0)
+  assert 'entropic_scale must be > 0, got 0.0' in err.get()
+  # Without checkify the checks cost nothing and raise nothing.
+  assert np.isnan(float(jax.jit(lambda z, y: losses.isomax(z, y).mean())(z, _BAD)))
+
+
+def _traced_cases():
+  z, y = _data((6, 4), seed=32, negative=True)
+  e, ye = _embeddings()
+  t = np.array([255.0, 200.0, 30.0], np.float32)
+  return [
+      ('isomax', lambda v: losses.isomax(z, y, entropic_scale=v), 10.0, 0.0),
+      ('distance_one_vs_all', lambda v: losses.distance_one_vs_all(z, y, eps=v), 1e-6, -1.0),
+      ('ice_out', lambda v: losses.ice_out(z, eps=v), 1e-6, 0.0),
+      ('supervised_contrastive', lambda v: losses.supervised_contrastive(e, ye, temperature=v), 0.1, -0.1),
+      ('reweighted_contrastive', lambda v: losses.reweighted_contrastive(e, ye, temperature=v), 0.1, 0.0),
+      ('reweighted_openood',
+       lambda v: losses.reweighted_contrastive(e, ye, temperature=v, variant='openood'), 0.1, 0.0),
+      ('smot_smoothing', lambda v: losses.smot_smoothing(t, temperature=v), 10.0, -10.0),
+      ('smooth_training', lambda v: losses.smooth_training(z, z * 0.5, y, 0.3, weight=v), 0.1, 1.5),
+  ]
+
+
+@pytest.mark.parametrize('case', range(len(_traced_cases())))
+def test_traced_hyperparameters_out_of_range_give_nan(case):
+  name, fn, good, bad = _traced_cases()[case]
+  jitted = jax.jit(fn)
+  # A traced valid value gives the loss (to rounding: XLA folds a constant hyperparameter differently).
+  np.testing.assert_allclose(jitted(good), fn(good), rtol=1e-5, atol=1e-6, err_msg=name)
+  assert np.all(np.isnan(np.asarray(jitted(bad)))), name
+  with pytest.raises(ValueError):
+    fn(bad)  # the same value, concrete: an error at the call
+
+
+def test_smooth_training_traced_smoothing_out_of_range_is_nan_per_example():
+  z, y = _data((4, 3), seed=33)
+  eps = np.array([0.0, 0.5, 1.5, -0.1], np.float32)
+  out = np.asarray(jax.jit(lambda e: losses.smooth_training(z, z * 2, y, e))(eps))
+  assert np.all(np.isnan(out[2:]))
+  np.testing.assert_array_equal(out[:2], losses.smooth_training(z[:2], (z * 2)[:2], y[:2], eps[:2]))
+  with pytest.raises(TypeError, match='weight must be a scalar'):
+    losses.smooth_training(z, z, y, 0.1, weight=np.ones(2))
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer's warnings for the recipes the Energy and ICE docstrings warn about.
+
+
+def _smoke_config(method, **overrides):
+  config = digits_config.get_config('smoke')
+  config.method = method
+  config.outliers.source = 'digits/outliers'
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.parametrize('method,overrides,expected', [
+    ('energy', {}, 'default margins'),
+    ('energy', {'init_from': '/pretrained/run'}, None),
+    ('ice', {}, 'without gradient clipping'),
+    ('oe', {}, None),
+])
+def test_trainer_warns_about_energy_margins_from_scratch_and_unclipped_ice(method, overrides, expected):
+  config = _smoke_config(method, **overrides)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    experiment.check_config(config)
+  messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+  if expected is None:
+    assert not any('margins' in m or 'clipping' in m for m in messages), messages
+  else:
+    assert any(expected in m for m in messages), messages
+  if method == 'energy' and not overrides:  # explicit margins silence it; so does clipping for ICE
+    config.method_kwargs.margin_in, config.method_kwargs.margin_out = -5.0, -1.0
+  elif method == 'ice':
+    config.optimizer.grad_clip_norm = 1.0
+  else:
+    return
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    experiment.check_config(config)
+  assert not any(expected in str(w.message) for w in caught)

@@ -119,6 +119,8 @@ def test_sklearn_argument_order_is_refused():
   for fn in (metrics.auroc, metrics.ood_metrics, metrics.fpr_at_tpr):
     with pytest.raises(TypeError, match=r'auroc\(s\[y == 1\], s\[y == 0\]\)'):
       fn(y, s)
+  # A saturated model's ID scores are exactly 1.0: legitimate, even beside OOD scores of equal length.
+  assert metrics.auroc(np.ones(50, np.float32), s.astype(np.float32)) > 0.5
   # Integer scores stay legal when they are not 0/1 labels beside a float vector of equal length.
   assert metrics.auroc(np.array([2, 3, 1]), np.array([0, 1, 0])) == pytest.approx(8.5 / 9)
   assert metrics.auroc(np.array([1, 1, 0]), np.array([0.5, 0.1])) == pytest.approx(4 / 6)

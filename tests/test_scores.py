@@ -6,6 +6,7 @@ import functools
 import zlib
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 from jax.test_util import check_grads
 import numpy as np
@@ -181,6 +182,21 @@ def test_energy_temperature_errors():
     scores.energy(jnp.ones((2, 3)), temperature=np.ones(2))
 
 
+def test_integer_logits_get_a_hint_about_labels():
+  for fn, _, _ in LOGIT_SCORES:
+    with pytest.raises(TypeError, match='integer arrays look like labels'):
+      fn(np.array([[0, 1, 2]]))
+
+
+def test_traced_energy_temperature_out_of_range_gives_nan():
+  z = jnp.asarray(np.random.default_rng(30).standard_normal((5, 4)), jnp.float32)
+  fn = jax.jit(lambda z, t: scores.energy(z, temperature=t))
+  np.testing.assert_allclose(fn(z, 2.0), _ref_energy(np.asarray(z, np.float64), 2.0), rtol=1e-6)
+  assert np.all(np.isnan(np.asarray(fn(z, 0.0)))) and np.all(np.isnan(np.asarray(fn(z, -1.0))))
+  err, _ = jax.jit(checkify.checkify(lambda z, t: scores.energy(z, temperature=t)))(z, -1.0)
+  assert 'temperature must be > 0' in err.get()
+
+
 # ------------------------------------------------------------------------------------------------
 # ODIN.
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +292,18 @@ def test_odin_errors():
     scores.odin(apply_fn, x, epsilon=-0.1)
   with pytest.raises(ValueError, match='apply_fn'):
     scores.odin(lambda inputs: inputs[:, :0], x)  # No classes.
+
+
+def test_odin_traced_hyperparameters_out_of_range_give_nan():
+  x, w, b = _linear_problem(seed=7)
+  apply_fn = lambda inputs: inputs @ jnp.asarray(w, jnp.float32) + jnp.asarray(b, jnp.float32)
+  fn = jax.jit(lambda inputs, t, eps: scores.odin(apply_fn, inputs, temperature=t, epsilon=eps))
+  xj = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(fn(xj, 2.0, 0.05), _ref_odin(x, w, b, 2.0, 0.05)[0], rtol=1e-5)
+  assert np.all(np.isnan(np.asarray(fn(xj, 2.0, -0.05))))  # ε < 0 would lower the confidence instead
+  assert np.all(np.isnan(np.asarray(fn(xj, -2.0, 0.05))))
+  static_eps = jax.jit(lambda inputs, t: scores.odin(apply_fn, inputs, temperature=t, epsilon=0.0))
+  assert np.all(np.isnan(np.asarray(static_eps(xj, 0.0))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +431,28 @@ def test_fit_gaussian_singular_covariance_suggests_ridge():
   f[:, 2] = 0.0
   with pytest.raises(ValueError, match='ridge'):
     scores.fit_gaussian([(f, np.arange(50) % 3)], num_classes=3)
+
+
+def test_fit_gaussian_accepts_arrays_a_pair_and_batches_alike():
+  features, labels, batches = _gaussian_data(seed=15)
+  means, cov = _ref_gaussian(features, labels, 4)
+  fits = {
+      'arrays': scores.fit_gaussian(features, labels, num_classes=4),
+      'pair': scores.fit_gaussian((features, labels), num_classes=4),
+      'list pair': scores.fit_gaussian([features, labels], num_classes=4),
+      'jax arrays': scores.fit_gaussian(jnp.asarray(features, jnp.float32), jnp.asarray(labels), num_classes=4),
+      'batches': scores.fit_gaussian(batches, num_classes=4),
+  }
+  for name, fit in fits.items():
+    np.testing.assert_allclose(fit.means, means, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(fit.covariance, cov, rtol=1e-5, atol=1e-5, err_msg=name)
+  usage = r'fit_gaussian\(features, labels, num_classes=K\)'
+  with pytest.raises(TypeError, match='single array of shape .*no labels.*' + usage):
+    scores.fit_gaussian(features, num_classes=4)
+  with pytest.raises(TypeError, match='item 0 is a ndarray of shape' + r'.*\[\(features, labels\)\]'):
+    scores.fit_gaussian([features], num_classes=4)
+  with pytest.raises(TypeError, match='needs a features array'):
+    scores.fit_gaussian(batches, labels, num_classes=4)
 
 
 def test_mahalanobis_matches_explicit_inverse():

@@ -123,8 +123,12 @@ def check_prepared(names, *, benchmark_dir: str | os.PathLike | None = None) -> 
 
 
 def load_ood_set(name: str, info: registry.DatasetInfo, *, data_dir: str | os.PathLike | None = None,
-                 benchmark_dir: str | os.PathLike | None = None) -> sources.ArrayData:
-  """An OOD test set at the image shape of the in-distribution dataset `info`, named `name`."""
+                 benchmark_dir: str | os.PathLike | None = None, download: bool = False) -> sources.ArrayData:
+  """An OOD test set at the image shape of the in-distribution dataset `info`, named `name`.
+
+  `download=True` lets TFDS download and prepare a missing TFDS set (`config.download`); the releases
+  under `benchmark_dir` are never downloaded.
+  """
   check_ood_set(name)
   if name.startswith(DIGITS_PREFIX):
     return digits.load_ood(name[len(DIGITS_PREFIX):])
@@ -132,25 +136,27 @@ def load_ood_set(name: str, info: registry.DatasetInfo, *, data_dir: str | os.Pa
   if file_set is not None:
     check_prepared([name], benchmark_dir=benchmark_dir)
   data = ood_sets.load_ood(file_set or name, data_dir=data_dir, image_size=info.image_shape[:2],
-                           channels=info.image_shape[-1])
+                           channels=info.image_shape[-1], download=download)
   return dataclasses.replace(data, name=name)
 
 
 def load_corrupted_set(info: registry.DatasetInfo, corruption: str, severity: int, *,
-                       data_dir: str | os.PathLike | None = None) -> sources.ArrayData:
+                       data_dir: str | os.PathLike | None = None, download: bool = False) -> sources.ArrayData:
   """The test split of `info`'s dataset under one corruption (CIFAR-10-C as released, else on the fly)."""
   if info.name == 'digits':
     return digits.load_corrupted(corruption, severity)
-  return ood_sets.load_corrupted(info.name, corruption, severity, data_dir=data_dir)
+  return ood_sets.load_corrupted(info.name, corruption, severity, data_dir=data_dir, download=download)
 
 
 def load_outlier_set(source: str, info: registry.DatasetInfo, *, data_dir: str | os.PathLike | None = None,
-                     split: str = 'train', max_examples: int | None = None, seed: int = 0) -> sources.ArrayData:
+                     split: str = 'train', max_examples: int | None = None, seed: int = 0,
+                     download: bool = False) -> sources.ArrayData:
   """Auxiliary outliers (a TFDS name, a .npy file, or 'digits/outliers') at `info`'s image shape."""
   if source == DIGITS_OUTLIERS:
     return digits.load_outliers()
   return sources.load_outliers(source, data_dir=data_dir, split=split, image_size=info.image_shape[:2],
-                               channels=info.image_shape[-1], max_examples=max_examples, seed=seed)
+                               channels=info.image_shape[-1], max_examples=max_examples, seed=seed,
+                               download=download)
 
 
 def check_validation_fraction(fraction) -> float:
@@ -194,7 +200,8 @@ def split_validation(data: sources.ArrayData, fraction: float, *, seed: int = VA
 
 
 def load_train_and_validation(info: registry.DatasetInfo, *, validation_fraction: float,
-                              data_dir: str | os.PathLike | None = None
+                              data_dir: str | os.PathLike | None = None, download: bool = False
                               ) -> tuple[sources.ArrayData, sources.ArrayData]:
   """The training split of `info`'s dataset, less a held-out validation part (`split_validation`)."""
-  return split_validation(sources.load_split(info.name, info.train_split, data_dir=data_dir), validation_fraction)
+  data = sources.load_split(info.name, info.train_split, data_dir=data_dir, download=download)
+  return split_validation(data, validation_fraction)

@@ -60,8 +60,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from sklearn import datasets as sk_datasets
 
+from ood_jax import _extras
 from ood_jax.data import ood_sets
 from ood_jax.data import sources
 from ood_jax.data.sources import ArrayData
@@ -188,10 +188,15 @@ def _ood(name: str) -> ArrayData:
   return _shared(ArrayData(images, np.full(len(images), sources.OUTLIER_LABEL, np.int32), f'digits/{name}'))
 
 
+def _sk_datasets():
+  # Imported on first use: ood_jax.data serves TFDS users too, who need not install scikit-learn.
+  return _extras.import_optional('sklearn.datasets', needed_by='The digits benchmark (ood_jax.data.digits)')
+
+
 @functools.lru_cache(maxsize=None)
 def _all_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """All 1 797 digits as uint8 [N, 32, 32, 1], their labels 0..9 (int32) and the test mask."""
-  bunch = sk_datasets.load_digits()
+  bunch = _sk_datasets().load_digits()
   upsample = _upsampling_matrix(bunch.images.shape[1], IMAGE_SIZE // bunch.images.shape[1])
   # Exact in float64 (see the module docstring), so the order of the sums cannot matter.
   pixels = upsample @ bunch.images @ upsample.T * (255 / _GREY_LEVELS)
@@ -237,7 +242,7 @@ def _upsampling_matrix(size: int, factor: int) -> np.ndarray:
 def _photo_patches() -> np.ndarray:
   """The grid of 64×64 patches of both sample photos, resized to 32×32 grey, uint8 [456, 32, 32, 1]."""
   patches = []
-  for photo in sk_datasets.load_sample_images().images:
+  for photo in _sk_datasets().load_sample_images().images:
     rows, cols = (_patch_starts(length) for length in photo.shape[:2])
     patches += [photo[r:r + _PATCH_SIZE, c:c + _PATCH_SIZE] for r in rows for c in cols]
   patches = sources.resize_images(np.stack(patches), (IMAGE_SIZE, IMAGE_SIZE))

@@ -55,7 +55,8 @@ OOD_SETS = (*_TFDS_SETS, *_NOISE, _FOLDER + '<path>', _IMGLIST + '<list file>[@<
 
 
 def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size: tuple[int, int] = (32, 32),
-             num_examples: int | None = None, seed: int = 0, channels: int = 3) -> sources.ArrayData:
+             num_examples: int | None = None, seed: int = 0, channels: int = 3,
+             download: bool = False) -> sources.ArrayData:
   """An OOD test set at the in-distribution image size and channel count.
 
   Args:
@@ -73,6 +74,7 @@ def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size
       default: all images, except 10,000 for places365_small and for the noise sets (exactly that many).
     seed: seed of the subset and of the noise.
     channels: 3 (RGB) or 1 (grey, BT.601 luma) to match the in-distribution data.
+    download: download and prepare a missing TFDS set (`sources.read_tfds`); False never downloads.
 
   Returns:
     ArrayData named `name`, images [N, *image_size, channels] uint8, labels all `OUTLIER_LABEL`.
@@ -98,7 +100,7 @@ def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size
   elif name in _TFDS_SETS:
     tfds_name, split = _TFDS_SETS[name]
     images = sources.read_tfds(tfds_name, split, data_dir=data_dir, image_size=image_size,
-                               num_examples=num_examples, seed=seed).images
+                               num_examples=num_examples, seed=seed, download=download).images
   else:
     raise ValueError(f'Unknown OOD set {name!r}; valid names: {", ".join(OOD_SETS)}.')
   images = sources.convert_channels(images, channels)
@@ -106,7 +108,7 @@ def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size
 
 
 def load_corrupted(base: str, corruption: str, severity: int, *, data_dir: str | os.PathLike | None = None,
-                   corrupt_fn: CorruptFn | None = None, seed: int = 0) -> sources.ArrayData:
+                   corrupt_fn: CorruptFn | None = None, seed: int = 0, download: bool = False) -> sources.ArrayData:
   """The test split of `base` under one corruption at one severity, with its true labels.
 
   Args:
@@ -119,6 +121,7 @@ def load_corrupted(base: str, corruption: str, severity: int, *, data_dir: str |
       `ood_jax.corruptions.corrupt` for any other base. Passing one for 'cifar10' corrupts its clean
       test split on the fly instead of reading CIFAR-10-C.
     seed: seed of the `rng` key given to `corrupt_fn` (the same key for every corruption).
+    download: download and prepare missing TFDS data (`sources.read_tfds`); False never downloads.
 
   Returns:
     ArrayData named '{base}_corrupted/{corruption}_{severity}'.
@@ -134,11 +137,11 @@ def load_corrupted(base: str, corruption: str, severity: int, *, data_dir: str |
   name = f'{base}_corrupted/{corruption}_{severity}'
   if base == 'cifar10' and corrupt_fn is None:
     # Always with a config name: the config-less `cifar10_corrupted` is silently brightness_1.
-    return sources.read_tfds(name, 'test', data_dir=data_dir, label_key='label')
+    return sources.read_tfds(name, 'test', data_dir=data_dir, label_key='label', download=download)
 
   if corrupt_fn is None:
     corrupt_fn = _default_corrupt_fn(base)
-  clean = sources.load_split(base, info.test_split, data_dir=data_dir)
+  clean = sources.load_split(base, info.test_split, data_dir=data_dir, download=download)
   images = np.asarray(corrupt_fn(clean.images, corruption, severity, jax.random.key(seed)))
   if images.dtype != np.uint8 or images.shape != clean.images.shape:
     raise ValueError(f'corrupt_fn must return uint8 images of shape {clean.images.shape}, '

@@ -1,10 +1,12 @@
 """Host-side acquisition of datasets as uint8 NumPy arrays.
 
 Every loader returns an `ArrayData` (images [N, H, W, C] uint8, labels [N] int32) that the device
-pipeline shards and augments. TFDS data is only ever read, never downloaded: a dataset that has not
-been prepared fails with `DatasetNotFoundError` saying how to prepare it, rather than starting a
-multi-gigabyte download on an accelerator host. TensorFlow and TFDS are imported on first use, with
-GPUs hidden from TensorFlow so that it never reserves accelerator memory JAX needs.
+pipeline shards and augments. By default TFDS data is only ever read, never downloaded: a dataset that
+has not been prepared fails with `DatasetNotFoundError` saying how to prepare it, rather than starting a
+multi-gigabyte download on an accelerator host. `download=True` (`config.download`, the notebook's
+`DOWNLOAD` switch) opts in: a missing dataset is then downloaded and prepared with TFDS's
+`download_and_prepare` before it is read. TensorFlow and TFDS are imported on first use, with GPUs
+hidden from TensorFlow so that it never reserves accelerator memory JAX needs.
 
 Images that must change size (OOD sets, outliers) are resized once, here, with Pillow's antialiased
 bilinear filter; grey ↔ RGB conversion uses ITU-R BT.601 luma weights or channel repetition.
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ood_jax import _checks
+from ood_jax import _extras
 from ood_jax.data import registry
 
 OUTLIER_LABEL = -1  # label of every OOD / outlier example: no in-distribution class, and invalid for losses
@@ -62,13 +65,16 @@ class ArrayData:
     return self.images.shape[0]
 
 
-def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> ArrayData:
+def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
+               download: bool = False) -> ArrayData:
   """One split of a registered in-distribution dataset, read once per process.
 
   Args:
     name: registry name ('cifar10', 'cifar100', 'svhn_cropped', 'digits').
     split: split name or TFDS slice ('train', 'test', 'train[:90%]').
     data_dir: TFDS data directory; None means TFDS's default (`TFDS_DATA_DIR` or ~/tensorflow_datasets).
+    download: let TFDS download and prepare the dataset under `data_dir` if it is missing (needs
+      internet access); False (the default) never downloads.
 
   Returns:
     ArrayData of shape `registry.get_info(name).image_shape` per image and labels in [0, num_classes);
@@ -76,18 +82,18 @@ def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = No
 
   Raises:
     ValueError: unknown name (the message lists the valid ones).
-    DatasetNotFoundError: the TFDS data is not prepared under `data_dir`.
+    DatasetNotFoundError: the TFDS data is not prepared under `data_dir` (and `download` is False).
   """
   info = registry.get_info(name)
   if info.tfds_name is None:
     return _load_builtin(name, split)
-  data = read_tfds(info.tfds_name, split, data_dir=data_dir, label_key=info.label_key)
+  data = read_tfds(info.tfds_name, split, data_dir=data_dir, label_key=info.label_key, download=download)
   return dataclasses.replace(data, name=name)
 
 
 def read_tfds(tfds_name: str, split: str, *, data_dir: str | os.PathLike | None = None,
               label_key: str | None = None, image_size: tuple[int, int] | None = None,
-              num_examples: int | None = None, seed: int = 0) -> ArrayData:
+              num_examples: int | None = None, seed: int = 0, download: bool = False) -> ArrayData:
   """Any TFDS image dataset (feature 'image') as arrays; results are cached per argument set.
 
   Args:
@@ -99,6 +105,9 @@ def read_tfds(tfds_name: str, split: str, *, data_dir: str | os.PathLike | None 
     num_examples: keep a random subset of at most this many examples (source order kept); None keeps
       all. Unselected examples are never decoded, so subsampling a huge split is cheap in memory.
     seed: seed of that subset.
+    download: if the dataset is not prepared under `data_dir`, download and prepare it
+      (`builder.download_and_prepare()`, which needs internet access) and then read it; False raises
+      DatasetNotFoundError instead.
 
   Returns:
     ArrayData named `tfds_name`.
@@ -108,12 +117,19 @@ def read_tfds(tfds_name: str, split: str, *, data_dir: str | os.PathLike | None 
   if num_examples is not None:
     num_examples = _checks.positive_int('num_examples', num_examples)
   data_dir = None if data_dir is None else os.fspath(data_dir)
-  return _read_tfds(tfds_name, split, data_dir, label_key, image_size, num_examples, int(seed))
+  args = (tfds_name, split, data_dir, label_key, image_size, num_examples, int(seed))
+  try:
+    return _read_tfds(*args)
+  except DatasetNotFoundError:
+    if not download:
+      raise
+  _download_and_prepare(tfds_name, data_dir)  # outside the read cache: one download serves every read
+  return _read_tfds(*args)
 
 
 def load_outliers(source: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, split: str = 'train',
                   image_size: tuple[int, int] = (32, 32), channels: int = 3, max_examples: int | None = None,
-                  seed: int = 0) -> ArrayData:
+                  seed: int = 0, download: bool = False) -> ArrayData:
   """Auxiliary outlier images for outlier exposure (OE, Energy, ICE training).
 
   Args:
@@ -126,6 +142,7 @@ def load_outliers(source: str | os.PathLike, *, data_dir: str | os.PathLike | No
     channels: 3 (RGB) or 1 (grey) to match the in-distribution data.
     max_examples: keep a random subset of at most this many images; None keeps all.
     seed: seed of that subset.
+    download: download and prepare a missing TFDS source (TFDS sources only; see `read_tfds`).
 
   Returns:
     ArrayData with every label `OUTLIER_LABEL`.
@@ -139,7 +156,7 @@ def load_outliers(source: str | os.PathLike, *, data_dir: str | os.PathLike | No
   if os.fspath(source).endswith('.npy'):
     return _load_npy(os.fspath(source), image_size, channels, max_examples, seed)
   data = read_tfds(os.fspath(source), split, data_dir=data_dir, image_size=image_size,
-                   num_examples=max_examples, seed=seed)
+                   num_examples=max_examples, seed=seed, download=download)
   return dataclasses.replace(data, images=convert_channels(data.images, channels))
 
 
@@ -279,6 +296,9 @@ def _read_tfds(tfds_name, split, data_dir, label_key, image_size, num_examples, 
 
 @functools.cache
 def _tensorflow():
+  # Optional packages (the 'train' extra; 'colab' where tensorflow is installed already): a missing one
+  # raises ModuleNotFoundError naming the extra.
+  _extras.require(('tensorflow', 'tensorflow_datasets'), needed_by='Reading TFDS datasets')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
@@ -288,11 +308,18 @@ def _tensorflow():
   return tf, tfds
 
 
+def _download_and_prepare(tfds_name: str, data_dir: str | None) -> None:
+  _, tfds = _tensorflow()
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  # Downloads land in <data_dir>/downloads, so the configs of one archive (CIFAR-10-C's 95) fetch it once.
+  builder.download_and_prepare()
+
+
 def _not_prepared(tfds, builder, tfds_name: str, data_dir: str | None) -> str:
   root = data_dir or tfds.core.constants.DATA_DIR
   return (f'TFDS dataset {tfds_name!r} is not prepared: nothing in {builder.data_dir} (data_dir={root!r}). '
-          'ood_jax never downloads; prepare it once on a machine with internet access and copy the '
-          'directory here:\n'
+          'ood_jax downloads only when asked to (download=True, --config.download=True); prepare it '
+          'once on a machine with internet access and copy the directory here:\n'
           f'  python -c "import tensorflow_datasets as tfds; '
           f"tfds.builder('{tfds_name}', data_dir='{root}').download_and_prepare()\"\n"
           f'or: tfds build {tfds_name} --data_dir={root}\n'

@@ -8,7 +8,13 @@
   the unit sphere.
 
 The modules only own parameters; all arithmetic lives in the pure functions so that Linen and the
-NNX twins (`ood_jax.layers.nnx`) compute exactly the same thing.
+NNX twins compute exactly the same thing. Import the twins as `from ood_jax import layers_nnx`: that
+name sits beside `from flax import nnx` without shadowing it (`ood_jax.layers.nnx` stays importable
+for existing code, but `from ood_jax.layers import nnx` hides `flax.nnx`).
+
+Constructor names follow the Flax layer a head replaces: `DistanceLogits(features=10)` reads like
+the `nn.Dense(features=10)` it stands in for, and `num_classes=` means the same; the NNX twins take
+`(in_features, out_features)` like `nnx.Linear`. Passing both spellings is a TypeError.
 """
 
 from __future__ import annotations
@@ -20,16 +26,19 @@ import numpy as np
 
 from ood_jax import _checks
 from ood_jax.layers import nnx
+from ood_jax.layers.functional import cholesky_factor
 from ood_jax.layers.functional import cholesky_from_raw
 from ood_jax.layers.functional import l2_normalize
 from ood_jax.layers.functional import mahalanobis_logits
 from ood_jax.layers.functional import negative_distances
+from ood_jax.layers.functional import _output_width
 from ood_jax.layers.functional import raw_from_cholesky
 
 __all__ = [
     'DistanceLogits',
     'MahalanobisLogits',
     'ProjectionHead',
+    'cholesky_factor',
     'cholesky_from_raw',
     'l2_normalize',
     'mahalanobis_logits',
@@ -46,20 +55,30 @@ def _identity_raw(key, shape, dtype=jnp.float32):
 class DistanceLogits(nn.Module):
   """IsoMax / distance-OvA head: `negative_distances(features, prototypes)`.
 
+  A drop-in for the last `nn.Dense` of a classifier: `nn.Dense(features=10)` becomes
+  `DistanceLogits(features=10)` (or `DistanceLogits(num_classes=10)`, or `DistanceLogits(10)`).
+
   Attributes:
     num_classes: K.
     prototype_init: initialiser of the `[K, D]` 'prototypes' parameter; zeros as in paper 000.
     param_dtype: dtype of the parameter.
+    features: K under `nn.Dense`'s name; give this or `num_classes`, not both.
   """
 
-  num_classes: int
+  num_classes: int | None = None
   prototype_init: nn.initializers.Initializer = nn.initializers.zeros
   param_dtype: jnp.dtype = jnp.float32
+  features: int | None = None
+
+  def __post_init__(self):
+    _output_width(type(self).__name__, self.num_classes, 'features', self.features)  # fail at construction
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, features):
+    num_classes = _output_width(type(self).__name__, self.num_classes, 'features', self.features)
     prototypes = self.param('prototypes', self.prototype_init,
-                            (self.num_classes, jnp.shape(features)[-1]), self.param_dtype)
+                            (num_classes, jnp.shape(features)[-1]), self.param_dtype)
     return negative_distances(features, prototypes)
 
 
@@ -67,24 +86,41 @@ class MahalanobisLogits(nn.Module):
   """ICE head: `mahalanobis_logits(features, means, cholesky_from_raw(cholesky_raw))`.
 
   Parameters: 'means' `[K, D]` and 'cholesky_raw' `[D, D]` (unconstrained; the factor is
-  `cholesky_from_raw(cholesky_raw)`, initialised to the identity).
+  `cholesky_from_raw(cholesky_raw)`, initialised to the identity). Read the factor L (Σ = LLᵀ) with
+  `module.apply(variables, method='cholesky')` or `cholesky_factor(variables['params'])`, as the NNX
+  twin's `.cholesky()`.
+
+  Train it with clipped gradients (`optax.clip_by_global_norm(1.0)` before the optimiser): the
+  squared distances grow quadratically with the features and an unclipped ICE run diverges within
+  a few steps (`losses.ice_in` explains).
 
   Attributes:
     num_classes: K.
     means_init: initialiser of the class means; N(0, 1) so classes start apart.
     param_dtype: dtype of the parameters.
+    features: K under `nn.Dense`'s name; give this or `num_classes`, not both.
   """
 
-  num_classes: int
+  num_classes: int | None = None
   means_init: nn.initializers.Initializer = nn.initializers.normal(stddev=1.0)
   param_dtype: jnp.dtype = jnp.float32
+  features: int | None = None
+
+  def __post_init__(self):
+    _output_width(type(self).__name__, self.num_classes, 'features', self.features)  # fail at construction
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, features):
     d = jnp.shape(features)[-1]
-    means = self.param('means', self.means_init, (self.num_classes, d), self.param_dtype)
+    num_classes = _output_width(type(self).__name__, self.num_classes, 'features', self.features)
+    means = self.param('means', self.means_init, (num_classes, d), self.param_dtype)
     raw = self.param('cholesky_raw', _identity_raw, (d, d), self.param_dtype)
     return mahalanobis_logits(features, means, cholesky_from_raw(raw))
+
+  def cholesky(self) -> jax.Array:
+    """The factor L of a bound module: `module.apply(variables, method='cholesky')`."""
+    return cholesky_from_raw(self.get_variable('params', 'cholesky_raw'))
 
 
 class ProjectionHead(nn.Module):

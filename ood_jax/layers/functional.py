@@ -116,6 +116,41 @@ def raw_from_cholesky(cholesky):
   return jnp.tril(cholesky, k=-1) + jnp.diag(inv_softplus)
 
 
+def cholesky_factor(head) -> jax.Array:
+  """The Cholesky factor L of a Mahalanobis head (ICE), Linen or NNX: `cholesky_from_raw(cholesky_raw)`.
+
+  Accepts what a user has at hand: the head's parameters `{'means': ..., 'cholesky_raw': ...}`
+  (e.g. `variables['params']['head']` of a `models.Classifier`), a variables dict
+  `{'params': {...}}` of a bare `MahalanobisLogits`, or an NNX `MahalanobisLogits` module.
+  Linen users can also call `MahalanobisLogits(...).apply(variables, method='cholesky')`; the NNX twin
+  has `.cholesky()`.
+
+  Returns:
+    `[D, D]` lower-triangular factor with a positive diagonal; Σ = LLᵀ is the shared covariance.
+  """
+  raw = getattr(head, 'cholesky_raw', None)
+  if raw is not None:  # an NNX module: its nnx.Param holds the array
+    return cholesky_from_raw(raw[...])
+  if hasattr(head, 'get') and 'cholesky_raw' not in head and 'params' in head:
+    head = head['params']
+  if not hasattr(head, 'get') or 'cholesky_raw' not in head:
+    keys = sorted(head) if hasattr(head, 'keys') else type(head).__name__
+    raise ValueError(f"cholesky_factor needs a Mahalanobis head's parameters (a mapping with 'cholesky_raw', "
+                     f"e.g. variables['params']['head']) or an NNX MahalanobisLogits; got {keys}.")
+  return cholesky_from_raw(jnp.asarray(head['cholesky_raw']))
+
+
+def _output_width(owner: str, num_classes, alias_name: str, alias) -> int:
+  """K from `num_classes=` or its Flax spelling (`features=` as nn.Dense, `out_features=` as nnx.Linear)."""
+  if num_classes is not None and alias is not None:
+    raise TypeError(f'{owner}: pass num_classes= or {alias_name}= (the same number under its Flax name), '
+                    f'not both; got num_classes={num_classes!r}, {alias_name}={alias!r}.')
+  width = alias if num_classes is None else num_classes
+  if width is None:
+    raise TypeError(f'{owner} needs the number of classes: num_classes= (or {alias_name}=, as in Flax).')
+  return _checks.positive_int('num_classes' if num_classes is not None else alias_name, width)
+
+
 def l2_normalize(x, *, axis=-1, eps=1e-12):
   """x / max(‖x‖, eps): unit vectors with a finite value and gradient at x = 0."""
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)

@@ -1,7 +1,19 @@
 """NNX twins of the Linen logit layers in `ood_jax.layers`, for `flax.nnx` projects.
 
+Import them as `from ood_jax import layers_nnx`, next to `from flax import nnx`; this module,
+`ood_jax.layers.nnx`, is the same code under its older name, kept so existing imports work
+(`from ood_jax.layers import nnx` would shadow `flax.nnx`).
+
 Same names, same parameter names, same arithmetic (they call the same pure functions). NNX
-modules are built eagerly, so they take the input width `in_features` up front, as `nnx.Linear`.
+modules are built eagerly, so they take the input width up front, and the constructor reads like
+the `nnx.Linear(in_features, out_features, rngs=...)` a head replaces:
+
+  from flax import nnx
+  from ood_jax import layers_nnx
+
+  head = layers_nnx.DistanceLogits(256, 10, rngs=nnx.Rngs(0))            # as nnx.Linear(256, 10)
+  head = layers_nnx.DistanceLogits(in_features=256, out_features=10, rngs=nnx.Rngs(0))
+  head = layers_nnx.DistanceLogits(256, num_classes=10, rngs=nnx.Rngs(0))  # the same layer
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from ood_jax.layers.functional import _output_width
 from ood_jax.layers.functional import cholesky_from_raw
 from ood_jax.layers.functional import l2_normalize
 from ood_jax.layers.functional import mahalanobis_logits
@@ -22,10 +35,14 @@ _NORMAL_INIT = nnx.initializers.normal(stddev=1.0)  # the Linen twin's default f
 
 
 class DistanceLogits(nnx.Module):
-  """IsoMax / distance-OvA head; param `prototypes` `[num_classes, in_features]`, zeros by default."""
+  """IsoMax / distance-OvA head; param `prototypes` `[num_classes, in_features]`, zeros by default.
 
-  def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs,
-               prototype_init=nnx.initializers.zeros, param_dtype=jnp.float32):
+  K is `num_classes` or, as in `nnx.Linear`, `out_features` (one of the two).
+  """
+
+  def __init__(self, in_features: int, num_classes: int | None = None, *, rngs: nnx.Rngs,
+               out_features: int | None = None, prototype_init=nnx.initializers.zeros, param_dtype=jnp.float32):
+    num_classes = _output_width('DistanceLogits', num_classes, 'out_features', out_features)
     self.prototypes = nnx.Param(prototype_init(rngs.params(), (num_classes, in_features), param_dtype))
 
   def __call__(self, features):
@@ -33,10 +50,15 @@ class DistanceLogits(nnx.Module):
 
 
 class MahalanobisLogits(nnx.Module):
-  """ICE head; params `means` `[K, D]` ~ N(0, 1) and `cholesky_raw` `[D, D]` (identity factor)."""
+  """ICE head; params `means` `[K, D]` ~ N(0, 1) and `cholesky_raw` `[D, D]` (identity factor).
 
-  def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs,
-               means_init=_NORMAL_INIT, param_dtype=jnp.float32):
+  K is `num_classes` or, as in `nnx.Linear`, `out_features` (one of the two). Train with clipped
+  gradients (`optax.clip_by_global_norm(1.0)` first in the chain); `losses.ice_in` explains why.
+  """
+
+  def __init__(self, in_features: int, num_classes: int | None = None, *, rngs: nnx.Rngs,
+               out_features: int | None = None, means_init=_NORMAL_INIT, param_dtype=jnp.float32):
+    num_classes = _output_width('MahalanobisLogits', num_classes, 'out_features', out_features)
     self.means = nnx.Param(means_init(rngs.params(), (num_classes, in_features), param_dtype))
     self.cholesky_raw = nnx.Param(raw_from_cholesky(jnp.eye(in_features, dtype=param_dtype)))
 
