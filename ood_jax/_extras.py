@@ -39,6 +39,9 @@ PROVIDED_BY = {
     'sklearn': ('digits',),
 }
 
+# How the messages name a package whose import name is not its distribution's.
+_DISPLAY = {'PIL': 'Pillow (PIL)', 'sklearn': 'scikit-learn', 'orbax.checkpoint': 'orbax-checkpoint'}
+
 # ood_jax module -> the optional packages it needs to import (tests/test_install.py checks this
 # against the source: every optional package a module imports at module level is listed). A module
 # that imports one of these modules needs no entry: the check runs when that import happens.
@@ -55,7 +58,7 @@ MODULES = {
 
 
 def installed(name: str) -> bool:
-  """Whether the module `name` ('PIL', 'orbax.checkpoint') can be imported, without importing it."""
+  """Whether the module `name` ('PIL', 'orbax.checkpoint') can be imported (only a parent package is imported)."""
   if name in sys.modules:
     return True
   try:
@@ -72,7 +75,7 @@ def missing_message(needed_by: str, missing: Sequence[str]) -> str:
   """The error text: what needs which missing packages, and the pip command that installs them."""
   extras = list(dict.fromkeys(_extras_of(name)[0] for name in missing))
   others = [extra for name in missing for extra in _extras_of(name)[1:] if extra not in extras]
-  names = ', '.join(missing)
+  names = ', '.join(_DISPLAY.get(name, name) for name in missing)
   comes = 'comes' if len(missing) == 1 else 'come'
   which = ' and '.join(f"'{extra}'" for extra in extras)
   text = (f"{needed_by} needs {names}, which {comes} with the {which} extra{'s' if len(extras) > 1 else ''} "
