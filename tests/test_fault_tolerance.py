@@ -48,12 +48,7 @@ def _config(**overrides):
   config.keep_checkpoints = 10
   config.num_devices = 1
   config.eval.ood_sets = ()
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for part in path:
-      target = target[part]
-    target[last] = value
+  config.update_from_flattened_dict(overrides)  # dotted keys: 'optimizer.learning_rate'
   return config
 
 

@@ -32,12 +32,7 @@ def _config(**overrides):
   config.log_every_steps = 4
   config.checkpoint_every_steps = 6
   config.eval.ood_sets = ('digits/near', 'digits/gaussian_noise')
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for part in path:
-      target = target[part]
-    target[last] = value
+  config.update_from_flattened_dict(overrides)  # dotted keys: 'optimizer.learning_rate'
   return config
 
 
