@@ -543,26 +543,26 @@ def test_knn_zero_vectors_duplicates_and_bfloat16():
   out = scores.knn(jnp.asarray(features, jnp.float32), jnp.asarray(bank, jnp.float32), k=1,
                    query_chunk_size=4, bank_chunk_size=3)
   assert np.all(np.isfinite(out))
-  # A zero vector has cosine similarity 0 to everything: distance √2, like an orthogonal vector.
-  np.testing.assert_allclose(out[0], -np.sqrt(2.0), atol=1e-6)
-  # Exact duplicates of bank rows are at distance ~0 (up to sqrt of float32 round-off).
-  np.testing.assert_allclose(out[1:3], 0.0, atol=1e-3)
-  np.testing.assert_allclose(out[3:], _ref_knn(features[3:], bank, 1), atol=2e-5)
+  # Zero vectors stay zero after normalisation, so distances are the true ones (as scikit-learn and
+  # faiss give them): the zero query is at 0 from the zero bank row, exact duplicates at exactly 0.
+  np.testing.assert_array_equal(out[:3], 0.0)
+  np.testing.assert_allclose(out[3:], _ref_knn(features[3:], bank, 1), atol=2e-6)
+  out = scores.knn(jnp.asarray(features, jnp.float32), jnp.asarray(bank, jnp.float32), k=2)
+  np.testing.assert_allclose(out, _ref_knn(features, bank, 2), atol=2e-6)
+  np.testing.assert_allclose(out[0], -1.0, atol=1e-6)  # the zero query's second neighbour: a unit row
 
-  # A zero bank row counts as cosine similarity 0, i.e. distance √2 like an orthogonal unit vector
-  # (not 1, the distance from a unit vector to the origin): the reference replaces it by one.
+  # A zero bank row is at distance 1 from every unit query.
   q = np.array([[1.0, 0.0, 0.0, 0.0]])
   zero_bank = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 0.1, 0.0, 0.0], [2.0, -0.3, 0.0, 0.0]])
-  orthogonal_bank = zero_bank.copy()
-  orthogonal_bank[0] = [0.0, 0.0, 3.0, 0.0]
   out = scores.knn(jnp.asarray(q, jnp.float32), jnp.asarray(zero_bank, jnp.float32), k=3)
-  np.testing.assert_allclose(out, _ref_knn(q, orthogonal_bank, 3), atol=2e-5)
+  np.testing.assert_allclose(out, _ref_knn(q, zero_bank, 3), atol=2e-6)
+  np.testing.assert_allclose(out, -1.0, atol=1e-6)
 
   bank = np.delete(bank, 3, axis=0)
   bf_features, bf_bank = jnp.asarray(features[3:], jnp.bfloat16), jnp.asarray(bank, jnp.bfloat16)
   out = scores.knn(bf_features, bf_bank, k=2)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, _ref_knn(_as_float64(bf_features), _as_float64(bf_bank), 2), atol=2e-5)
+  np.testing.assert_allclose(out, _ref_knn(_as_float64(bf_features), _as_float64(bf_bank), 2), atol=2e-6)
 
 
 def test_knn_empty_queries():

@@ -1,0 +1,123 @@
+"""Numerics of `ood_jax.scores.knn` (issue 15, item 4) against a float64 NumPy reference, and faiss.
+
+The reference normalises in float64 (zero vectors stay zero) and sorts the full distance matrix, so
+it is independent of the chunked, grouped top-k and the exact re-scoring under test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ood_jax import scores
+from ood_jax.detectors import distance
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
+  return np.where(norm > 0, x / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _ref_kth(features, bank, k):
+  """k-th smallest ‖q̂ − b̂‖ in float64 from the differences (no cancellation)."""
+  q, b = _unit(features), _unit(bank)
+  dist = np.sqrt(np.sum((q[:, None, :] - b[None, :, :]) ** 2, axis=-1))
+  return np.sort(dist, axis=1)[:, k - 1]
+
+
+_knn = jax.jit(scores.knn, static_argnames=('k', 'query_chunk_size', 'bank_chunk_size'))
+
+# (bank_chunk_size, query_chunk_size): one chunk with grouped top-k, several uneven chunks with
+# grouped top-k, and chunks too small for groups (plain top-k).
+_CHUNKS = [(4096, 256), (700, 64), (40, 7)]
+
+
+@pytest.mark.parametrize('bank_chunk_size,query_chunk_size', _CHUNKS)
+def test_query_in_bank_is_at_exactly_zero(bank_chunk_size, query_chunk_size):
+  rng = np.random.default_rng(0)
+  bank = rng.standard_normal((1500, 64)).astype(np.float32) * rng.uniform(0.1, 10.0, (1500, 1)).astype(np.float32)
+  queries = bank[rng.choice(1500, 50, replace=False)]
+  out = _knn(jnp.asarray(queries), jnp.asarray(bank), k=1, query_chunk_size=query_chunk_size,
+             bank_chunk_size=bank_chunk_size)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)  # was ~1e-3 with sqrt(2 − 2·cos) in float32
+
+
+@pytest.mark.parametrize('bank_chunk_size,query_chunk_size', _CHUNKS)
+def test_near_vectors_at_their_true_distance(bank_chunk_size, query_chunk_size):
+  rng = np.random.default_rng(1)
+  bank = rng.standard_normal((1200, 128)).astype(np.float32)
+  rows = rng.choice(1200, 40, replace=False)
+  scale = np.geomspace(1e-6, 1e-2, 40)[:, None]
+  queries = (bank[rows] + scale * rng.standard_normal((40, 128))).astype(np.float32)
+  out = np.asarray(_knn(jnp.asarray(queries), jnp.asarray(bank), k=1, query_chunk_size=query_chunk_size,
+                        bank_chunk_size=bank_chunk_size))
+  ref = _ref_kth(queries, bank, 1)
+  assert ref.min() < 1e-6 and ref.max() > 1e-3
+  # Absolute float32 rounding of unit vectors, 1e-7, instead of sqrt(float32 eps) ≈ 3e-4.
+  np.testing.assert_allclose(-out, ref, rtol=1e-3, atol=2e-7)
+
+
+def test_zero_vectors_are_at_their_true_distance():
+  rng = np.random.default_rng(2)
+  bank = rng.standard_normal((300, 32)).astype(np.float32)
+  queries = np.concatenate([np.zeros((2, 32), np.float32), rng.standard_normal((3, 32)).astype(np.float32)])
+  for k in (1, 300):
+    out = np.asarray(scores.knn(jnp.asarray(queries), jnp.asarray(bank), k=k))
+    np.testing.assert_allclose(out[:2], -1.0, atol=1e-6)  # distance 1 from the normalised bank, not √2
+    np.testing.assert_allclose(-out, _ref_kth(queries, bank, k), atol=1e-6)
+  # Zero bank rows are at distance 1 from unit queries and 0 from zero queries.
+  bank[:5] = 0.0
+  for k in (1, 6):
+    out = np.asarray(scores.knn(jnp.asarray(queries), jnp.asarray(bank), k=k, bank_chunk_size=64))
+    np.testing.assert_allclose(-out, _ref_kth(queries, bank, k), atol=1e-6)
+
+
+@pytest.mark.parametrize('k', [1, 50, 200])
+def test_matches_reference_on_random_features_with_ties(k):
+  rng = np.random.default_rng(3)
+  bank = rng.standard_normal((2000, 48)).astype(np.float32)
+  bank[1000:1100] = bank[0]  # 101 equal rows: ties far beyond the spare candidates
+  queries = np.concatenate([bank[:1] + 1e-3, rng.standard_normal((60, 48))]).astype(np.float32)
+  ref = _ref_kth(queries, bank, k)
+  for bank_chunk_size, query_chunk_size in _CHUNKS[:2]:
+    out = _knn(jnp.asarray(queries), jnp.asarray(bank), k=k, query_chunk_size=query_chunk_size,
+               bank_chunk_size=bank_chunk_size)
+    assert out.shape == (61,) and out.dtype == jnp.float32
+    np.testing.assert_allclose(-np.asarray(out), ref, rtol=1e-6, atol=2e-7)
+
+
+def test_bfloat16_and_float32_agree_and_runs_are_bitwise_equal():
+  rng = np.random.default_rng(4)
+  bank = jnp.asarray(rng.standard_normal((500, 16)), jnp.bfloat16)
+  queries = jnp.asarray(rng.standard_normal((30, 16)), jnp.bfloat16)
+  out = scores.knn(queries, bank, k=5)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(-np.asarray(out), _ref_kth(np.asarray(queries, np.float32),
+                                                        np.asarray(bank, np.float32), 5), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(scores.knn(queries, bank, k=5)))
+
+
+def test_detector_scores_with_the_same_numerics():
+  rng = np.random.default_rng(5)
+  train = rng.standard_normal((400, 24)).astype(np.float32)
+  state = distance.fit_knn([{'features': train}])
+  test = np.concatenate([train[:3], np.zeros((1, 24), np.float32)])
+  out = np.asarray(distance.knn(state, test, k=1))
+  np.testing.assert_array_equal(out[:3], 0.0)
+  np.testing.assert_allclose(out[3], -1.0, atol=1e-6)
+
+
+def test_matches_faiss_index_flat_l2():
+  faiss = pytest.importorskip('faiss', reason='faiss-cpu is an optional peer (pip install faiss-cpu)')
+  rng = np.random.default_rng(6)
+  bank = rng.standard_normal((3000, 64)).astype(np.float32)
+  queries = rng.standard_normal((200, 64)).astype(np.float32)
+  unit_bank, unit_queries = _unit(bank).astype(np.float32), _unit(queries).astype(np.float32)
+  index = faiss.IndexFlatL2(64)
+  index.add(unit_bank)
+  squared, _ = index.search(unit_queries, 50)
+  out = np.asarray(scores.knn(jnp.asarray(queries), jnp.asarray(bank), k=50))
+  # faiss computes ‖q‖² + ‖b‖² − 2 q·b in float32, so it carries that cancellation; ours does not.
+  np.testing.assert_allclose(-out, np.sqrt(np.maximum(squared[:, -1], 0.0)), atol=2e-6)
+  np.testing.assert_allclose(-out, _ref_kth(queries, bank, 50), atol=2e-7)
