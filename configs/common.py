@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False
   c.num_devices = 0               # 0: every device; n: the first n (e.g. to compare with 1 device)
   c.distributed = False           # jax.distributed.initialize() for multi-host runs
+  # True: compile the train step with XLA's own CPU defaults instead of ood_jax.xla_options' faster
+  # choice (only float32 rounding differs; GPU/TPU are never changed).
+  c.xla_cpu_defaults = False
   c.eval = ml_collections.ConfigDict(dict(
       knn_k=50,  # KNN neighbour for contrastive models (paper 003: 100 CIFAR-10, 300 CIFAR-100)
       batch_size=512,  # global; a power of two splits evenly over 1, 2, 4, 8, ... devices

@@ -4,8 +4,9 @@ r"""Training-step cost of each logit head relative to the dense head, on one bac
       --heads=dense,distance,mahalanobis --steps=5 --warmup=2 --rounds=5]
 
 One jitted step = forward, backward and an SGD (momentum 0.9) update of a `Classifier(backbone, head)`
-on random 32×32×3 inputs, state donated, on one device. Every head trains with the same softmax
-cross-entropy, so the differences are the heads' own cost (affine, −‖f − p_k‖, triangular-solve
+on random 32×32×3 inputs, state donated, on one device, compiled with the trainer's `ood_jax.xla_options`
+(`--xla_cpu_defaults`: without). Every head trains with the same softmax cross-entropy, so the differences
+are the heads' own cost (affine, −‖f − p_k‖, triangular-solve
 Mahalanobis) and nothing else. All heads are compiled and warmed up first; then `rounds` rounds time
 `steps` steps of each head in turn from its initial state, blocking on the result, so slow drift of
 the machine affects every head alike. The ratio uses each head's best round: other load on the machine only ever adds
@@ -31,6 +32,7 @@ import optax
 from ood_jax import experiment
 from ood_jax import losses
 from ood_jax import models
+from ood_jax import xla_options
 
 
 def make_step(model, optimizer):
@@ -79,7 +81,8 @@ def main(argv):
     counts[head] = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
     initial[head] = (params, batch_stats, optimizer.init(params))
     start = time.perf_counter()
-    steps[head] = make_step(model, optimizer).lower(*initial[head], *batch).compile()
+    options = xla_options.compiler_options(not flags.FLAGS.xla_cpu_defaults)
+    steps[head] = make_step(model, optimizer).lower(*initial[head], *batch).compile(options)
     compile_seconds[head] = time.perf_counter() - start
     # XLA's own count: shows how little of the step the head is, whatever the timings say.
     gflops[head] = (steps[head].cost_analysis() or {}).get('flops', float('nan')) / 1e9
@@ -115,6 +118,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batch_size', 128, 'Images per step.', lower_bound=1)
   flags.DEFINE_enum('dtype', 'float32', list(experiment.DTYPES), 'Backbone computation dtype.')
   flags.DEFINE_integer('num_classes', 10, 'K (10: CIFAR-10, 100: CIFAR-100).', lower_bound=1)
+  flags.DEFINE_bool('xla_cpu_defaults', False, "Compile with XLA's CPU defaults, not ood_jax.xla_options "
+                    '(what the trainer uses).')
   flags.DEFINE_integer('steps', 5, 'Timed steps per head per round.', lower_bound=1)
   flags.DEFINE_integer('warmup', 2, 'Untimed steps per head after compilation.', lower_bound=1)
   flags.DEFINE_integer('rounds', 5, 'Timing rounds; the best and the median are reported.',

@@ -104,8 +104,9 @@ def _check_fault_tolerance(config) -> None:
   if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
     raise ValueError(f'checkpoint_every_minutes must be a number >= 0 (0: no time-based checkpoints), got '
                      f'{minutes!r}.')
-  if not isinstance(config.get('allow_config_change', False), bool):
-    raise ValueError(f'allow_config_change must be True or False, got {config.allow_config_change!r}.')
+  for name in ('allow_config_change', 'xla_cpu_defaults'):
+    if not isinstance(config.get(name, False), bool):
+      raise ValueError(f'{name} must be True or False, got {config[name]!r}.')
 
 
 # What to say when a recipe's `required_fields` entry is unset.

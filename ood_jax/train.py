@@ -42,6 +42,7 @@ from ood_jax import preemption
 from ood_jax import report
 from ood_jax import sharding
 from ood_jax import step as step_lib
+from ood_jax import xla_options
 from ood_jax.data import catalog
 from ood_jax.data import pipeline
 from ood_jax.data import sources
@@ -199,7 +200,7 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
                         key=step_key, base_model=base_model),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
       out_shardings=(state_sharding, replicated),
-      donate_argnums=0)
+      donate_argnums=0, compiler_options=xla_options.compiler_options(not config.get('xla_cpu_defaults', False)))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   log_every = config.get('log_every_steps', 100)

@@ -147,8 +147,11 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
 
 
 def test_eight_devices_follow_the_one_device_trajectory(tmp_path):
+  # The MLP, as in test_multiprocess.py: XLA:CPU's convolutions round differently for a batch of 64
+  # and 8 slices of 8 (1e-6 at step 0), and the CNN's max-pooling grows that to 3e-3 by step 8, which
+  # no tolerance could tell from a bug; on the MLP a wrong split or gradient mean is off by far more.
   assert jax.device_count() == 8
-  common = dict(num_steps=8, log_every_steps=1, checkpoint_every_steps=8, **{'eval.ood_sets': ()})
+  common = dict(num_steps=8, log_every_steps=1, checkpoint_every_steps=8, backbone='mlp', **{'eval.ood_sets': ()})
   train.train_and_evaluate(_config(num_devices=1, **common), str(tmp_path / 'one'))
   train.train_and_evaluate(_config(num_devices=8, **common), str(tmp_path / 'eight'))
   one = [r['loss'] for r in _metrics(tmp_path / 'one')]
