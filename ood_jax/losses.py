@@ -157,6 +157,18 @@ def isomax(logits, labels, *, entropic_scale=10.0):
   E_s is applied during training only; scores and predictions use the logits without it
   (`scores.entropic_score`). `entropic_scale=1` is the DM loss of paper 002.
 
+  A drop-in for optax's cross-entropy behind a `layers.DistanceLogits` head:
+
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()   # before
+    loss = losses.isomax(logits, labels).mean()                                      # IsoMax
+
+  Learning rate: the gradient with respect to the logits is E_s·(softmax(E_s·logits) − onehot(y)),
+  entries in [−E_s, E_s] where a softmax cross-entropy's lie in [−1, 1], so plain SGD takes up to
+  E_s times larger steps than the softmax recipe it was tuned for. Divide an SGD learning rate by about E_s: the Flax
+  MNIST example's `optax.sgd(0.1, 0.9)` diverges with E_s = 10 on a small CNN without batch norm,
+  `optax.sgd(0.01, 0.9)` trains it (tests/test_flax_examples.py). Adam-type optimisers normalise the
+  gradient's scale and need no change.
+
   Args:
     logits: `[..., K]` negative distances.
     labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for

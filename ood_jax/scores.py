@@ -383,7 +383,8 @@ def fit_gaussian(batches: Iterable | jax.Array | np.ndarray, labels=None, *, num
     num_classes: K.
     ridge: relative shrinkage ≥ 0: the returned covariance is Σ + ridge·(tr Σ / dim)·I. The
       default 0 gives the exact maximum-likelihood estimate; pass e.g. 1e-6 when the covariance
-      is singular (dim > number of examples, or dead / constant features).
+      is singular (dim > number of examples, or dead / constant features, as ReLU features
+      often have), the default of `detectors.get('mahalanobis')`.
 
   Returns:
     A `Gaussian(means [K, dim], covariance [dim, dim], cholesky [dim, dim])` of JAX arrays, in
