@@ -24,6 +24,8 @@ import functools
 from typing import Any
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -163,6 +165,13 @@ def _classification_block(exp, calibrate, logits, labels, *, with_reliability=Fa
   return block
 
 
+def _on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process (on one process: `flag`); a collective on several."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def _feature_cache(exp, variables, workdir, names) -> feature_cache.FeatureCache | None:
   if workdir is None or not exp.config.eval.get('feature_cache', True):
     return None
@@ -199,6 +208,10 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
   def outputs(key, load):
     """The model's outputs on one set (with its labels, −1 for OOD), from the cache when it has them."""
     out = cache.load(key) if cache else None
+    # Running the model is a collective: on several processes either all of them use the cache
+    # (process 0 writes it; another host may not see the file yet) or all run the model.
+    if cache and not _on_every_process(out is not None):
+      out = None
     if out is None:
       data = load()
       out = {**run(data), 'labels': np.asarray(data.labels, np.int32)}

@@ -1,16 +1,17 @@
-"""Two JAX processes on localhost (`jax.distributed`, gloo CPU collectives) train like one process.
+"""Two JAX processes on localhost (`jax.distributed`, gloo CPU collectives) train and evaluate like one.
 
 The test starts two worker processes with 2 fake CPU devices each (a 4-device global mesh),
-coordinated through 127.0.0.1 on a free port, and trains the digits smoke config for 120 steps
-through `train.prepare` + `train.train`: the CLI's path with --config.distributed=True minus the
-evaluation (the evaluator does not run multi-process yet: docs/fault_tolerance.md). The run is
-interrupted twice:
+coordinated through 127.0.0.1 on a free port, and runs `train.train_and_evaluate` (the CLI's path
+with --config.distributed=True) on the digits smoke config for 120 steps, with the smoke
+evaluation: test set, the 4 digits OOD sets, temperature scaling fitted on the validation split.
+The run is interrupted twice:
 
 1. SIGKILL of process 1 after the first checkpoint (process 0 is then killed too, as a scheduler
    restarting the job would);
 2. a restart of both resumes from it; a SIGTERM to process 1 alone is propagated by JAX's
    preemption service, both processes save the same sync step and exit with status 75;
-3. a restart of both finishes the run.
+3. a restart of both finishes the run and evaluates it, every process feeding the same global
+   batches (`inference.run`).
 
 Its state after the first launch and at the end equals a 1-process run over 4 devices with the
 same global batch to 2e-4 on every leaf, not bitwise: XLA:CPU's in-process all-reduce and gloo's
@@ -24,6 +25,17 @@ on the MLP a wrong batch order gives 0.5. Bitwise resumption itself is tested in
 Each checkpoint is written once: one step folder, its metadata once, the array bytes split between
 the processes (orbax writes the slices of replicated arrays from different replicas) and adding up
 to those of the 1-process checkpoint; process 0 alone appends to metrics.jsonl.
+
+The evaluation is compared with a 1-process one (this process, 4 devices) of the same final
+parameters, the step-120 checkpoint: the feature-cache fingerprint (a hash of the variables) is the
+same, the labels of every set are equal, the per-example logits and features agree to 2e-6 of
+their largest magnitude (observed 5e-7: a few float32 ulps; the 2-process program, with its
+cross-process all-gather, is compiled apart from the 1-process one, and a single-device run differs
+from the 4-device one as much), and every number of results.json to 1e-5 (observed 7e-7; the
+accuracy and every AUROC are equal). Results are written once: an audit hook in each worker records
+the files it writes outside checkpoints/; process 0 writes results.json and results.md once,
+process 1 nothing. The workers print their peak RSS (`-s` shows it; docs/fault_tolerance.md has
+the numbers).
 
 Run as a script (`python tests/test_multiprocess.py <workdir>`) this file is the worker.
 """
@@ -44,6 +56,10 @@ import numpy as np
 
 from configs import digits as digits_config
 from ood_jax import checkpoint
+from ood_jax import evaluate
+from ood_jax import experiment
+from ood_jax import sharding
+from ood_jax import step as step_lib
 from ood_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,6 +69,13 @@ CHECKPOINT_EVERY = 30
 # Largest difference allowed on any leaf (parameters, momentum): the observed one is 5e-5, as
 # between 1, 2, 4 and 8 devices of one process (4e-5); batches in a wrong order give 0.5.
 TOLERANCE = 2e-4
+# The 2-process evaluation against a 1-process one of the same parameters (module docstring):
+# largest difference on a per-example output (logits, features), relative to the largest magnitude
+# of that array in its set (observed 5e-7: float32 rounding, a few ulps) ...
+OUTPUT_TOLERANCE = 2e-6
+# ... and on any number of results.json (observed 7e-7). A rank metric moves in steps of
+# 1 / (n_in · n_out) ≈ 6e-6 should the rounding swap two tied scores: the bound admits one swap.
+METRIC_TOLERANCE = 1e-5
 PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 
@@ -65,28 +88,63 @@ def _config():
   config.log_every_steps = LOG_EVERY
   config.checkpoint_every_steps = CHECKPOINT_EVERY
   config.keep_checkpoints = 100
-  config.eval.ood_sets = ()
-  return config
+  return config  # the smoke evaluation: test set, 4 OOD sets, calibration on the validation split
+
+
+def _record_writes(workdir: str) -> list[str]:
+  """The paths under `workdir` this process will write, create, rename to or delete, as a growing list.
+
+  Recorded by an audit hook (Python-level file operations: results, config, metrics, feature
+  cache), relative to `workdir`; checkpoints/ is left out, orbax writes it from every process.
+  """
+  root = os.path.abspath(workdir)
+  writes = []
+  write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+  def hook(event, args):
+    if event == 'open':
+      path, mode, flags = args
+      writing = any(c in mode for c in 'wax+') if isinstance(mode, str) else bool((flags or 0) & write_flags)
+    elif event in ('os.rename', 'os.mkdir', 'os.remove', 'os.rmdir', 'shutil.rmtree'):
+      path, writing = args[1] if event == 'os.rename' else args[0], True
+    else:
+      return
+    if writing and isinstance(path, (str, bytes, os.PathLike)):
+      relative = os.path.relpath(os.path.abspath(os.fsdecode(path)), root)
+      if not relative.startswith('..') and relative.split(os.sep)[0] != checkpoint.CHECKPOINTS:
+        writes.append(relative)
+
+  sys.addaudithook(hook)
+  return writes
 
 
 def _worker(workdir: str) -> int:
-  """One process of the multi-process run; returns the exit status the CLI would."""
+  """One process of the multi-process run (the CLI's `train_and_evaluate`); returns its exit status."""
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   logging.info('imports done %.1f s after the launch', time.time() - float(os.environ['LAUNCHED_AT']))
+  writes = _record_writes(workdir)
   config = _config()
   config.distributed = True
   status = 0
   try:
-    exp, mesh, unchanged = train.prepare(config, workdir)
-    train.train(exp, workdir, mesh, config_unchanged=unchanged)
+    start = time.perf_counter()
+    train.train_and_evaluate(config, workdir)
+    logging.info('trained and evaluated in %.1f s', time.perf_counter() - start)
   except train.PreemptedError as e:
     print(e, flush=True)
     status = train.PREEMPTED_EXIT_CODE
   # Peak resident memory of this process (Linux reports KiB), for docs/fault_tolerance.md.
-  print(json.dumps({'process': jax.process_index(), 'devices': jax.local_device_count(),
+  print(json.dumps({'process': jax.process_index(), 'devices': jax.local_device_count(), 'writes': writes,
                     'max_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
   return status
+
+
+def _report(proc) -> dict:
+  """The JSON line a worker prints before it exits."""
+  lines = [line for line in proc.log.read_text().splitlines() if line.startswith('{"process"')]
+  assert len(lines) == 1, proc.log
+  return json.loads(lines[0])
 
 
 def _free_port() -> int:
@@ -160,6 +218,33 @@ def _max_difference(state, reference) -> float:
              for a, b in zip(leaves, ref_leaves))
 
 
+def _numbers(tree, path=''):
+  """path → leaf of a results dict (as JSON has it)."""
+  if isinstance(tree, dict):
+    return {key: value for name, child in tree.items() for key, value in _numbers(child, f'{path}/{name}').items()}
+  if isinstance(tree, list):
+    return {key: value for i, child in enumerate(tree) for key, value in _numbers(child, f'{path}[{i}]').items()}
+  return {path: tree}
+
+
+def _one_process_evaluation(workdir, evaldir):
+  """The 1-process evaluation (4 of this process's devices) of the parameters `workdir` ended with."""
+  config = _config()
+  exp = experiment.make_experiment(config)
+  mesh = sharding.make_mesh(jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
+  restored = checkpoint.restore(os.path.join(workdir, checkpoint.CHECKPOINTS, str(NUM_STEPS)),
+                                sharding=sharding.replicated(mesh))
+  variables = step_lib.model_variables(restored['params'], restored.get('batch_stats'))
+  # Through JSON, as results.json went: tuples become lists, keys strings.
+  return json.loads(json.dumps(evaluate.evaluate_model(exp, variables, mesh, workdir=str(evaldir))))
+
+
+def _outputs(workdir):
+  """set file → its cached outputs (logits, features, labels) under <workdir>/features/<fingerprint>."""
+  files = sorted(pathlib.Path(workdir).glob('features/*/*.npz'))
+  return {f'{f.parent.name}/{f.name}': dict(np.load(f)) for f in files}
+
+
 def _array_bytes(step_dir):
   return sum(p.stat().st_size for p in pathlib.Path(step_dir).rglob('*') if p.is_file() and p.parent.name == 'd')
 
@@ -198,8 +283,9 @@ def test_two_processes_match_one_and_survive_sigkill_and_sigterm(tmp_path):
   for proc in procs:
     assert f'saved a checkpoint of step {preempted_at}' in proc.log.read_text()
 
-  # 3. Restart both: the run finishes.
-  assert _wait(_launch(workdir, logs, cache)) == [0] * PROCESSES
+  # 3. Restart both: the run finishes and is evaluated (`train_and_evaluate`, as the CLI).
+  preempted_procs, procs = procs, _launch(workdir, logs, cache)
+  assert _wait(procs) == [0] * PROCESSES
   assert _steps(workdir)[-1] == NUM_STEPS
   for step in (killed_at, NUM_STEPS):
     difference = _max_difference(_saved(workdir, step), _saved(one, step))
@@ -214,6 +300,49 @@ def test_two_processes_match_one_and_survive_sigkill_and_sigterm(tmp_path):
   # steps after its checkpoint, as one process would).
   logged = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert logged[:2] == [LOG_EVERY, 2 * LOG_EVERY] and logged.count(NUM_STEPS) == 1 and preempted_at in logged
+
+  # The evaluation: results written once, by process 0; process 1 computed the same but wrote nothing
+  # outside the checkpoints, in any launch.
+  reports = [_report(proc) for proc in procs]
+  for report in reports:
+    print(f'process {report["process"]}: peak RSS {report["max_rss_mib"]:.0f} MiB')
+  assert [r['process'] for r in reports] == [0, 1] and reports[1]['writes'] == []
+  assert _report(preempted_procs[1])['writes'] == []
+  final_writes = reports[0]['writes']
+  assert final_writes.count('results.json') == 1 and final_writes.count('results.md') == 1
+  assert (workdir / 'results.md').exists()
+  results = json.loads((workdir / 'results.json').read_text())
+  assert set(results['ood']) == set(_config().eval.ood_sets) and results['in_distribution']['num_examples'] > 0
+
+  # ... and equal to a 1-process evaluation of the same parameters: the same feature-cache
+  # fingerprint (a hash of the variables' bytes), the same per-example outputs and labels up to
+  # float32 rounding, the same numbers in results.json up to METRIC_TOLERANCE.
+  one_results = _one_process_evaluation(workdir, tmp_path / 'one_process_evaluation')
+  outputs, one_outputs = _outputs(workdir), _outputs(tmp_path / 'one_process_evaluation')
+  assert outputs.keys() == one_outputs.keys() and len(outputs) == 2 + len(_config().eval.ood_sets)
+  output_difference = 0.0
+  for name, out in outputs.items():
+    assert out.keys() == one_outputs[name].keys() and np.array_equal(out['labels'], one_outputs[name]['labels'])
+    output_difference = max([output_difference] + [
+        float(np.max(np.abs(out[key] - one_outputs[name][key])) / np.max(np.abs(one_outputs[name][key])))
+        for key in out if key != 'labels'])
+  numbers, one_numbers = _numbers(results), _numbers(one_results)
+  assert numbers.keys() == one_numbers.keys()
+  metric_difference, worst = 0.0, None
+  for key, value in numbers.items():
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      if abs(value - one_numbers[key]) > metric_difference:
+        metric_difference, worst = abs(value - one_numbers[key]), key
+    else:
+      assert value == one_numbers[key], key
+  auroc_difference = max(abs(block['auroc'] - one_results['ood'][name][score]['auroc'])
+                         for name, ood in results['ood'].items() for score, block in ood.items())
+  mean_auroc = {score: round(block['auroc'], 4) for score, block in results['ood_mean'].items()}
+  print(f'2 processes vs 1, same parameters: outputs differ by {output_difference:.3g} (relative), results.json '
+        f'numbers by {metric_difference:.3g} (largest: {worst}), AUROC by {auroc_difference:.3g}; accuracy '
+        f'{results["in_distribution"]["accuracy"]:.4f}, mean AUROC {mean_auroc}')
+  assert output_difference <= OUTPUT_TOLERANCE and metric_difference <= METRIC_TOLERANCE
+  assert results['in_distribution']['accuracy'] == one_results['in_distribution']['accuracy']
 
 
 if __name__ == '__main__':
