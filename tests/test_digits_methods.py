@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import ml_collections
 
 from experiments import digits_methods
 from ood_jax import checkpoint
 from ood_jax import experiment
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_every_run_is_a_valid_config(monkeypatch):
@@ -52,3 +55,12 @@ def test_smoke_run_compares_every_method_in_one_table(tmp_path):
   assert saved['ice_finetuned']['init_from'] == str(tmp_path / 'runs' / 'softmax')
   assert saved['ice_finetuned']['init_head'] == 'class_stats'
   assert saved['smot']['base_model'] == str(tmp_path / 'runs' / 'softmax')
+
+
+def test_provenance_names_the_command_the_data_and_the_runtime():
+  real, smoke = digits_methods.provenance(25.44, smoke=False), digits_methods.provenance(0.5, smoke=True)
+  assert '`python -m experiments.digits_methods --workdir=runs/digits_methods' in real
+  assert f"real data: scikit-learn's 8×8 digits; {len(digits_methods.RUNS)} runs" in real and '25.4 minutes' in real
+  assert 'not results' in smoke and 'real data' not in smoke
+  for path in ('docs/digits_methods.md', 'docs/digits_leaderboard.md'):  # the committed tables carry it
+    assert (REPO / path).read_text(encoding='utf-8').startswith('Written by `python -m experiments.digits_methods')
