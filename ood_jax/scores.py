@@ -622,7 +622,7 @@ def knn(features, bank, *, k: int, query_chunk_size: int = 256, bank_chunk_size:
   exactly 0, near pairs are at their true distance (no √(2 − 2·cos) cancellation), and a zero
   vector is at distance 1 from every unit row (0 from zero rows). The k-th distance is exact unless
   more than 8 bank rows tie with it within the ~1e-6 rounding of the selection scores, and then
-  within that rounding. On 2 CPU cores, 10 000 queries against 50 000 × 512 take ~2.3 s, mostly the
+  within that rounding. On 2 CPU cores, 10 000 queries against 50 000 × 512 take 2.3–2.6 s, mostly the
   matmul (`python -m experiments.benchmark_peers`).
 
   Jittable with `k`, `query_chunk_size` and `bank_chunk_size` static (they set array shapes).

@@ -1,13 +1,12 @@
 """Per-compilation XLA options for the trainer's step and the inference function (issue 16).
 
 On CPU, XLA (jaxlib 0.10) hands convolutions and their neighbouring element-wise ops to YNNPACK
-fusions. For the CIFAR backbones this is the slow choice: in a ResNet-20 training step (batch 128,
-2 cores) the filter gradients' input transposes recompute whole BatchNorm/ReLU/residual chains inside
-the fusions, and `xla_cpu_experimental_ynn_fusion_type=''` (no YNN fusions: XLA's own Eigen
-convolutions) was measured faster everywhere we looked:
+fusions. For the CIFAR backbones that is the slower choice: `xla_cpu_experimental_ynn_fusion_type=''`
+(no YNN fusions: XLA's own Eigen convolutions) was measured faster on every backbone we timed (2 cores,
+best of several rounds, quiet machine; `docs/benchmark_peers.md`):
 
-  ResNet-20 train step, batch 128:  530 → 373 ms (1.42×)     inference, batch 512: 1.16×
-  ResNet-18 train step, batch 32:   642 → 562 ms (1.14×)     inference, batch 512: 1.89×
+  train step   ResNet-20 b128: 1.08-1.11×   ResNet-18 b32: 1.08×   WRN-40-2 b32: 1.25×
+  inference    ResNet-20 b512: 1.34×        ResNet-18 b512: 2.2×
 
 (`python -m experiments.benchmark_peers`, and `python -m experiments.benchmark --xla_cpu_defaults`
 to compare with XLA's defaults on your machine). The numbers change only by float32 rounding (the

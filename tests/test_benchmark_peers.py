@@ -1,0 +1,77 @@
+"""experiments.benchmark_peers at --quick sizes: every row runs, agrees with its peer, and missing peers are skipped.
+
+Timings are not asserted (the sizes are tiny and the machine is shared); only that they are real numbers.
+"""
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import benchmark_peers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PEERS = ('sklearn', 'faiss', 'torch')
+
+
+def _installed(name):
+  try:
+    __import__(name)
+  except ImportError:
+    return False
+  return True
+
+
+def test_quick_run_times_and_checks_every_row():
+  rows = benchmark_peers.run(quick=True)
+  names = [row.benchmark for row in rows]
+  assert len(names) == len(set(names)) == 13, names
+  for prefix, count in (('metrics', 2), ('knn', 1), ('mahalanobis', 2), ('train step', 4), ('inference', 4)):
+    assert sum(name.startswith(prefix) for name in names) == count, prefix
+  for row in rows:
+    if row.benchmark.endswith('XLA defaults (vs PyTorch)') or row.benchmark.startswith('train step resnet18'):
+      assert row.skipped and 'not timed with --quick' in row.check  # one compilation per network when quick
+      continue
+    peer = 'faiss' if row.benchmark.startswith('knn') else 'torch' if 'PyTorch' in row.benchmark else 'sklearn'
+    if not _installed(peer):
+      assert row.skipped and row.check.startswith('skipped:') and 'not importable' in row.check
+      continue
+    assert not row.skipped, row
+    assert row.ours > 0 and row.peer > 0 and math.isfinite(row.ratio) and row.ratio > 0, row
+    assert row.passed is True and row.check.startswith('✓'), row
+  markdown = benchmark_peers.format_markdown(rows).splitlines()
+  assert markdown[0] == '| benchmark | ood_jax | peer | ratio | check |' and len(markdown) == 2 + len(rows)
+  assert benchmark_peers.format_text(rows).splitlines()[0].startswith('benchmark')
+
+
+def test_missing_peers_are_reported_as_skipped(monkeypatch):
+  for name in PEERS:
+    monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+  rows = benchmark_peers.run(quick=True)
+  assert len(rows) == 13
+  for row in rows:
+    assert row.skipped and row.passed is None and row.ratio is None, row
+    assert row.check.startswith('skipped:'), row
+  assert all('not importable' in row.check for row in rows if 'PyTorch' not in row.benchmark)
+  assert all('torch is not importable' in row.check for row in rows if 'PyTorch' in row.benchmark)
+  assert '—' in benchmark_peers.format_markdown(rows)
+
+
+def test_unknown_section_is_an_error():
+  with pytest.raises(ValueError, match='unknown sections'):
+    benchmark_peers.run(['metrics', 'sorting'], quick=True)
+
+
+@pytest.mark.skipif(not _installed('sklearn'), reason='scikit-learn is the metrics peer')
+def test_script_parses_its_flags_and_writes_markdown(tmp_path):
+  output = tmp_path / 'table.md'
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-m', 'experiments.benchmark_peers', '--quick', '--only=metrics',
+                           f'--output={output}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'device: ' in result.stdout and 'metrics 10,000+10,000 ties' in result.stdout
+  text = output.read_text()
+  assert text.startswith('device: ') and text.count('| metrics ') == 2 and '✓' in text
