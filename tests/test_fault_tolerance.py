@@ -226,6 +226,9 @@ def test_disk_full_during_save_fails_clearly_and_keeps_the_previous_checkpoint(r
   save = checkpoint.Writer.save
 
   def save_filling_the_disk_at_step_4(self, step, state):
+    # Step 2's write is asynchronous: let it finish on a disk with room before this one fills it
+    # (else, on a slow machine, step 2's own write meets the full disk; seen once in CI).
+    self.wait()
     disk['full'] = step >= 4
     return save(self, step, state)
 
