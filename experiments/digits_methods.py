@@ -104,8 +104,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   start = time.time()
-  table, matrix = run(flags.FLAGS.workdir, flags.FLAGS.output, leaderboard_output=flags.FLAGS.leaderboard,
-                      smoke=flags.FLAGS.smoke)
+  # The files are written here, not by `run`: their first line needs the runtime, known only now.
+  table, matrix = run(flags.FLAGS.workdir, None, smoke=flags.FLAGS.smoke)
   minutes = (time.time() - start) / 60
   header = provenance(minutes, flags.FLAGS.smoke)
   for path, text in ((flags.FLAGS.output, table), (flags.FLAGS.leaderboard, matrix)):
