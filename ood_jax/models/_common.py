@@ -1,11 +1,15 @@
-"""Pieces every convolutional backbone shares: He initialisation, BatchNorm defaults, input checks."""
+"""Pieces every convolutional backbone shares: He initialisation, convolutions, BatchNorm, input checks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ood_jax import _checks
+from ood_jax.models import batch_norm as batch_norm_lib
 
 # torchvision, the WRN and DenseNet reference code all draw conv kernels from N(0, 2 / fan_out)
 # (kaiming_normal_, mode='fan_out'), untruncated; 'normal' in JAX is the untruncated normal.
@@ -13,23 +17,50 @@ he_normal = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def conv(features: int, kernel_size: int, *, strides: int = 1, dtype: jnp.dtype,
-         name: str) -> nn.Conv:
+         name: str) -> Callable[[jax.Array], jax.Array]:
   """Bias-free square convolution with PyTorch-style symmetric padding of kernel_size // 2.
 
   Flax's 'SAME' pads a stride-2 convolution on an even input by (0, 1), PyTorch by (1, 1): the
   output size agrees but the sampling grid is shifted by one pixel. Symmetric padding keeps the
   grid of the papers' code, so ported weights see the same pixels.
+
+  Returns a function of the input that calls an `nn.Conv` named `name` (its parameter is
+  `name/kernel`) on `materialize(input)`.
   """
   pad = kernel_size // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal,
-                 dtype=dtype, name=name)
+  layer = nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal,
+                  dtype=dtype, name=name)
+  return lambda x: layer(materialize(x))
 
 
-def batch_norm(*, train: bool, dtype: jnp.dtype, name: str) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults: running averages keep 0.9 of the old value, eps 1e-5."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+def materialize(x: jax.Array) -> jax.Array:
+  """x, computed once into memory on CPU: a fusion barrier for the input of a convolution.
+
+  XLA:CPU computes a convolution's filter gradient from a transposed copy of its input, and fuses into
+  that transpose a recomputation of every elementwise op the input came from (BatchNorm, ReLU and the
+  residual additions of up to four blocks), read in the transpose's cache-hostile order: half of a
+  ResNet-20 training step on 2 cores. XLA does not duplicate an "expensive" op such as a division into a
+  second consumer, so dividing by a one it cannot fold (computed at run time from x itself, 0 · x₀ + 1)
+  makes the input a buffer the transpose only copies: 1.4× (ResNet-20) and 2× (ResNet-18) faster steps,
+  docs/benchmark_peers.md. `lax.optimization_barrier` would say this directly, but XLA:CPU removes it
+  before fusion. x / 1 is x exactly (a non-finite x₀ would make the whole batch NaN, which an inf or NaN
+  activation ruins anyway). Other backends get x unchanged.
+  """
+  if jax.default_backend() != 'cpu':
+    return x
+  one = jax.lax.stop_gradient(1 + 0 * x.reshape(-1)[0])
+  return x / one
+
+
+def batch_norm(*, train: bool, dtype: jnp.dtype, name: str) -> batch_norm_lib.BatchNorm:
+  """BatchNorm with PyTorch's defaults: running averages keep 0.9 of the old value, eps 1e-5.
+
+  `batch_norm_lib.BatchNorm` has nn.BatchNorm's variables and numbers, with reductions XLA:CPU runs
+  faster.
+  """
+  return batch_norm_lib.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                                  name=name)
 
 
 def images(x, dtype: jnp.dtype):
