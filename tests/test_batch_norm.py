@@ -206,3 +206,11 @@ def test_conv_keeps_the_nn_conv_parameter_path():
 
   params = Net().init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))['params']
   assert jax.tree.map(jnp.shape, params) == {'c': {'kernel': (3, 3, 2, 4)}}
+
+
+def test_materialize_divides_only_under_differentiation_on_cpu():
+  x = jnp.ones((2, 3))
+  plain = jax.jit(_common.materialize).lower(x).as_text()
+  differentiated = jax.jit(jax.grad(lambda x: jnp.sum(_common.materialize(x) ** 2))).lower(x).as_text()
+  assert 'divide' not in plain
+  assert differentiated.count('divide') == (2 if jax.default_backend() == 'cpu' else 0), differentiated
