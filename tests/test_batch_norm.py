@@ -214,3 +214,9 @@ def test_materialize_divides_only_under_differentiation_on_cpu():
   differentiated = jax.jit(jax.grad(lambda x: jnp.sum(_common.materialize(x) ** 2))).lower(x).as_text()
   assert 'divide' not in plain
   assert differentiated.count('divide') == (2 if jax.default_backend() == 'cpu' else 0), differentiated
+
+
+@pytest.mark.parametrize('x', [jnp.ones((4, 3), jnp.int32), jnp.float32(1.0)])
+def test_rejects_non_floating_or_scalar_input(x):
+  with pytest.raises((TypeError, ValueError), match='BatchNorm input'):
+    batch_norm.BatchNorm().init(jax.random.key(0), x)

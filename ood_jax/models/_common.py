@@ -43,13 +43,14 @@ def materialize(x: jax.Array) -> jax.Array:
   residual additions of up to four blocks), read in the transpose's cache-hostile order: half of a
   ResNet-20 training step on 2 cores. XLA does not duplicate an "expensive" op such as a division into a
   second consumer, so dividing by a one it cannot fold (computed at run time from x itself, 0 · x₀ + 1)
-  makes the input a buffer the transpose only copies: 1.3× (ResNet-20) and 1.7× (ResNet-18) faster
-  steps, docs/benchmark_peers.md. `lax.optimization_barrier` would say this directly, but XLA:CPU
-  removes it before fusion. x / 1 is x exactly (a non-finite x₀ would make the whole batch NaN, which an
-  inf or NaN activation ruins anyway). The tangent is divided too, so the gradient reaching the input
-  is a buffer as well, for the transposes of the previous convolution's filter gradient (without that,
-  the ResNet-20 step is 1.35× slower). Without differentiation (inference: no filter gradient, the
-  division would only cost time) and on other backends, x is returned unchanged.
+  makes the input a buffer the transpose only copies: with `batch_norm_lib.BatchNorm`, 1.4× (ResNet-20)
+  and 1.9× (ResNet-18) faster steps, docs/benchmark_peers.md. `lax.optimization_barrier` would say this
+  directly, but XLA:CPU removes it before fusion. x / 1 is x exactly (a non-finite x₀ would make the
+  whole batch NaN, which an inf or NaN activation ruins anyway). The tangent is divided too, so the
+  gradient reaching the input is a buffer as well, for the transposes of the previous convolution's
+  filter gradient (without that, the ResNet-20 step is 1.35× slower). Without differentiation
+  (inference: no filter gradient, the division would only cost time) and on other backends, x is
+  returned unchanged.
   """
   return x
 

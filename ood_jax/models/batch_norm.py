@@ -5,15 +5,15 @@ square forward; Σg and Σg·x̂ backward) are lowered to `reduce-window`s that 
 activation once per channel group, about a fifth of a ResNet-20 CIFAR step on 2 cores
 (docs/benchmark_peers.md). Here the training-mode forward and backward are one `jax.custom_vjp`
 whose reductions are matrix products with a block of ones, which XLA:CPU hands to its GEMM: 2-6× faster
-per reduction than the `reduce-window`, and more accurate (blocked accumulation; a single row of ones
-would be a GEMV that adds the column serially). Other backends keep `jnp.sum`, which their reduction
-emitters handle well.
+per reduction than the `reduce-window`, and within 3× of its tree-reduced sum's rounding (a single row of
+ones would be a GEMV that adds each column serially, ~30×). Other backends keep `jnp.sum`, which their
+reduction emitters handle well.
 
 Same variables as `nn.BatchNorm` (params `scale`, `bias`; batch_stats `mean`, `var`, all float32), same
 running-average update (`momentum · old + (1 − momentum) · batch`, not during `init`), same formulas
-(fast variance E[x²] − E[x]² clipped at 0, statistics in float32, `(x − mean) · rsqrt(var + ε) · scale +
-bias` cast to `dtype`), so checkpoints of either load into the other and outputs agree to float32
-rounding (tests/test_batch_norm.py).
+(biased batch variance clipped at 0, statistics in float32, `(x − mean) · rsqrt(var + ε) · scale + bias`
+cast to `dtype`; inference bitwise flax's), so checkpoints of either load into the other and training
+outputs agree to float32 rounding (tests/test_batch_norm.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ood_jax import _checks
 
 # Rows of the ones block: 8 makes a GEMM (blocked, accurate to ~1e-7 relative on 10^5 terms) at almost
 # the cost of the GEMV that one row would be (serial, ~3e-5).
@@ -51,6 +53,11 @@ def _statistics(x2d, shift):
   return mean, jnp.maximum(0.0, mean_square - jnp.square(mean - shift))
 
 
+def _normalize(x, mean, inv, scale, bias):
+  """flax's `(x − mean) · (rsqrt(var + ε) · scale) + bias`, in that order (inference matches it bitwise)."""
+  return (x - mean) * (inv * scale) + bias
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _train_forward(x, scale, bias, shift, epsilon):
   """`(y, mean, var)` of a training-mode BatchNorm over every axis but the last; y is float32.
@@ -64,7 +71,7 @@ def _train_forward_with_residuals(x, scale, bias, shift, epsilon):
   x2d = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   mean, var = _statistics(x2d, shift)
   inv = jax.lax.rsqrt(var + epsilon)
-  y = (x2d - mean) * (inv * scale) + bias
+  y = _normalize(x2d, mean, inv, scale, bias)
   return (y.reshape(x.shape), mean, var), (x, mean, var, inv, scale, shift)
 
 
@@ -107,7 +114,8 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    """`[..., C]` → `[..., C]`."""
+    """`[..., C]` floating → `[..., C]`."""
+    x = _checks.floating('BatchNorm input', x, min_ndim=1)
     features = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
@@ -115,8 +123,8 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
     if self.use_running_average:
-      y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
-      return y.astype(dtype)
+      inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return _normalize(x, ra_mean.value, inv, scale, bias).astype(dtype)
     y, mean, var = _train_forward(x, scale, bias, ra_mean.value, self.epsilon)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
