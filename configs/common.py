@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   # True: compile the train step with XLA's own CPU defaults instead of ood_jax.xla_options' faster
   # choice (only float32 rounding differs; GPU/TPU are never changed).
   c.xla_cpu_defaults = False
+  # Dense peak TFLOP/s of one device, for the MFU in the training log on devices ood_jax.throughput does
+  # not list (CPUs, new chips); unset: the table's peak, or no MFU.
+  c.peak_tflops = config_dict.placeholder(float)
   c.eval = ml_collections.ConfigDict(dict(
       knn_k=50,  # KNN neighbour for contrastive models (paper 003: 100 CIFAR-10, 300 CIFAR-100)
       batch_size=512,  # global; a power of two splits evenly over 1, 2, 4, 8, ... devices

@@ -1,7 +1,8 @@
 r"""ood_jax against the libraries people would otherwise use: speed ratios and equality checks in one run.
 
   python -m experiments.benchmark_peers [--platform=cpu|gpu|tpu] [--only=metrics,knn,mahalanobis,train] \
-      [--quick] [--output=table.md] [--rounds=N] [--torch_channels_last]
+      [--quick] [--output=table.md] [--rounds=N] [--torch_channels_last] \
+      [--networks=resnet20,resnet18,wrn40_2,wrn28_10,densenet_bc100]
 
 Every row times one job done by ood_jax and by a peer on the same synthetic data, reports the ratio
 peer time / ood_jax time (> 1: ood_jax is faster) and checks that both computed the same thing:
@@ -26,18 +27,20 @@ peer time / ood_jax time (> 1: ood_jax is faster) and checks that both computed 
   momentum 0.9, state donated) of `ood_jax.models.make_classifier(name, 'dense', 10)` on random 32×32×3
   images, compiled with `ood_jax.xla_options.compiler_options()` as the trainer compiles it, and again
   with XLA's defaults (a second row; CPU only, other backends get no options), against the same network
-  written here in PyTorch (eager, NCHW or `--torch_channels_last`, `torch.optim.SGD`, as many threads as JAX
-  uses), whose weights are copied from the JAX initialisation. ResNet-20 at batch 128 and
-  ResNet-18 at batch 32 on CPU (128 elsewhere); inference (eval mode) at batch 512. The checks: equal
-  parameter counts, equal eval-mode logits and equal first-step losses (which only the same architecture
-  with the same padding, strides and shortcuts gives). Rounds restart from the initial state, as in
-  `experiments.benchmark` (a memorised batch would drive the loss into subnormal numbers).
+  written again in PyTorch (`experiments/torch_references.py`: eager, NCHW or `--torch_channels_last`,
+  `torch.optim.SGD`, as many threads as JAX uses), whose weights are copied from the JAX initialisation.
+  By default ResNet-20 at batch 128 and ResNet-18 at batch 32 on CPU (128 elsewhere); `--networks` adds
+  WRN-40-2 (batch 128), WRN-28-10 (16 on CPU) and DenseNet-BC-100 (64) (`TRAIN_BATCH`); inference (eval
+  mode) at batch 512. The checks: equal parameter counts, equal eval-mode logits and equal first-step
+  losses (which only the same architecture with the same padding, strides and shortcuts gives). Rounds
+  restart from the initial state, as in `experiments.benchmark` (a memorised batch would drive the loss
+  into subnormal numbers).
 
 Each contender is warmed up (compiled) first; then `rounds` rounds run every contender of a row in turn,
 and the ratio uses each one's best (minimum) round: other load only ever adds time. A peer that is not
 installed is reported as skipped, and a failed check (✗) makes the script exit non-zero. `--quick` shrinks
 every size for a smoke test (10-20 s; timings meaningless): no warm-up, one round, each network compiled
-once (no XLA-defaults rows) and ResNet-18's training step skipped. `run(only=..., quick=True)` returns the
+once (no XLA-defaults rows) and only ResNet-20's training step timed. `run(only=..., quick=True)` returns the
 rows for tests. Results and their reading: docs/benchmark_peers.md.
 
 Runtime on 2 CPU cores with the default sizes: about 4 minutes, mostly the training and inference rows.
@@ -62,12 +65,19 @@ import numpy as np
 import optax
 
 from experiments import benchmark as train_benchmark
+from experiments import torch_references
 from ood_jax import metrics
 from ood_jax import models
 from ood_jax import scores
 from ood_jax import xla_options
 
 SECTIONS = ('metrics', 'knn', 'mahalanobis', 'train')
+
+# Training batch of every network with a PyTorch twin (experiments/torch_references.py): (CPU, GPU / TPU).
+# On 2 CPU cores a round of 5 steps then takes 1.5-15 s.
+TRAIN_BATCH = {'resnet20': (128, 128), 'resnet18': (32, 128), 'wrn40_2': (128, 128), 'wrn28_10': (16, 128),
+               'densenet_bc100': (64, 64)}
+NETWORKS = ('resnet20', 'resnet18')  # the default rows; --networks adds the others
 
 # Agreement required of the equality checks (absolute unless said otherwise).
 METRIC_TOLERANCE = {'auroc': 1e-6, 'aupr_in': 1e-6, 'aupr_out': 1e-6, 'fpr95': 1e-12}
@@ -87,20 +97,19 @@ class Sizes:
   dim: int = 512
   k: int = 50
   num_classes: int = 10
-  resnet20_batch: int = 128
-  resnet18_batch: int = 32
+  train_batch: int | None = None  # every network's training batch; None: its `TRAIN_BATCH` for the platform
   inference_batch: int = 512
   steps: int = 5  # training steps per round
   rounds: int = 5  # rounds of the fast rows (metrics, mahalanobis score, training)
   slow_rounds: int = 3  # rounds of knn, the Gaussian fit and inference
   xla_defaults: bool = True  # also time the networks compiled with XLA's default options
   warmup: bool = True  # one untimed call of every contender before the rounds
-  trained: tuple[str, ...] = ('resnet20', 'resnet18')  # networks whose training step is timed
+  trained: tuple[str, ...] | None = None  # networks whose training step is timed; None: every one
 
 
 # Compiling dominates a quick run: it compiles each network once, with the trainer's options, and times
 # ResNet-18's inference only (its eval logits still check the PyTorch architecture).
-QUICK = Sizes(num_scores=10_000, bank=2_000, queries=500, dim=64, k=50, resnet20_batch=8, resnet18_batch=8,
+QUICK = Sizes(num_scores=10_000, bank=2_000, queries=500, dim=64, k=50, train_batch=8,
               inference_batch=8, steps=1, rounds=1, slow_rounds=1, xla_defaults=False, warmup=False,
               trained=('resnet20',))
 
@@ -350,71 +359,6 @@ def mahalanobis_rows(sizes: Sizes, rng: np.random.Generator) -> list[Row]:
 # Training step and inference: the ResNets in PyTorch.
 
 
-_ARCHITECTURES = {'resnet20': ((3, 3, 3), (16, 32, 64)), 'resnet18': ((2, 2, 2, 2), (64, 128, 256, 512))}
-
-
-def torch_classifier(torch, name: str, num_classes: int):
-  """`ood_jax.models.resnet` in PyTorch: the same modules under the same names (NCHW)."""
-  nn, functional = torch.nn, torch.nn.functional
-  stage_sizes, widths = _ARCHITECTURES[name]
-
-  class BasicBlock(nn.Module):
-    """conv3×3–BN–ReLU–conv3×3–BN, add the identity or a 1×1 conv + BN projection, ReLU."""
-
-    def __init__(self, in_channels, features, strides):
-      super().__init__()
-      self.conv1 = nn.Conv2d(in_channels, features, 3, strides, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(features)  # eps 1e-5 and momentum 0.1 ≙ flax momentum 0.9, as ood_jax
-      self.conv2 = nn.Conv2d(features, features, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(features)
-      self.project = strides != 1 or in_channels != features
-      if self.project:
-        self.shortcut_conv = nn.Conv2d(in_channels, features, 1, strides, 0, bias=False)
-        self.shortcut_bn = nn.BatchNorm2d(features)
-
-    def forward(self, x):
-      y = functional.relu(self.bn1(self.conv1(x)))
-      y = self.bn2(self.conv2(y))
-      if self.project:
-        x = self.shortcut_bn(self.shortcut_conv(x))
-      return functional.relu(x + y)
-
-  class Backbone(nn.Module):
-    """3×3 stem at stride 1 (no max-pool), then stages; the first block of later stages halves the size."""
-
-    def __init__(self):
-      super().__init__()
-      self.stem_conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-      self.stem_bn = nn.BatchNorm2d(widths[0])
-      self.blocks = []
-      channels = widths[0]
-      for stage, (num_blocks, width) in enumerate(zip(stage_sizes, widths)):
-        for block in range(num_blocks):
-          name = f'stage{stage + 1}_block{block + 1}'
-          self.add_module(name, BasicBlock(channels, width, 2 if stage > 0 and block == 0 else 1))
-          self.blocks.append(name)
-          channels = width
-
-    def forward(self, x):
-      x = functional.relu(self.stem_bn(self.stem_conv(x)))
-      for name in self.blocks:
-        x = getattr(self, name)(x)
-      return x
-
-  class Classifier(nn.Module):
-    """Backbone, global average pooling, dense head."""
-
-    def __init__(self):
-      super().__init__()
-      self.backbone = Backbone()
-      self.head = nn.Linear(widths[-1], num_classes)
-
-    def forward(self, x):
-      return self.head(self.backbone(x).mean(dim=(2, 3)))
-
-  return Classifier()
-
-
 def init_variables(model, image_shape, seed: int = 0):
   """Variables of `model` filled from NumPy: He-normal (fan-out) convs, as ood_jax initialises them.
 
@@ -440,30 +384,6 @@ def init_variables(model, image_shape, seed: int = 0):
     return jnp.asarray(value, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def load_torch_weights(torch, torch_model, variables) -> None:
-  """Copies flax variables into the PyTorch module of the same names (HWIO → OIHW, (in, out) → (out, in))."""
-  leaf_names = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                'var': 'running_var'}
-  targets = dict(torch_model.named_parameters())
-  targets.update({k: v for k, v in torch_model.named_buffers() if not k.endswith('num_batches_tracked')})
-  seen = set()
-  for collection in ('params', 'batch_stats'):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
-      keys = [str(getattr(p, 'key', p)) for p in path]
-      target = '.'.join(keys[:-1] + [leaf_names[keys[-1]]])
-      value = np.asarray(leaf)
-      if value.ndim == 4:
-        value = value.transpose(3, 2, 0, 1)
-      elif value.ndim == 2:
-        value = value.T
-      with torch.no_grad():
-        targets[target].copy_(torch.from_numpy(np.array(value, np.float32)))
-      seen.add(target)
-  missing = set(targets) - seen
-  if missing:
-    raise ValueError(f'PyTorch tensors without a flax counterpart: {sorted(missing)}')
 
 
 def _jax_train_contender(step, state, batch, num_steps):
@@ -515,8 +435,9 @@ def _first_losses(step, state, batch, torch, torch_model, initial, torch_batch):
   return jax_loss, box['first_loss']
 
 
-def train_rows(sizes: Sizes, rng: np.random.Generator, *, platform: str, channels_last: bool = False) -> list[Row]:
-  configs = [('resnet20', sizes.resnet20_batch), ('resnet18', sizes.resnet18_batch)]
+def train_rows(sizes: Sizes, rng: np.random.Generator, *, platform: str, channels_last: bool = False,
+               networks: Sequence[str] = NETWORKS) -> list[Row]:
+  configs = [(name, sizes.train_batch or TRAIN_BATCH[name][platform != 'cpu']) for name in networks]
   options = xla_options.compiler_options()
   # On GPU / TPU the trainer passes no options, so there is no second variant to time.
   variants = [('XLA options', options), ('XLA defaults', None)] if options is not None else [('XLA defaults', None)]
@@ -542,7 +463,7 @@ def train_rows(sizes: Sizes, rng: np.random.Generator, *, platform: str, channel
   timed = variants if sizes.xla_defaults else variants[:1]
   rows = []
   for model_name, batch_size in configs:
-    train = model_name in sizes.trained
+    train = sizes.trained is None or model_name in sizes.trained
     got = _model_rows(torch, model_name, batch_size, sizes, rng, timed, names, device, optimizer, channels_last,
                       train=train)
     for kind in ('train step', 'inference'):
@@ -564,8 +485,8 @@ def _model_rows(torch, model_name, batch_size, sizes, rng, variants, names, devi
   labels = rng.integers(0, sizes.num_classes, batch_size).astype(np.int32)
   batch = (jnp.asarray(images[:batch_size]), jnp.asarray(labels))
 
-  torch_model = torch_classifier(torch, model_name, sizes.num_classes)
-  load_torch_weights(torch, torch_model, variables)
+  torch_model = torch_references.torch_classifier(torch, model_name, sizes.num_classes)
+  torch_references.load_torch_weights(torch, torch_model, variables)
   torch_model.to(device)
   torch_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
   if channels_last:
@@ -648,17 +569,19 @@ def device_summary() -> str:
 
 
 def run(only: Sequence[str] = SECTIONS, *, quick: bool = False, platform: str | None = None,
-        rounds: int | None = None, seed: int = 0, torch_channels_last: bool = False) -> list[Row]:
+        rounds: int | None = None, seed: int = 0, torch_channels_last: bool = False,
+        networks: Sequence[str] = NETWORKS) -> list[Row]:
   """Runs the sections in `only` and returns their rows (printing nothing but the parameter counts).
 
   Args:
     only: sections to run, of `SECTIONS`.
     quick: the `QUICK` sizes (a smoke test).
-    platform: 'cpu', 'gpu' or 'tpu': decides ResNet-18's batch and where PyTorch and faiss run. Default:
+    platform: 'cpu', 'gpu' or 'tpu': decides the training batches and where PyTorch and faiss run. Default:
       JAX's default backend (this does not switch JAX's platform; `main` does, before JAX starts).
     rounds: timing rounds of every row, instead of the sizes' `rounds` / `slow_rounds`.
     seed: seed of the synthetic data and weights.
     torch_channels_last: run the PyTorch networks in channels-last memory format instead of NCHW.
+    networks: backbones of the train / inference rows, of `TRAIN_BATCH`.
 
   Returns:
     The rows, in the order of the table.
@@ -667,13 +590,18 @@ def run(only: Sequence[str] = SECTIONS, *, quick: bool = False, platform: str | 
   if unknown:
     raise ValueError(f'unknown sections {sorted(unknown)}; valid: {", ".join(SECTIONS)}.')
   platform = platform or jax.default_backend()
-  sizes = QUICK if quick else Sizes(resnet18_batch=32 if platform == 'cpu' else 128)
+  networks = tuple(dict.fromkeys(networks))
+  unknown = set(networks) - set(TRAIN_BATCH)
+  if unknown or not networks:
+    raise ValueError(f'unknown networks {sorted(unknown)}; valid: {", ".join(TRAIN_BATCH)}.')
+  sizes = QUICK if quick else Sizes()
   if rounds is not None:
     sizes = dataclasses.replace(sizes, rounds=rounds, slow_rounds=rounds)
   rng = np.random.default_rng(seed)
   sections = {'metrics': metrics_rows, 'knn': functools.partial(knn_rows, platform=platform),
               'mahalanobis': mahalanobis_rows,
-              'train': functools.partial(train_rows, platform=platform, channels_last=torch_channels_last)}
+              'train': functools.partial(train_rows, platform=platform, channels_last=torch_channels_last,
+                                         networks=networks)}
   rows = []
   for section in SECTIONS:
     if section in only:
@@ -722,8 +650,11 @@ def main(argv):
   summary = device_summary()
   print(summary)
   start = time.perf_counter()
-  rows = run(only, quick=FLAGS.quick, platform=FLAGS.platform, rounds=FLAGS.rounds,
-             torch_channels_last=FLAGS.torch_channels_last)
+  try:
+    rows = run(only, quick=FLAGS.quick, platform=FLAGS.platform, rounds=FLAGS.rounds,
+               torch_channels_last=FLAGS.torch_channels_last, networks=FLAGS.networks)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
   print(f'ratio = peer time / ood_jax time (> 1: ood_jax is faster); best of the rounds; '
         f'{time.perf_counter() - start:.0f} s in all')
   print(format_text(rows))
@@ -745,4 +676,5 @@ if __name__ == '__main__':
                        lower_bound=1)
   flags.DEFINE_string('output', None, 'Also write the table as markdown to this file.')
   flags.DEFINE_bool('torch_channels_last', False, 'PyTorch networks in channels-last memory format (default NCHW).')
+  flags.DEFINE_list('networks', list(NETWORKS), f'Backbones of the train / inference rows, of {",".join(TRAIN_BATCH)}.')
   app.run(main)

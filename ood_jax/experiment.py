@@ -11,6 +11,7 @@ model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 import warnings
 
@@ -107,6 +108,10 @@ def _check_fault_tolerance(config) -> None:
   for name in ('allow_config_change', 'xla_cpu_defaults'):
     if not isinstance(config.get(name, False), bool):
       raise ValueError(f'{name} must be True or False, got {config[name]!r}.')
+  peak = config.get('peak_tflops')
+  if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < math.inf):
+    raise ValueError(f"peak_tflops must be a positive number of TFLOP/s (unset: ood_jax.throughput's table), "
+                     f'got {peak!r}.')
 
 
 # What to say when a recipe's `required_fields` entry is unset.

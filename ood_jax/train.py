@@ -15,6 +15,10 @@ damaged latest checkpoint is reported and, under the same config, skipped for th
 (`checkpoint.check_config_unchanged`); a failed checkpoint write stops the run with
 `checkpoint.CheckpointWriteError` and leaves the earlier steps intact. `checkpoint_every_minutes`
 adds saves by wall-clock time, for epochs longer than one is willing to lose.
+
+Every `log_every_steps` steps the loop writes the mean loss (and the method's other metrics), steps/s,
+in-distribution images/s and, where the device's peak is known, the MFU of the step's XLA FLOPs
+(`ood_jax.throughput`) to the log, TensorBoard and <workdir>/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ood_jax import preemption
 from ood_jax import report
 from ood_jax import sharding
 from ood_jax import step as step_lib
+from ood_jax import throughput
 from ood_jax import xla_options
 from ood_jax.data import catalog
 from ood_jax.data import pipeline
@@ -210,13 +215,25 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
   interval_start, interval_step, sums = time.perf_counter(), start, None
   last_save = time.monotonic()
 
+  flops, peak = None, throughput.peak_flops(jax.devices()[0], config.dtype, override_tflops=config.get('peak_tflops'))
+  if start < total_steps:
+    # Lowering is cached by jit, so the step is traced and compiled once, by its first call.
+    flops = throughput.step_flops(step_fn.lower(state, batch_at(start), base_variables))
+    logging.info('Train step: %s GFLOP per device (XLA cost analysis); peak %s TFLOP/s (%s, %s).',
+                 'unknown' if flops is None else f'{flops / 1e9:,.1f}',
+                 'unknown' if peak is None else f'{peak / 1e12:g}',
+                 jax.devices()[0].device_kind, config.dtype)
+
   def log(done):
     means = {name: float(total) / (done - interval_step) for name, total in sums.items()}
     steps_per_sec = (done - interval_step) / max(time.perf_counter() - interval_start, 1e-9)
-    writer.write_scalars(done, {**means, 'steps_per_sec': steps_per_sec})
-    _append_jsonl(os.path.join(workdir, 'metrics.jsonl'), {'step': done, **means, 'steps_per_sec': steps_per_sec})
-    logging.info('step %d/%d epoch %.2f loss %.4f %.2f steps/s ETA %s', done, total_steps,
-                 done / steps_per_epoch, means['loss'], steps_per_sec,
+    rates = {'steps_per_sec': steps_per_sec,
+             **throughput.rates(steps_per_sec, batch_size=config.batch_size, flops=flops, peak=peak)}
+    writer.write_scalars(done, {**means, **rates})
+    _append_jsonl(os.path.join(workdir, 'metrics.jsonl'), {'step': done, **means, **rates})
+    logging.info('step %d/%d epoch %.2f loss %.4f %.2f steps/s %s img/s%s ETA %s', done, total_steps,
+                 done / steps_per_epoch, means['loss'], steps_per_sec, f'{rates["images_per_sec"]:,.0f}',
+                 f' MFU {100 * rates["mfu"]:.1f}%' if 'mfu' in rates else '',
                  _format_eta((total_steps - done) / steps_per_sec))
 
   # The SIGTERM handler lives exactly as long as the loop (see `preemption`): before it nothing was

@@ -66,6 +66,11 @@ def test_unknown_section_is_an_error():
     benchmark_peers.run(['metrics', 'sorting'], quick=True)
 
 
+def test_unknown_network_is_an_error():
+  with pytest.raises(ValueError, match=r"unknown networks \['vgg'\]; valid: resnet20, resnet18, wrn40_2"):
+    benchmark_peers.run(['train'], quick=True, networks=['resnet20', 'vgg'])
+
+
 @pytest.mark.skipif(not _installed('sklearn'), reason='scikit-learn is the metrics peer')
 def test_script_parses_its_flags_and_writes_markdown(tmp_path):
   output = tmp_path / 'table.md'

@@ -62,6 +62,13 @@ def test_unknown_names_fail_before_any_work(tmp_path, field, value, valid):
   assert not workdir.exists()  # nothing was written, read or compiled
 
 
+def test_invalid_peak_tflops_fails_before_any_work(tmp_path):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match='peak_tflops must be a positive number'):
+    train.train_and_evaluate(_config(peak_tflops=-1.0), str(workdir))
+  assert not workdir.exists()
+
+
 def test_unknown_method_kwargs_fail(tmp_path):
   config = _config()
   config.method_kwargs = ml_collections.ConfigDict({'entropic_scale': 3.0})  # an IsoMax knob on softmax
@@ -71,7 +78,7 @@ def test_unknown_method_kwargs_fail(tmp_path):
 
 def test_train_evaluate_round_trip(tmp_path):
   workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(_config(method='isomax'), workdir)
+  results = train.train_and_evaluate(_config(method='isomax', peak_tflops=1.0), workdir)
   ind = results['in_distribution']
   assert results['method'] == 'isomax' and results['default_score'] == 'entropic_score'
   assert ind['num_examples'] == 359
@@ -87,7 +94,15 @@ def test_train_evaluate_round_trip(tmp_path):
   assert on_disk['in_distribution']['accuracy'] == ind['accuracy']
   md = (tmp_path / 'run' / 'results.md').read_text()
   assert '| digits/near | entropic_score |' in md and f"{100 * ind['accuracy']:.2f} %" in md
-  assert [r['step'] for r in _metrics(workdir)] == [4, 8, 12]
+  logged = _metrics(workdir)
+  assert [r['step'] for r in logged] == [4, 8, 12]
+  # Throughput: in-distribution images/s, and the MFU of one step's XLA FLOPs against the given peak.
+  batch_size = _config().batch_size
+  for r in logged:
+    assert r['images_per_sec'] == pytest.approx(r['steps_per_sec'] * batch_size, rel=1e-12)
+    assert 0 < r['mfu'] < 1
+  flops_over_peak = [r['mfu'] / r['steps_per_sec'] for r in logged]  # the same step every time
+  np.testing.assert_allclose(flops_over_peak, flops_over_peak[0], rtol=1e-9)
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['method'] == 'isomax'
   # experiments.evaluate's path: the saved config + the latest checkpoint give the same numbers.
   again = evaluate.evaluate(workdir)
@@ -99,6 +114,7 @@ def test_rerun_of_finished_run_only_evaluates(tmp_path):
   workdir = str(tmp_path / 'run')
   first = train.train_and_evaluate(_config(num_steps=4, checkpoint_every_steps=4), workdir)
   lines = len(_metrics(workdir))
+  assert 'images_per_sec' in _metrics(workdir)[0] and 'mfu' not in _metrics(workdir)[0]  # no CPU peak known
   second = train.train_and_evaluate(_config(num_steps=4, checkpoint_every_steps=4), workdir)
   assert len(_metrics(workdir)) == lines  # no step was taken again
   assert second['in_distribution'] == first['in_distribution']
