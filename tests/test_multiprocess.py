@@ -73,9 +73,11 @@ TOLERANCE = 2e-4
 # largest difference on a per-example output (logits, features), relative to the largest magnitude
 # of that array in its set (observed 5e-7: float32 rounding, a few ulps) ...
 OUTPUT_TOLERANCE = 2e-6
-# ... and on any number of results.json (observed 7e-7). A rank metric moves in steps of
-# 1 / (n_in · n_out) ≈ 6e-6 should the rounding swap two tied scores: the bound admits one swap.
-METRIC_TOLERANCE = 1e-5
+# ... and on any number of results.json (observed 7e-7 on Intel). A rank metric moves should the rounding
+# swap two near-tied scores: AUROC by 1 / (n_in · n_out) ≈ 6e-6, AUPR by more when the swap is near the top of
+# the ranking (on an AMD EPYC: AUROC 6.1e-6 and energy AUPR-In 1.6e-5 from one swap, on the landed code too).
+# The bound admits one such swap.
+METRIC_TOLERANCE = 5e-5
 PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 
