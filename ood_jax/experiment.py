@@ -11,7 +11,6 @@ model.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 import warnings
 
@@ -25,6 +24,7 @@ from ood_jax import detectors
 from ood_jax import methods as methods_lib
 from ood_jax import models as models_lib
 from ood_jax import optim
+from ood_jax import throughput
 from ood_jax.data import catalog
 from ood_jax.data import protocols
 from ood_jax.data import registry
@@ -108,10 +108,8 @@ def _check_fault_tolerance(config) -> None:
   for name in ('allow_config_change', 'xla_cpu_defaults'):
     if not isinstance(config.get(name, False), bool):
       raise ValueError(f'{name} must be True or False, got {config[name]!r}.')
-  peak = config.get('peak_tflops')
-  if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < math.inf):
-    raise ValueError(f"peak_tflops must be a positive number of TFLOP/s (unset: ood_jax.throughput's table), "
-                     f'got {peak!r}.')
+  if config.get('peak_tflops') is not None:
+    throughput.check_peak_tflops(config.peak_tflops)
 
 
 # What to say when a recipe's `required_fields` entry is unset.

@@ -1,6 +1,6 @@
 """Training throughput as users quote it: images per second and model FLOPs utilisation (MFU).
 
-MFU = (FLOPs of one step, from XLA's cost analysis of the compiled step, per device) × steps per second
+MFU = (FLOPs of one step, from XLA's cost analysis of the lowered step, per device) × steps per second
 / (the device's dense peak FLOP/s at the computation dtype). The peak of a float32 step is the one its
 matrix units reach under JAX's default precision: TensorFloat-32 on NVIDIA Ampere and later, bfloat16
 passes on TPU (https://docs.jax.dev/en/latest/201/precision.html). The table lists the chips people
@@ -33,6 +33,14 @@ _PEAK_TFLOPS = (
 )
 
 
+def check_peak_tflops(value) -> float:
+  """`value` as a float if it is a positive finite number of TFLOP/s, else ValueError (config checks call it)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    raise ValueError(f"peak_tflops must be a positive number of TFLOP/s (unset: ood_jax.throughput's table), "
+                     f'got {value!r}.')
+  return float(value)
+
+
 def peak_flops(device: jax.Device, dtype: str, *, override_tflops: float | None = None) -> float | None:
   """Dense peak FLOP/s of `device` at computation dtype `dtype` ('float32' or 'bfloat16'), or None if unknown.
 
@@ -45,10 +53,7 @@ def peak_flops(device: jax.Device, dtype: str, *, override_tflops: float | None 
     ValueError: for a non-positive or non-finite override.
   """
   if override_tflops is not None:
-    if (isinstance(override_tflops, bool) or not isinstance(override_tflops, (int, float))
-        or not 0 < override_tflops < math.inf):
-      raise ValueError(f'peak_tflops must be a positive number of TFLOP/s, got {override_tflops!r}.')
-    return 1e12 * float(override_tflops)
+    return 1e12 * check_peak_tflops(override_tflops)
   kind = getattr(device, 'device_kind', '')
   for pattern, peaks in _PEAK_TFLOPS:
     if pattern in kind:
