@@ -35,10 +35,16 @@ from ood_jax import models
 from ood_jax import xla_options
 
 
-def make_step(model, optimizer):
-  """The jitted (params, batch_stats, opt_state, images, labels) → same + loss step."""
+def make_step(model, optimizer, params_transform=None):
+  """The jitted (params, batch_stats, opt_state, images, labels) → same + loss step.
+
+  `params_transform` (params → params), if given, is applied inside the differentiated loss, e.g. a
+  `stop_gradient` of some parameters for an ablation (`experiments.benchmark_peers --ablate`).
+  """
 
   def loss_fn(params, batch_stats, images, labels):
+    if params_transform is not None:
+      params = params_transform(params)
     (logits, _), updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                                        mutable=['batch_stats'])
     return jnp.mean(losses.softmax_cross_entropy(logits, labels)), updates.get('batch_stats', batch_stats)

@@ -2,7 +2,7 @@ r"""ood_jax against the libraries people would otherwise use: speed ratios and e
 
   python -m experiments.benchmark_peers [--platform=cpu|gpu|tpu] [--only=metrics,knn,mahalanobis,train] \
       [--quick] [--output=table.md] [--rounds=N] [--torch_channels_last] \
-      [--networks=resnet20,resnet18,wrn40_2,wrn28_10,densenet_bc100]
+      [--networks=resnet20,resnet18,wrn40_2,wrn28_10,densenet_bc100] [--ablate=batchnorm,kernel_grads]
 
 Every row times one job done by ood_jax and by a peer on the same synthetic data, reports the ratio
 peer time / ood_jax time (> 1: ood_jax is faster) and checks that both computed the same thing:
@@ -35,6 +35,10 @@ peer time / ood_jax time (> 1: ood_jax is faster) and checks that both computed 
   losses (which only the same architecture with the same padding, strides and shortcuts gives). Rounds
   restart from the initial state, as in `experiments.benchmark` (a memorised batch would drive the loss
   into subnormal numbers).
+* `--ablate=batchnorm,kernel_grads` adds, beside every timed training step, the step of the same network
+  with its BatchNorm layers as the identity, or with no conv-kernel gradients (`stop_gradient` in JAX,
+  `requires_grad_(False)` in PyTorch), on both sides, in the same rounds: full − ablated is what the part
+  costs in each library. Checked by the second step's loss (after one update) of the two ablated networks.
 
 Each contender is warmed up (compiled) first; then `rounds` rounds run every contender of a row in turn,
 and the ratio uses each one's best (minimum) round: other load only ever adds time. A peer that is not
@@ -48,6 +52,7 @@ Runtime on 2 CPU cores with the default sizes: about 4 minutes, mostly the train
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
@@ -59,6 +64,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +76,7 @@ from ood_jax import metrics
 from ood_jax import models
 from ood_jax import scores
 from ood_jax import xla_options
+from ood_jax.models import batch_norm as batch_norm_lib
 
 SECTIONS = ('metrics', 'knn', 'mahalanobis', 'train')
 
@@ -78,6 +85,10 @@ SECTIONS = ('metrics', 'knn', 'mahalanobis', 'train')
 TRAIN_BATCH = {'resnet20': (128, 128), 'resnet18': (32, 128), 'wrn40_2': (128, 128), 'wrn28_10': (16, 128),
                'densenet_bc100': (64, 64)}
 NETWORKS = ('resnet20', 'resnet18')  # the default rows; --networks adds the others
+
+# Training-step ablations (--ablate): one part of the network taken out in ood_jax and in PyTorch alike,
+# timed in the same rounds as the full step, so full − ablated is what that part costs on each side.
+ABLATIONS = {'batchnorm': 'BatchNorm as identity', 'kernel_grads': 'no conv-kernel gradients'}
 
 # Agreement required of the equality checks (absolute unless said otherwise).
 METRIC_TOLERANCE = {'auroc': 1e-6, 'aupr_in': 1e-6, 'aupr_out': 1e-6, 'fpr95': 1e-12}
@@ -105,6 +116,7 @@ class Sizes:
   xla_defaults: bool = True  # also time the networks compiled with XLA's default options
   warmup: bool = True  # one untimed call of every contender before the rounds
   trained: tuple[str, ...] | None = None  # networks whose training step is timed; None: every one
+  ablations: tuple[str, ...] = ()  # keys of ABLATIONS, timed beside every trained network's step
 
 
 # Compiling dominates a quick run: it compiles each network once, with the trainer's options, and times
@@ -419,20 +431,60 @@ def _torch_train_contender(torch, model, initial, images, labels, num_steps, syn
     loss_value = float(loss.item())
     sync()
     elapsed = (time.perf_counter() - start) / num_steps
-    if box is not None and 'first_loss' not in box:
-      box['first_loss'] = loss_value if num_steps == 1 else None
+    if box is not None:
+      box['loss'] = loss_value
     return elapsed
 
   return run_once
 
 
-def _first_losses(step, state, batch, torch, torch_model, initial, torch_batch):
-  """Loss of one training step from the same weights: JAX's and PyTorch's."""
+def _losses(step, state, batch, torch, torch_model, initial, torch_batch, num_steps=1):
+  """Loss of the `num_steps`-th training step from the same weights: JAX's and PyTorch's."""
   current = jax.tree.map(jnp.copy, state)
-  jax_loss = float(step(*current, *batch)[-1])
+  for _ in range(num_steps):
+    *current, jax_loss = step(*current, *batch)
   box = {}
-  _torch_train_contender(torch, torch_model, initial, *torch_batch, 1, lambda: None, box)()
-  return jax_loss, box['first_loss']
+  _torch_train_contender(torch, torch_model, initial, *torch_batch, num_steps, lambda: None, box)()
+  return float(jax_loss), box['loss']
+
+
+def _identity_batch_norm(next_fun, args, kwargs, context):
+  """A flax method interceptor under which every BatchNorm returns its input (the 'batchnorm' ablation)."""
+  if context.method_name == '__call__' and isinstance(context.module, (nn.BatchNorm, batch_norm_lib.BatchNorm)):
+    return args[0]
+  return next_fun(*args, **kwargs)
+
+
+def _frozen_conv_kernels(params):
+  """Every 4-D (convolution) kernel under stop_gradient (the 'kernel_grads' ablation)."""
+  return jax.tree.map(lambda p: jax.lax.stop_gradient(p) if p.ndim == 4 else p, params)
+
+
+def _ablated_step(model, optimizer, ablation, state, batch, options):
+  """The compiled training step of `model` with `ablation` (a key of ABLATIONS) applied."""
+  step = train_benchmark.make_step(model, optimizer, _frozen_conv_kernels if ablation == 'kernel_grads' else None)
+  # The interceptor acts while the step is traced, i.e. inside `lower`.
+  with nn.intercept_methods(_identity_batch_norm if ablation == 'batchnorm' else lambda f, a, k, c: f(*a, **k)):
+    return step.lower(*state, *batch).compile(compiler_options=options)
+
+
+def _ablated_torch(torch, model, initial, ablation):
+  """A copy of the PyTorch `model` with the weights `initial`, and `ablation` applied.
+
+  'batchnorm': every BatchNorm2d becomes an Identity; 'kernel_grads': 4-D (conv) weights get requires_grad False.
+  """
+  model = copy.deepcopy(model)
+  model.load_state_dict(initial)  # `model` itself may have trained since
+  if ablation == 'batchnorm':
+    for parent in list(model.modules()):
+      for name, child in list(parent.named_children()):
+        if isinstance(child, torch.nn.BatchNorm2d):
+          setattr(parent, name, torch.nn.Identity())
+  else:
+    for weight in model.parameters():
+      if weight.dim() == 4:
+        weight.requires_grad_(False)
+  return model
 
 
 def train_rows(sizes: Sizes, rng: np.random.Generator, *, platform: str, channels_last: bool = False,
@@ -446,6 +498,9 @@ def train_rows(sizes: Sizes, rng: np.random.Generator, *, platform: str, channel
     for kind, size in (('train step', batch_size), ('inference', sizes.inference_batch)):
       for variant, _ in variants:
         names[model_name, kind, variant] = f'{kind} {model_name} b{size}, {variant} (vs PyTorch)'
+    for ablation in sizes.ablations:  # with the trainer's compilation only
+      names[model_name, 'train step', ablation] = (f'train step {model_name} b{batch_size}, {variants[0][0]}, '
+                                                   f'{ABLATIONS[ablation]} (vs PyTorch, the same)')
   torch = _optional('torch')
   reason = torch if isinstance(torch, str) else None
   if reason is None and platform == 'tpu':
@@ -466,10 +521,10 @@ def train_rows(sizes: Sizes, rng: np.random.Generator, *, platform: str, channel
     train = sizes.trained is None or model_name in sizes.trained
     got = _model_rows(torch, model_name, batch_size, sizes, rng, timed, names, device, optimizer, channels_last,
                       train=train)
-    for kind in ('train step', 'inference'):
-      for variant, _ in variants:
-        name = names[model_name, kind, variant]
-        rows.append(got[name] if name in got else _skipped(name, 'not timed with --quick (compilation time)'))
+    for kind, variant in [('train step', variant) for variant, _ in variants] + [
+        ('train step', ablation) for ablation in sizes.ablations] + [('inference', variant) for variant, _ in variants]:
+      name = names[model_name, kind, variant]
+      rows.append(got[name] if name in got else _skipped(name, 'not timed with --quick (compilation time)'))
   return rows
 
 
@@ -502,11 +557,21 @@ def _model_rows(torch, model_name, batch_size, sizes, rng, variants, names, devi
   if train:
     steps = {variant: train_benchmark.make_step(model, optimizer).lower(*state, *batch).compile(
         compiler_options=opts) for variant, opts in variants}
-    jax_loss, torch_loss = _first_losses(steps[variants[0][0]], state, batch, torch, torch_model, initial,
-                                         torch_batch)
+    jax_loss, torch_loss = _losses(steps[variants[0][0]], state, batch, torch, torch_model, initial, torch_batch)
     contenders = {variant: _jax_train_contender(steps[variant], state, batch, sizes.steps) for variant, _ in variants}
     contenders['torch'] = _torch_train_contender(torch, torch_model, initial, *torch_batch, sizes.steps, sync)
-    train_best = _race(contenders, sizes.rounds, sizes.warmup)  # _first_losses warmed up the first variant
+    # Each ablation is checked by the loss of its second step (the first update is in it) on both sides.
+    ablation_checks = {}
+    for ablation in sizes.ablations:
+      step = _ablated_step(model, optimizer, ablation, state, batch, variants[0][1])
+      ablated = _ablated_torch(torch, torch_model, initial, ablation)
+      ablated_initial = {k: v.clone() for k, v in ablated.state_dict().items()}
+      losses = _losses(step, state, batch, torch, ablated, ablated_initial, torch_batch, num_steps=2)
+      ablation_checks[ablation] = abs(losses[0] - losses[1]) / abs(losses[1])
+      contenders[ablation] = _jax_train_contender(step, state, batch, sizes.steps)
+      contenders['torch ' + ablation] = _torch_train_contender(torch, ablated, ablated_initial, *torch_batch,
+                                                                sizes.steps, sync)
+    train_best = _race(contenders, sizes.rounds, sizes.warmup)  # _losses warmed up the first variant
     del steps, contenders
 
   # Inference: eval mode, one batch per call; its logits are the other half of the check.
@@ -543,6 +608,11 @@ def _model_rows(torch, model_name, batch_size, sizes, rng, variants, names, devi
   if train:
     rows += [Row(names[model_name, 'train step', variant], train_best[variant], train_best['torch'], check, passed,
                  items=batch_size) for variant, _ in variants]
+    for ablation, delta in ablation_checks.items():
+      ok = delta <= LOGITS_TOLERANCE
+      rows.append(Row(names[model_name, 'train step', ablation], train_best[ablation], train_best['torch ' + ablation],
+                      f'{_mark(ok)} step-2 loss Δ {delta:.0e} (relative, ≤ {LOGITS_TOLERANCE:.0e})', ok,
+                      items=batch_size))
   return {row.benchmark: row for row in rows}
 
 
@@ -570,7 +640,7 @@ def device_summary() -> str:
 
 def run(only: Sequence[str] = SECTIONS, *, quick: bool = False, platform: str | None = None,
         rounds: int | None = None, seed: int = 0, torch_channels_last: bool = False,
-        networks: Sequence[str] = NETWORKS) -> list[Row]:
+        networks: Sequence[str] = NETWORKS, ablate: Sequence[str] = ()) -> list[Row]:
   """Runs the sections in `only` and returns their rows (printing nothing but the parameter counts).
 
   Args:
@@ -582,6 +652,7 @@ def run(only: Sequence[str] = SECTIONS, *, quick: bool = False, platform: str | 
     seed: seed of the synthetic data and weights.
     torch_channels_last: run the PyTorch networks in channels-last memory format instead of NCHW.
     networks: backbones of the train / inference rows, of `TRAIN_BATCH`.
+    ablate: training-step ablations of `ABLATIONS`, a row each beside every timed training step.
 
   Returns:
     The rows, in the order of the table.
@@ -594,7 +665,10 @@ def run(only: Sequence[str] = SECTIONS, *, quick: bool = False, platform: str | 
   unknown = set(networks) - set(TRAIN_BATCH)
   if unknown or not networks:
     raise ValueError(f'unknown networks {sorted(unknown)}; valid: {", ".join(TRAIN_BATCH)}.')
-  sizes = QUICK if quick else Sizes()
+  unknown = set(ablate) - set(ABLATIONS)
+  if unknown:
+    raise ValueError(f'unknown ablations {sorted(unknown)}; valid: {", ".join(ABLATIONS)}.')
+  sizes = dataclasses.replace(QUICK if quick else Sizes(), ablations=tuple(dict.fromkeys(ablate)))
   if rounds is not None:
     sizes = dataclasses.replace(sizes, rounds=rounds, slow_rounds=rounds)
   rng = np.random.default_rng(seed)
@@ -652,7 +726,7 @@ def main(argv):
   start = time.perf_counter()
   try:
     rows = run(only, quick=FLAGS.quick, platform=FLAGS.platform, rounds=FLAGS.rounds,
-               torch_channels_last=FLAGS.torch_channels_last, networks=FLAGS.networks)
+               torch_channels_last=FLAGS.torch_channels_last, networks=FLAGS.networks, ablate=FLAGS.ablate)
   except ValueError as error:
     raise app.UsageError(str(error)) from error
   print(f'ratio = peer time / ood_jax time (> 1: ood_jax is faster); best of the rounds; '
@@ -677,4 +751,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('output', None, 'Also write the table as markdown to this file.')
   flags.DEFINE_bool('torch_channels_last', False, 'PyTorch networks in channels-last memory format (default NCHW).')
   flags.DEFINE_list('networks', list(NETWORKS), f'Backbones of the train / inference rows, of {",".join(TRAIN_BATCH)}.')
+  flags.DEFINE_list('ablate', [], f'Training-step ablations to time beside each network, of {",".join(ABLATIONS)} '
+                    '(BatchNorm as identity; conv kernels under stop_gradient / requires_grad=False).')
   app.run(main)

@@ -9,9 +9,14 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 from experiments import benchmark_peers
+from ood_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PEERS = ('sklearn', 'faiss', 'torch')
@@ -69,6 +74,59 @@ def test_unknown_section_is_an_error():
 def test_unknown_network_is_an_error():
   with pytest.raises(ValueError, match=r"unknown networks \['vgg'\]; valid: resnet20, resnet18, wrn40_2"):
     benchmark_peers.run(['train'], quick=True, networks=['resnet20', 'vgg'])
+
+
+def test_unknown_ablation_is_an_error():
+  with pytest.raises(ValueError, match=r"unknown ablations \['dropout'\]; valid: batchnorm, kernel_grads"):
+    benchmark_peers.run(['train'], quick=True, ablate=['batchnorm', 'dropout'])
+
+
+@pytest.fixture(scope='module')
+def digits_cnn_step_inputs():
+  model = models.make_classifier('digits_cnn', 'dense', 10, dtype=jnp.float32)
+  variables = benchmark_peers.init_variables(model, (8, 8, 1))
+  optimizer = optax.sgd(0.1, momentum=0.9)
+  images = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+  labels = jnp.arange(16) % 10
+  state = (variables['params'], variables['batch_stats'], optimizer.init(variables['params']))
+  return model, optimizer, state, (images, labels)
+
+
+def test_kernel_grads_ablation_updates_everything_but_the_conv_kernels(digits_cnn_step_inputs):
+  model, optimizer, state, batch = digits_cnn_step_inputs
+  step = benchmark_peers._ablated_step(model, optimizer, 'kernel_grads', state, batch, None)
+  params = step(*jax.tree.map(jnp.copy, state), *batch)[0]
+  moved = {jax.tree_util.keystr(path): (leaf.ndim, bool(np.any(leaf != old)))
+           for (path, leaf), old in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(state[0]))}
+  assert any(ndim == 4 for ndim, _ in moved.values()), moved
+  assert all(changed == (ndim != 4) for ndim, changed in moved.values()), moved
+
+
+def test_batchnorm_ablation_makes_the_network_ignore_batchnorm(digits_cnn_step_inputs):
+  model, optimizer, state, batch = digits_cnn_step_inputs
+  step = benchmark_peers._ablated_step(model, optimizer, 'batchnorm', state, batch, None)
+  full = benchmark_peers.train_benchmark.make_step(model, optimizer)
+  # Another BatchNorm scale changes the full network's loss but not the ablated one's.
+  params, batch_stats, opt_state = state
+  rescaled = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: 3.0 * leaf if 'bn' in jax.tree_util.keystr(path) and 'scale' in jax.tree_util.keystr(path)
+      else leaf, params)
+  losses = {name: [float(fn(*jax.tree.map(jnp.copy, (p, batch_stats, opt_state)), *batch)[-1])
+                   for p in (params, rescaled)] for name, fn in (('ablated', step), ('full', full))}
+  assert losses['ablated'][0] == losses['ablated'][1], losses
+  assert abs(losses['full'][0] - losses['full'][1]) > 1e-3, losses
+  # And the ablated step leaves the running statistics as they were (no BatchNorm ran).
+  new_stats = step(*jax.tree.map(jnp.copy, state), *batch)[1]
+  assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(batch_stats)))
+
+
+@pytest.mark.skipif(not _installed('torch'), reason='the ablations are timed against PyTorch')
+def test_quick_ablation_rows_agree_with_pytorch():
+  rows = benchmark_peers.run(['train'], quick=True, networks=['resnet20'], ablate=['batchnorm', 'kernel_grads'])
+  ablated = [row for row in rows if 'BatchNorm as identity' in row.benchmark or 'no conv-kernel' in row.benchmark]
+  assert len(ablated) == 2, [row.benchmark for row in rows]
+  for row in ablated:
+    assert row.passed is True and row.check.startswith('✓ step-2 loss') and row.ours > 0 and row.peer > 0, row
 
 
 @pytest.mark.skipif(not _installed('sklearn'), reason='scikit-learn is the metrics peer')
