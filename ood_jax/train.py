@@ -216,13 +216,15 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
   last_save = time.monotonic()
 
   flops, peak = None, throughput.peak_flops(jax.devices()[0], config.dtype, override_tflops=config.get('peak_tflops'))
-  if start < total_steps:
-    # Lowering is cached by jit, so the step is traced and compiled once, by its first call.
-    flops = throughput.step_flops(step_fn.lower(state, batch_at(start), base_variables))
+
+  def count_flops(batch):
+    # Lowering is cached by jit, so the step is still traced and compiled once, by its first call.
+    flops = throughput.step_flops(step_fn.lower(state, batch, base_variables))
     logging.info('Train step: %s GFLOP per device (XLA cost analysis); peak %s TFLOP/s (%s, %s).',
                  'unknown' if flops is None else f'{flops / 1e9:,.1f}',
                  'unknown' if peak is None else f'{peak / 1e12:g}',
                  jax.devices()[0].device_kind, config.dtype)
+    return flops
 
   def log(done):
     means = {name: float(total) / (done - interval_step) for name, total in sums.items()}
@@ -240,7 +242,10 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
   # trained since the restored checkpoint, after it the last checkpoint is complete.
   with preemption.Watch() as watch:
     for step in range(start, total_steps):
-      state, step_metrics = wait(step_fn(state, batch_at(step), base_variables))
+      batch = batch_at(step)
+      if step == start:
+        flops = count_flops(batch)
+      state, step_metrics = wait(step_fn(state, batch, base_variables))
       sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
       done = step + 1
       preempted = watch.reached(done)  # every host, every step: JAX's sync-point protocol asks for it
