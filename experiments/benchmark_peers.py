@@ -52,6 +52,7 @@ Runtime on 2 CPU cores with the default sizes: about 4 minutes, mostly the train
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -464,8 +465,13 @@ def _ablated_step(model, optimizer, ablation, state, batch, options):
   """The compiled training step of `model` with `ablation` (a key of ABLATIONS) applied."""
   step = train_benchmark.make_step(model, optimizer, _frozen_conv_kernels if ablation == 'kernel_grads' else None)
   # The interceptor acts while the step is traced, i.e. inside `lower`.
-  with nn.intercept_methods(_identity_batch_norm if ablation == 'batchnorm' else lambda f, a, k, c: f(*a, **k)):
+  with nn.intercept_methods(_identity_batch_norm) if ablation == 'batchnorm' else contextlib.nullcontext():
     return step.lower(*state, *batch).compile(compiler_options=options)
+
+
+def _snapshot(torch_model):
+  """A copy of the PyTorch model's state (weights, BatchNorm statistics) to restart rounds from."""
+  return {k: v.clone() for k, v in torch_model.state_dict().items()}
 
 
 def _ablated_torch(torch, model, initial, ablation):
@@ -547,7 +553,7 @@ def _model_rows(torch, model_name, batch_size, sizes, rng, variants, names, devi
   if channels_last:
     torch_model.to(memory_format=torch.channels_last)
     torch_images = torch_images.contiguous(memory_format=torch.channels_last)
-  initial = {k: v.clone() for k, v in torch_model.state_dict().items()}
+  initial = _snapshot(torch_model)
   torch_batch = (torch_images[:batch_size], torch.from_numpy(labels.astype(np.int64)).to(device))
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
   torch_count = sum(p.numel() for p in torch_model.parameters())
@@ -565,7 +571,7 @@ def _model_rows(torch, model_name, batch_size, sizes, rng, variants, names, devi
     for ablation in sizes.ablations:
       step = _ablated_step(model, optimizer, ablation, state, batch, variants[0][1])
       ablated = _ablated_torch(torch, torch_model, initial, ablation)
-      ablated_initial = {k: v.clone() for k, v in ablated.state_dict().items()}
+      ablated_initial = _snapshot(ablated)
       losses = _losses(step, state, batch, torch, ablated, ablated_initial, torch_batch, num_steps=2)
       ablation_checks[ablation] = abs(losses[0] - losses[1]) / abs(losses[1])
       contenders[ablation] = _jax_train_contender(step, state, batch, sizes.steps)
