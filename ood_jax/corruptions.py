@@ -634,8 +634,11 @@ def _rgb_to_hsv(rgb):
   delta = value - jnp.min(rgb, axis=-1)
   chromatic = delta > 0
   safe = jnp.where(chromatic, delta, 1.0)
-  # Ties go to the later channel, as in scikit-image: blue over green over red.
-  hue = jnp.where(b == value, 4 + (r - g) / safe, jnp.where(g == value, 2 + (b - r) / safe, (g - b) / safe))
+  # Ties go to the later channel, as in scikit-image: blue over green over red. Channel comparisons,
+  # not `channel == value`, pick the branch: see `ood_jax.data.augment._rgb_to_hsv`.
+  blue_max = (b >= g) & (b >= r)
+  green_max = ~blue_max & (g >= r)
+  hue = jnp.where(blue_max, 4 + (r - g) / safe, jnp.where(green_max, 2 + (b - r) / safe, (g - b) / safe))
   hue = jnp.where(chromatic, jnp.mod(hue / 6, 1.0), 0.0)
   saturation = jnp.where(chromatic, delta / jnp.where(chromatic, value, 1.0), 0.0)
   return hue, saturation, value

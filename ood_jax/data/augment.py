@@ -240,9 +240,14 @@ def _rgb_to_hsv(image):
   saturation = chroma / jnp.where(value > 0, value, 1.0)
   safe_chroma = jnp.where(chroma > 0, chroma, 1.0)
   red_c, green_c, blue_c = ((value - c) / safe_chroma for c in (red, green, blue))
-  # Ties go to red, then green, as in colorsys and torchvision; grey pixels get hue 0.
-  hue = jnp.where(value == red, blue_c - green_c,
-                  jnp.where(value == green, 2.0 + red_c - blue_c, 4.0 + green_c - red_c))
+  # Ties go to red, then green, as in colorsys and torchvision; grey pixels get hue 0. The largest
+  # channel is found by comparing the channels, not by `value == channel`: XLA may recompute a
+  # channel in another fusion, rounded differently from the copy `max` saw, and then no equality
+  # holds and a green pixel took blue's formula (measured with XLA:CPU at -O0). Near a tie either
+  # formula gives about the same colour, so a comparison flipped by rounding is harmless.
+  red_max = (red >= green) & (red >= blue)
+  green_max = ~red_max & (green >= blue)
+  hue = jnp.where(red_max, blue_c - green_c, jnp.where(green_max, 2.0 + red_c - blue_c, 4.0 + green_c - red_c))
   hue = jnp.where(chroma > 0, hue, 0.0)
   return jnp.stack([jnp.mod(hue / 6.0, 1.0), saturation, value], axis=-1)
 
