@@ -258,7 +258,8 @@ def test_batch_is_a_pure_function_of_seed_and_step():
 def test_batch_is_identical_in_another_process(tmp_path):
   script = textwrap.dedent(f"""
       import os
-      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+      # The parent's XLA_FLAGS (compile options change the rounding) plus its 8 devices.
+      os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
       import numpy as np
       from ood_jax import sharding
       from ood_jax.data import pipeline
