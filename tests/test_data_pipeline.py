@@ -162,6 +162,12 @@ def _ref_color_jitter(noise, image):
   return x
 
 
+def _run_in_another_process(script, **env):
+  """Runs `script` in a fresh Python process at the repository root, with `env` added to this environment."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-c', script], check=True, cwd=root, env={**os.environ, 'PYTHONPATH': root, **env})
+
+
 def _jitter_inputs():
   rng = np.random.default_rng(6)
   images = rng.random((12, 6, 6, 3)).astype(np.float32)
@@ -197,9 +203,7 @@ def test_color_jitter_does_not_depend_on_how_xla_rounds_the_fused_channels(tmp_p
           inputs['noise'], inputs['images'])
       np.save({str(tmp_path / 'got.npy')!r}, np.asarray(got))
   """)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, 'PYTHONPATH': root, 'XLA_FLAGS': '--xla_backend_optimization_level=0'}
-  subprocess.run([sys.executable, '-c', script], check=True, cwd=root, env=env)
+  _run_in_another_process(script, XLA_FLAGS='--xla_backend_optimization_level=0')
   expected = [_ref_color_jitter(u, x) for u, x in zip(noise, images)]
   np.testing.assert_allclose(np.load(tmp_path / 'got.npy'), expected, atol=2e-5)
 
@@ -269,8 +273,7 @@ def test_batch_is_identical_in_another_process(tmp_path):
       batch = stream.batch(5)
       np.savez({str(tmp_path / 'batch.npz')!r}, image=np.asarray(batch['image']), label=np.asarray(batch['label']))
   """)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run([sys.executable, '-c', script], check=True, cwd=root, env={**os.environ, 'PYTHONPATH': root})
+  _run_in_another_process(script)
   theirs = np.load(tmp_path / 'batch.npz')
   ours = _host(_stream(_random_images(50), np.arange(50), augment_name='crop_flip', stats=(MEAN, STD)).batch(5))
   np.testing.assert_array_equal(theirs['image'], ours['image'])
