@@ -13,9 +13,9 @@ to compare with XLA's defaults on your machine). The numbers change only by floa
 same products, summed in another order; a step's parameters agree to ~1e-5) and stay deterministic
 run to run, so kill-and-resume is still bitwise.
 
-The option also hands matrix products to Eigen instead of YNNPACK, which is ~2.8× slower on a large float32
-GEMM (256 × 512 by 512 × 50 000: 248 against 88 ms): immaterial for the convolutional backbones, but a
-network of large dense layers may train faster with the defaults (a 3 × 2048 MLP's step: 1.16×).
+The option also hands matrix products to Eigen instead of YNNPACK, which is slower on large float32 GEMMs:
+immaterial for the convolutional backbones, but a network of large dense layers may train faster with the
+defaults (scratch measurements in `docs/benchmark_peers.md`, not rerunnable from the repository).
 
 GPU and TPU get no options: their compilers are left alone. The option is passed per `jax.jit`
 (`compiler_options=`), never through the process-wide XLA_FLAGS, so user code in the same process is
