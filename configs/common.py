@@ -7,7 +7,7 @@ from ml_collections import config_dict
 def base_config() -> ml_collections.ConfigDict:
   """The full set of fields the trainer and evaluator read, with neutral defaults."""
   c = ml_collections.ConfigDict()
-  c.dataset = 'cifar10'           # ood_jax.data.registry name
+  c.dataset = 'cifar10'           # ood_jax.trainer.data.registry name
   c.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default, ~/tensorflow_datasets)
   # True: TFDS may download and prepare missing datasets into data_dir (needs internet: Colab, a
   # workstation). False never downloads: a missing dataset fails with the command that prepares it.
@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Held out of the training split (stratified, fixed draw) for post-hoc calibration and detector
   # tuning; 0 trains on the whole split, as the papers do.
   c.validation_fraction = 0.1
-  c.augment = 'crop_flip'         # ood_jax.data.pipeline augmentation
+  c.augment = 'crop_flip'         # ood_jax.trainer.data.pipeline augmentation
   c.normalization = 'dataset'     # or 'symmetric' ([−1, 1] inputs, paper 002)
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = config_dict.placeholder(str)  # fine-tune from a workdir or checkpoint (see init_head)
   c.required_fields = ()           # fields the recipe cannot run without, e.g. ('init_from',) to fine-tune
   c.base_model = config_dict.placeholder(str)  # workdir of the frozen base model (method smot)
-  # The head *policy* of init_from (ood_jax.experiment.HEAD_POLICIES): 'auto' keeps the pretrained head
+  # The head *policy* of init_from (ood_jax.trainer.experiment.HEAD_POLICIES): 'auto' keeps the pretrained head
   # if it fits, else re-inits it; 'keep'; 'reinit'; 'class_stats': a Mahalanobis head (ice) at the class
   # means and covariance of the pretrained features.
   c.init_head = 'auto'
@@ -45,14 +45,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_minutes = 0.0  # > 0: also save when this much wall-clock time passed (long epochs)
   c.keep_checkpoints = 2
   # Resume a workdir whose checkpoints were trained under a config that differs in a field that
-  # counts (ood_jax.checkpoint.RESUME_IGNORED_FIELDS lists those that do not); refused otherwise.
+  # counts (ood_jax.trainer.checkpoint.RESUME_IGNORED_FIELDS lists those that do not); refused otherwise.
   c.allow_config_change = False
   c.num_devices = 0               # 0: every device; n: the first n (e.g. to compare with 1 device)
   c.distributed = False           # jax.distributed.initialize() for multi-host runs
-  # True: compile the train step with XLA's own CPU defaults instead of ood_jax.xla_options' faster
+  # True: compile the train step with XLA's own CPU defaults instead of ood_jax.trainer.xla_options' faster
   # choice (only float32 rounding differs; GPU/TPU are never changed).
   c.xla_cpu_defaults = False
-  # Dense peak TFLOP/s of one device, for the MFU in the training log on devices ood_jax.throughput does
+  # Dense peak TFLOP/s of one device, for the MFU in the training log on devices ood_jax.trainer.throughput does
   # not list (CPUs, new chips); unset: the table's peak, or no MFU.
   c.peak_tflops = config_dict.placeholder(float)
   c.eval = ml_collections.ConfigDict(dict(
@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Post-hoc detectors (ood_jax.detectors) to fit on the training features and report: '' none,
       # 'all' (every one the model allows), or comma-separated names, e.g. 'react,vim,knn'.
       detectors='',
-      # A protocol of ood_jax.data.protocols ('openood_v1_5', 'digits', ...): its near/far test sets are
+      # A protocol of ood_jax.trainer.data.protocols ('openood_v1_5', 'digits', ...): its near/far test sets are
       # evaluated (with ood_sets), detector hyperparameters tuned on its validation OOD sets, and results.md
       # gets the leaderboard table. '' for none.
       benchmark='',

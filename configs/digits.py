@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.eval.batch_size = 256
   c.eval.ood_sets = ('digits/near', 'digits/photos', 'digits/gaussian_noise', 'digits/uniform_noise')
   c.eval.detectors = 'all'  # every post-hoc detector the model allows, one row each (a few seconds here)
-  # The digits protocol (ood_jax.data.protocols): the sets above as near / far, detector hyperparameters
+  # The digits protocol (ood_jax.trainer.data.protocols): the sets above as near / far, detector hyperparameters
   # tuned on held-out train digits 6–9, and the leaderboard table in results.md.
   c.eval.benchmark = 'digits'
   if arg == 'smoke':

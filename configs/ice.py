@@ -48,7 +48,7 @@ ICE 3.33 % / 96.38 %, OE 4.03 % / 94.88 %, Energy 4.12 % / 94.13 % (the paper's 
 
 Hardware and runtime (estimates, not measurements): WRN-40-2 scratch about 1–1.5 h on one A100/H100
 (391 steps × 100 epochs of 384 images), fine-tune 10 min; DenseNet-40-12 about 2×; WRN-34-10 about 6×.
-`:smoke` takes about a minute on a 2-core CPU under tfds.testing.mock_data (tests/test_configs.py).
+`:smoke` takes about a minute on a 2-core CPU under tfds.testing.mock_data (tests/experiments/test_configs.py).
 """
 
 from configs import common

@@ -62,7 +62,7 @@ Expected numbers.
 Hardware and runtime (estimates, not measurements; the trainer logs steps/s and an ETA): ResNet-20
 about 15–30 min on one A100/H100, most of it reading and evaluating the 75 corrupted sets; WRN-28-10
 about 1.5–3 h (--config.dtype=bfloat16 is faster). `:smoke` with ResNet-20 takes 40 s on a 2-core CPU
-under tfds.testing.mock_data (tests/test_configs.py runs it), a few minutes more on real data, whose
+under tfds.testing.mock_data (tests/experiments/test_configs.py runs it), a few minutes more on real data, whose
 full test sets it evaluates; WRN-28-10 needs minutes just to compile there.
 """
 

@@ -29,7 +29,7 @@ OpenOOD v1.5 CIFAR-10 ReweightOOD+MDS near / far AUROC 91.86 / 98.05.
 
 Hardware and runtime (estimates, not measurements): 98 steps × 500 epochs of 1 024 ResNet-18 views,
 about 4–6 h on one A100/H100 (--config.dtype=bfloat16 roughly halves it). `:smoke`: about a minute on
-a 2-core CPU under tfds.testing.mock_data (tests/test_configs.py).
+a 2-core CPU under tfds.testing.mock_data (tests/experiments/test_configs.py).
 """
 
 from configs import common

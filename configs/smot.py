@@ -27,7 +27,7 @@ Expected (Table 2, CIFAR-10, mean over Textures/SVHN/iSUN/Places/LSUN): SMOT FPR
 
 Hardware and runtime (estimates, not measurements): base about 1 h, smot about 2.5 h (two forward
 passes per step plus the base model's) on one A100/H100. `:smoke`: about a minute on a 2-core CPU
-under tfds.testing.mock_data (tests/test_configs.py).
+under tfds.testing.mock_data (tests/experiments/test_configs.py).
 """
 
 from configs import common

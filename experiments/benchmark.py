@@ -4,7 +4,7 @@ r"""Training-step cost of each logit head relative to the dense head, on one bac
       --heads=dense,distance,mahalanobis --steps=5 --warmup=2 --rounds=5]
 
 One jitted step = forward, backward and an SGD (momentum 0.9) update of a `Classifier(backbone, head)`
-on random 32×32×3 inputs, state donated, on one device, compiled with the trainer's `ood_jax.xla_options`
+on random 32×32×3 inputs, state donated, on one device, compiled with the trainer's `ood_jax.trainer.xla_options`
 (`--xla_cpu_defaults`: without). Every head trains with the same softmax cross-entropy, so the differences
 are the heads' own cost (affine, −‖f − p_k‖, triangular-solve
 Mahalanobis) and nothing else. All heads are compiled and warmed up first; then `rounds` rounds time
@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ood_jax import experiment
+from ood_jax.trainer import experiment
 from ood_jax import losses
 from ood_jax import models
-from ood_jax import xla_options
+from ood_jax.trainer import xla_options
 
 
 def make_step(model, optimizer, params_transform=None):
@@ -124,7 +124,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batch_size', 128, 'Images per step.', lower_bound=1)
   flags.DEFINE_enum('dtype', 'float32', list(experiment.DTYPES), 'Backbone computation dtype.')
   flags.DEFINE_integer('num_classes', 10, 'K (10: CIFAR-10, 100: CIFAR-100).', lower_bound=1)
-  flags.DEFINE_bool('xla_cpu_defaults', False, "Compile with XLA's CPU defaults, not ood_jax.xla_options "
+  flags.DEFINE_bool('xla_cpu_defaults', False, "Compile with XLA's CPU defaults, not ood_jax.trainer.xla_options "
                     '(what the trainer uses).')
   flags.DEFINE_integer('steps', 5, 'Timed steps per head per round.', lower_bound=1)
   flags.DEFINE_integer('warmup', 2, 'Untimed steps per head after compilation.', lower_bound=1)

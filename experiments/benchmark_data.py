@@ -7,7 +7,7 @@ Both pipelines read the same synthetic data (random uint8 32×32×3 images, not 
 normalised float32 batches sharded over all local devices; timing starts after warm-up (compilation,
 shuffle-buffer fill) and blocks on the delivered arrays.
 
-  device:   `ood_jax.data.TrainStream` (dataset resident on the devices; gather, augment, normalise on
+  device:   `ood_jax.trainer.data.TrainStream` (dataset resident on the devices; gather, augment, normalise on
             device, one jitted call per batch).
   baseline: tf.data from_tensor_slices → shuffle(N) → repeat → batch, read through `tfds.as_numpy`.
             crop_flip: pad/crop/flip in NumPy per batch. two_views: SimCLR-style tf.image ops mapped per
@@ -30,9 +30,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ood_jax.data import augment
-from ood_jax import sharding
-from ood_jax.data import pipeline
+from ood_jax.trainer.data import augment
+from ood_jax.trainer import sharding
+from ood_jax.trainer.data import pipeline
 
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -25,7 +25,7 @@ peer time / ood_jax time (> 1: ood_jax is faster) and checks that both computed 
   expansion fᵀPf − 2fᵀPμ_k + μ_kᵀPμ_k with P the precision matrix; checked against the float64 expansion.
 * train / inference: the jitted training step of `experiments.benchmark.make_step` (forward, backward, SGD
   momentum 0.9, state donated) of `ood_jax.models.make_classifier(name, 'dense', 10)` on random 32×32×3
-  images, compiled with `ood_jax.xla_options.compiler_options()` as the trainer compiles it, and again
+  images, compiled with `ood_jax.trainer.xla_options.compiler_options()` as the trainer compiles it, and again
   with XLA's defaults (a second row; CPU only, other backends get no options), against the same network
   written again in PyTorch (`experiments/torch_references.py`: eager, NCHW or `--torch_channels_last`,
   `torch.optim.SGD`, as many threads as JAX uses), whose weights are copied from the JAX initialisation.
@@ -76,7 +76,7 @@ from experiments import torch_references
 from ood_jax import metrics
 from ood_jax import models
 from ood_jax import scores
-from ood_jax import xla_options
+from ood_jax.trainer import xla_options
 from ood_jax.models import batch_norm as batch_norm_lib
 
 SECTIONS = ('metrics', 'knn', 'mahalanobis', 'train')

@@ -5,16 +5,16 @@ r"""One table comparing finished runs: python -m experiments.compare <workdir> [
 
 Reads each run's results.json (written by experiments.train / experiments.evaluate) and prints, per
 run, accuracy, ECE and AUROC / FPR@95 of its default score on every OOD set, as
-`ood_jax.report.comparison_markdown`; when every run was evaluated on a benchmark protocol
-(--benchmark), also the methods × detectors leaderboard (`ood_jax.leaderboard.compare_markdown`).
+`ood_jax.evaluation.report.comparison_markdown`; when every run was evaluated on a benchmark protocol
+(--benchmark), also the methods × detectors leaderboard (`ood_jax.evaluation.leaderboard.compare_markdown`).
 --output also writes the tables to a file.
 """
 
 from absl import app
 from absl import flags
 
-from ood_jax import leaderboard
-from ood_jax import report
+from ood_jax.evaluation import leaderboard
+from ood_jax.evaluation import report
 
 
 def main(argv):

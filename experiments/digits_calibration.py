@@ -31,7 +31,7 @@ from absl import logging
 from configs import digits as digits_config
 from ood_jax import corruptions
 from ood_jax import plots
-from ood_jax import train
+from ood_jax.trainer import train
 
 METHODS = {'CE': 'softmax', 'DM': 'dm', 'OvA': 'one_vs_all', 'OvA DM': 'distance_one_vs_all'}
 # Learning rate per loss, as paper 002 tunes it per loss. The distance heads' gradients are unit

@@ -7,11 +7,11 @@ Trains, on the digits benchmark (`configs/digits.py`, real data), the softmax ba
 DM (paper 000), one-vs-all and distance one-vs-all (paper 002), OE, Energy, ICE from scratch and
 ICE fine-tuned from the softmax run (paper 001), SMOT with the softmax run as its base model (paper
 004), SupCon and ReweightOOD (paper 003). Each run is evaluated on the 'digits' protocol
-(`ood_jax.data.protocols`: near = test digits 6–9, far = photos and noise) with every detector its
+(`ood_jax.trainer.data.protocols`: near = test digits 6–9, far = photos and noise) with every detector its
 model allows, hyperparameters tuned on the validation OOD set (held-out train digits 6–9). Writes
-two tables: `--output`, each method by its default score (`ood_jax.report.comparison_markdown`:
+two tables: `--output`, each method by its default score (`ood_jax.evaluation.report.comparison_markdown`:
 accuracy, ECE, AUROC / FPR@95 per set), and `--leaderboard`, the methods × detectors matrix of
-near / far AUROC (`ood_jax.leaderboard.compare_markdown`). OE, Energy and ICE see the rest of the
+near / far AUROC (`ood_jax.evaluation.leaderboard.compare_markdown`). OE, Energy and ICE see the rest of the
 train digits 6–9 as outliers, so their near-OOD numbers measure seen classes; the far sets are
 unseen by every method. Runs already in <workdir>/<name> are reused.
 """
@@ -27,9 +27,9 @@ from absl import logging
 import jax
 
 from configs import digits as digits_config
-from ood_jax import leaderboard
-from ood_jax import report
-from ood_jax import train
+from ood_jax.evaluation import leaderboard
+from ood_jax.evaluation import report
+from ood_jax.trainer import train
 
 
 # name → (method, config overrides); '{softmax}' stands for the softmax run's workdir. Runs are trained

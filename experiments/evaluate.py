@@ -18,9 +18,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ood_jax import checkpoint
-from ood_jax import evaluate
-from ood_jax import report
+from ood_jax.trainer import checkpoint
+from ood_jax.trainer import evaluate
+from ood_jax.evaluation import report
 
 
 def main(argv):
@@ -43,7 +43,7 @@ if __name__ == '__main__':
   # Defined here, not on import: importing two scripts must not define a flag twice.
   config_flags.DEFINE_config_file('config', None, 'Optional config file (default: the saved one).')
   flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
-  flags.DEFINE_string('benchmark', None, "Protocol of ood_jax.data.protocols, e.g. 'openood_v1_5' or 'digits'.")
+  flags.DEFINE_string('benchmark', None, "Protocol of ood_jax.trainer.data.protocols, e.g. 'openood_v1_5' or 'digits'.")
   flags.DEFINE_string('detectors', None, "Post-hoc detectors: 'all', or comma-separated names.")
   flags.DEFINE_bool('download', None, 'Let TFDS download and prepare missing datasets (config.download).')
   flags.mark_flags_as_required(['workdir'])

@@ -19,8 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ood_jax import report
-from ood_jax import train
+from ood_jax.evaluation import report
+from ood_jax.trainer import train
 
 
 def main(argv):

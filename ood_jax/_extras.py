@@ -11,18 +11,16 @@ detectors) needs only jax, flax, optax, chex and numpy. The rest comes with the 
   digits  the offline digits benchmark (scikit-learn, Pillow)
   all     train + plots + digits
 
-A module listed in `MODULES` imports optional packages at module level. `import ood_jax` puts a
-finder at the front of `sys.meta_path` (`install`) that, before Python loads such a module, checks
-that its packages are installed and otherwise raises `ModuleNotFoundError` naming the extra to
-install, instead of a bare "No module named 'ml_collections'" from deep inside the trainer. The
-finder never finds a module itself, so it changes nothing once the extras are installed. Packages
-imported on first use (TensorFlow, scikit-learn) go through `import_optional`, which says the same.
+A package listed in `MODULES` imports optional packages at module level; its entrance (the first
+lines of `ood_jax/trainer/__init__.py`, of `ood_jax/plots.py`) calls `require` with that list before
+any of them is imported, so a missing one raises `ModuleNotFoundError` naming the extra to install,
+instead of a bare "No module named 'ml_collections'" from deep inside the trainer. Packages imported
+on first use (TensorFlow's readers, scikit-learn) go through `import_optional`, which says the same.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.util
 import sys
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ from collections.abc import Sequence
 # Import name -> the extras that install it, the one to recommend first.
 PROVIDED_BY = {
     'ml_collections': ('train',),
+    'absl': ('train',),
     'orbax.checkpoint': ('train',),
     'clu': ('train',),
     'tensorflow': ('train',),
@@ -40,26 +39,21 @@ PROVIDED_BY = {
 }
 
 # How the messages name a package whose import name is not its distribution's.
-_DISPLAY = {'PIL': 'Pillow (PIL)', 'sklearn': 'scikit-learn', 'orbax.checkpoint': 'orbax-checkpoint'}
+_DISPLAY = {'absl': 'absl-py', 'PIL': 'Pillow (PIL)', 'sklearn': 'scikit-learn', 'orbax.checkpoint': 'orbax-checkpoint'}
 
-# ood_jax module -> the optional packages it needs to import (tests/test_install.py checks this
-# against the source: every optional package a module imports at module level is listed). A module
-# that imports one of these modules needs no entry: the check runs when that import happens.
+# ood_jax package -> the optional packages its modules import at module level (tests/test_install.py
+# checks this against the source: every such import of a module is listed under it or a package above).
 MODULES = {
-    'ood_jax.data': ('PIL',),
-    'ood_jax.optim': ('ml_collections',),
-    'ood_jax.checkpoint': ('ml_collections', 'orbax.checkpoint'),
-    'ood_jax.experiment': ('ml_collections',),
-    'ood_jax.evaluate': ('ml_collections',),
-    # clu (and through it TensorFlow) is imported when training starts; checked here, at import.
-    'ood_jax.train': ('ml_collections', 'orbax.checkpoint', 'clu', 'tensorflow'),
+    # The trainer wing: configs, checkpoints, metric writers (clu, and through it TensorFlow), logging,
+    # image folders. Its entrance checks them all, so every module below it is covered.
+    'ood_jax.trainer': ('ml_collections', 'orbax.checkpoint', 'clu', 'absl', 'PIL', 'tensorflow'),
     'ood_jax.plots': ('matplotlib',),
 }
 
 
 def installed(name: str) -> bool:
   """Whether the module `name` ('PIL', 'orbax.checkpoint') can be imported (only a parent package is imported)."""
-  if name in sys.modules:
+  if sys.modules.get(name) is not None:
     return True
   try:
     return importlib.util.find_spec(name) is not None
@@ -99,19 +93,3 @@ def import_optional(name: str, *, needed_by: str):
   """`importlib.import_module(name)`, or ModuleNotFoundError naming the extra that installs it."""
   require((name,), needed_by=needed_by)
   return importlib.import_module(name)
-
-
-class _ExtrasFinder(importlib.abc.MetaPathFinder):
-  """Checks the optional packages of a `MODULES` entry before Python loads it; finds nothing itself."""
-
-  def find_spec(self, fullname, path=None, target=None):
-    del path, target
-    if fullname in MODULES:
-      require(MODULES[fullname], needed_by=fullname)
-    return None
-
-
-def install() -> None:
-  """Puts the finder first in `sys.meta_path` (once; `import ood_jax` calls this)."""
-  if not any(isinstance(finder, _ExtrasFinder) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _ExtrasFinder())

@@ -26,7 +26,7 @@ used unchanged at every other size (as ×32 pixel amounts for `elastic`). Conven
   first blur (truncated), snow's flake layer (truncated into PIL, rounded out of ImageMagick),
   Pillow's pixelate and JPEG, and the 8-bit image processing of spatter's liquid branch.
 - Grey images (C = 1): corruptions that depend on colour (brightness, saturate, frost, spatter) run
-  on the grey RGB image and come back through ITU-R BT.601 luma, as `ood_jax.data.sources` converts
+  on the grey RGB image and come back through ITU-R BT.601 luma, as `ood_jax.trainer.data.sources` converts
   channels; saturate at severities 4–5 adds saturation to grey pixels, which tints them red and so
   darkens them by 7 % / 14 %, as it would the RGB image. Noise is drawn per channel, and JPEG
   encodes a grey image as one luma plane, as Pillow does for mode 'L'.
@@ -635,7 +635,7 @@ def _rgb_to_hsv(rgb):
   chromatic = delta > 0
   safe = jnp.where(chromatic, delta, 1.0)
   # Ties go to the later channel, as in scikit-image: blue over green over red. Channel comparisons,
-  # not `channel == value`, pick the branch: see `ood_jax.data.augment._rgb_to_hsv`.
+  # not `channel == value`, pick the branch: see `ood_jax.trainer.data.augment._rgb_to_hsv`.
   blue_max = (b >= g) & (b >= r)
   green_max = ~blue_max & (g >= r)
   hue = jnp.where(blue_max, 4 + (r - g) / safe, jnp.where(green_max, 2 + (b - r) / safe, (g - b) / safe))

@@ -32,11 +32,16 @@ from collections.abc import Callable, Mapping
 import copy
 from typing import Any
 
-from matplotlib import patches as mpatches
-from matplotlib.figure import Figure
 import numpy as np
 
+from ood_jax import _extras
 from ood_jax import calibration
+
+# The figures need the 'plots' extra: checked before matplotlib is imported, so its absence names the extra.
+_extras.require(_extras.MODULES['ood_jax.plots'], needed_by='ood_jax.plots')
+
+from matplotlib import patches as mpatches  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 __all__ = [
     'accuracy_vs_confidence',

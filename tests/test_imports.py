@@ -75,7 +75,7 @@ def _cycle(edges):
 
 def test_import_graph_is_acyclic():
   edges, _ = _graph()
-  assert 'ood_jax.train' in edges and 'ood_jax.evaluate' in edges['ood_jax.train']
+  assert 'ood_jax.trainer.train' in edges and 'ood_jax.trainer.evaluate' in edges['ood_jax.trainer.train']
   cycle = _cycle(edges)
   assert cycle is None, 'import cycle: ' + ' -> '.join(cycle)
 
@@ -84,3 +84,28 @@ def test_cycle_finder_finds_a_planted_cycle():
   # The check above is only as good as its search: a planted circle must be reported.
   assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == ['a', 'b', 'c', 'a']
   assert _cycle({'a': {'b'}, 'b': set(), 'c': {'a', 'b'}}) is None
+
+
+def _reachable(edges, start):
+  seen, todo = set(), [start]
+  while todo:
+    node = todo.pop()
+    for target in edges.get(node, ()):
+      # `from ood_jax import x` loads the package `ood_jax` too; its __init__ is the core's namespace.
+      if target not in seen:
+        seen.add(target)
+        todo.append(target)
+  return seen
+
+
+def test_core_never_imports_the_trainer_wing():
+  # The library core is what a Flax project imports with `pip install ood_jax`: nothing it loads, directly or
+  # through another core module, may be a module of the trainer wing (which needs the 'train' extra).
+  edges, _ = _graph()
+  core = [name for name in MODULES if not name.startswith('ood_jax.trainer')]
+  assert {'ood_jax', 'ood_jax.detectors', 'ood_jax.evaluation', 'ood_jax.plots'} <= set(core)
+  offending = {name: sorted(t for t in _reachable(edges, name) if t.startswith('ood_jax.trainer')) for name in core}
+  offending = {name: targets for name, targets in offending.items() if targets}
+  assert not offending, f'core modules reaching the trainer wing: {offending}'
+  # The check sees an edge where there is one: the trainer's evaluator reaches the core and its own wing.
+  assert 'ood_jax.trainer.inference' in _reachable(edges, 'ood_jax.trainer.evaluate')

@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -28,18 +27,18 @@ import pytest
 
 from configs import common
 from ood_jax import _extras
-from ood_jax import checkpoint
-from ood_jax.data import catalog
-from ood_jax.data import sources
+from ood_jax.trainer import checkpoint
+from ood_jax.trainer.data import catalog
+from ood_jax.trainer.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'colab' / 'cifar10c_calibration.ipynb'
 TENSORFLOW_DISTRIBUTIONS = {'tensorflow', 'tensorflow-cpu', 'tensorflow-gpu', 'tensorflow-intel', 'tensorflow-macos',
                             'tf-nightly', 'tf-nightly-cpu', 'intel-tensorflow'}
 # The import name of each optional package -> the distribution setup.py lists for it.
-DISTRIBUTION = {'ml_collections': 'ml-collections', 'orbax.checkpoint': 'orbax-checkpoint', 'clu': 'clu',
-                'tensorflow': 'tensorflow-cpu', 'tensorflow_datasets': 'tensorflow-datasets', 'PIL': 'pillow',
-                'matplotlib': 'matplotlib', 'sklearn': 'scikit-learn'}
+DISTRIBUTION = {'absl': 'absl-py', 'ml_collections': 'ml-collections', 'orbax.checkpoint': 'orbax-checkpoint',
+                'clu': 'clu', 'tensorflow': 'tensorflow-cpu', 'tensorflow_datasets': 'tensorflow-datasets',
+                'PIL': 'pillow', 'matplotlib': 'matplotlib', 'sklearn': 'scikit-learn'}
 OPTIONAL_MODULES = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections', 'matplotlib', 'sklearn', 'PIL',
                     'tensorboard')
 
@@ -131,21 +130,41 @@ def test_extras_table_lists_every_module_level_optional_import():
     assert set(names) <= set(_extras.PROVIDED_BY)
 
 
-def test_missing_extra_names_the_pip_command(monkeypatch):
-  message = _extras.missing_message('ood_jax.train', ['ml_collections', 'clu'])
+def test_missing_extra_names_the_pip_command():
+  message = _extras.missing_message('ood_jax.trainer.train', ['ml_collections', 'clu'])
   assert "pip install 'ood_jax[train]'" in message and 'ml_collections, clu' in message
   assert "'colab'" in message and 'tensorflow-cpu' in message  # the Colab path
-  message = _extras.missing_message('ood_jax.data', ['PIL'])
+  message = _extras.missing_message('ood_jax.trainer.data', ['PIL'])
   assert "pip install 'ood_jax[train]' (or 'ood_jax[digits]')" in message
   assert _extras.missing_message('ood_jax.plots', ['matplotlib']).startswith(
       "ood_jax.plots needs matplotlib, which comes with the 'plots' extra of ood_jax: pip install 'ood_jax[plots]'")
-  # The finder checks a listed module before Python loads it (a stand-in: a package that does not exist).
-  monkeypatch.setitem(_extras.MODULES, 'ood_jax.plots_probe', ('matplotlib', 'no_such_package_probe'))
-  monkeypatch.setitem(_extras.PROVIDED_BY, 'no_such_package_probe', ('plots',))
-  with pytest.raises(ModuleNotFoundError, match=re.escape("pip install 'ood_jax[plots]'")) as info:
-    importlib.import_module('ood_jax.plots_probe')
-  assert info.value.name == 'no_such_package_probe' and 'needs no_such_package_probe,' in str(info.value)
-  assert sum(isinstance(f, _extras._ExtrasFinder) for f in sys.meta_path) == 1  # pylint: disable=protected-access
+  assert not any('Extras' in type(finder).__name__ for finder in sys.meta_path)  # no global import hook
+
+
+_ENTRANCE_SCRIPT = r"""
+import importlib, json, sys
+sys.modules[sys.argv[1]] = None  # as if the package were not installed
+try:
+  importlib.import_module(sys.argv[2])
+  print(json.dumps(None))
+except ModuleNotFoundError as err:
+  print(json.dumps([err.name, str(err)]))
+"""
+
+
+@pytest.mark.parametrize('missing, module, extra', [('clu', 'ood_jax.trainer.train', 'train'),
+                                                    ('ml_collections', 'ood_jax.trainer.data', 'train'),
+                                                    ('matplotlib', 'ood_jax.plots', 'plots')])
+def test_wing_entrance_names_the_missing_extra(missing, module, extra):
+  # The trainer wing and the figures check their packages at their entrance, before any module of theirs
+  # imports one: the error names the extra, not a module deep inside. The core imports without them.
+  result = subprocess.run([sys.executable, '-c', _ENTRANCE_SCRIPT, missing, module], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+  name, message = json.loads(result.stdout.strip().splitlines()[-1])
+  assert name == missing and f"pip install 'ood_jax[{extra}]'" in message, message
+  core = subprocess.run([sys.executable, '-c', _ENTRANCE_SCRIPT, missing, 'ood_jax'], capture_output=True, text=True,
+                        cwd=REPO, check=True)
+  assert json.loads(core.stdout.strip().splitlines()[-1]) is None
 
 
 def test_data_loaders_take_download():
@@ -201,10 +220,9 @@ for module in sys.argv[3].split(','):
 print(json.dumps({'values': values, 'imported': imported, 'installed': installed, 'errors': errors}))
 """
 
-_TRAINER_MODULES = {'ood_jax.train': 'train', 'ood_jax.evaluate': 'train', 'ood_jax.experiment': 'train',
-                    'ood_jax.checkpoint': 'train', 'ood_jax.optim': 'train', 'ood_jax.finetune': 'train',
-                    'ood_jax.data': 'train', 'ood_jax.data.sources': 'train', 'ood_jax.inference': 'train',
-                    'ood_jax.plots': 'plots'}
+_TRAINER_MODULES = {**{f'ood_jax.trainer.{name}': 'train' for name in (
+    'train', 'evaluate', 'experiment', 'checkpoint', 'optim', 'finetune', 'data', 'data.sources', 'inference')},
+                    'ood_jax.trainer': 'train', 'ood_jax.plots': 'plots'}
 
 
 def _install_cell_functions():

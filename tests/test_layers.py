@@ -2,6 +2,8 @@
 inverses and finite differences."""
 
 from flax import nnx
+import importlib
+
 import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
@@ -15,7 +17,6 @@ from ood_jax import layers_nnx  # the NNX twins' name beside `from flax import n
 from ood_jax import losses
 from ood_jax import metrics
 from ood_jax import scores
-from ood_jax.layers import nnx as layers_nnx_alias  # their older path, kept working
 
 
 def _np_negative_distances(f, p):
@@ -192,18 +193,18 @@ def test_nnx_twins_match_linen():
   rng = np.random.default_rng(9)
   f = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
 
-  dist = layers_nnx_alias.DistanceLogits(3, 5, rngs=nnx.Rngs(0))
+  dist = layers_nnx.DistanceLogits(3, 5, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(dist.prototypes[...], 0.0)
   dist.prototypes[...] = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
   linen_vars = {'params': {'prototypes': dist.prototypes[...]}}
   np.testing.assert_allclose(dist(f), layers.DistanceLogits(5).apply(linen_vars, f), rtol=1e-6)
 
-  maha = layers_nnx_alias.MahalanobisLogits(3, 4, rngs=nnx.Rngs(1))
+  maha = layers_nnx.MahalanobisLogits(3, 4, rngs=nnx.Rngs(1))
   np.testing.assert_allclose(maha.cholesky(), np.eye(3), atol=1e-6)
   linen_vars = {'params': {'means': maha.means[...], 'cholesky_raw': maha.cholesky_raw[...]}}
   np.testing.assert_allclose(maha(f), layers.MahalanobisLogits(4).apply(linen_vars, f), rtol=1e-6)
 
-  head = layers_nnx_alias.ProjectionHead(3, 16, 8, rngs=nnx.Rngs(2))
+  head = layers_nnx.ProjectionHead(3, 16, 8, rngs=nnx.Rngs(2))
   linen_vars = {'params': {
       'hidden': {'kernel': head.hidden.kernel[...], 'bias': head.hidden.bias[...]},
       'output': {'kernel': head.output.kernel[...], 'bias': head.output.bias[...]}}}
@@ -239,8 +240,9 @@ def test_layer_errors():
 
 def test_layers_nnx_is_the_nnx_twins_under_a_name_beside_flax_nnx():
   assert nnx.Linear is not None and nnx.Rngs is not None  # flax.nnx is still flax.nnx
-  for name in ('DistanceLogits', 'MahalanobisLogits', 'ProjectionHead'):
-    assert getattr(layers_nnx, name) is getattr(layers_nnx_alias, name)  # the old path still works
+  assert not hasattr(layers, 'nnx')  # one home: `from ood_jax.layers import nnx` would shadow flax.nnx
+  with pytest.raises(ModuleNotFoundError):
+    importlib.import_module('ood_jax.layers.nnx')
   assert sorted(layers_nnx.__all__) == ['DistanceLogits', 'MahalanobisLogits', 'ProjectionHead']
 
 
@@ -262,7 +264,7 @@ def test_linen_heads_take_dense_features_keyword(cls):
     cls(features=2.5)
 
 
-@pytest.mark.parametrize('cls', [layers_nnx_alias.DistanceLogits, layers_nnx_alias.MahalanobisLogits])
+@pytest.mark.parametrize('cls', [layers_nnx.DistanceLogits, layers_nnx.MahalanobisLogits])
 def test_nnx_heads_take_linear_in_out_features(cls):
   f = jnp.asarray(np.random.default_rng(21).normal(size=(4, 3)), jnp.float32)
   spellings = [cls(3, 5, rngs=nnx.Rngs(7)), cls(3, num_classes=5, rngs=nnx.Rngs(7)),
@@ -284,7 +286,7 @@ def test_cholesky_factor_of_linen_and_nnx_heads_agree():
   linen = layers.MahalanobisLogits(features=4)
   variables = linen.init(jax.random.key(0), jnp.zeros((1, 3)))
   variables = {'params': {**variables['params'], 'cholesky_raw': jnp.asarray(raw)}}
-  twin = layers_nnx_alias.MahalanobisLogits(3, 4, rngs=nnx.Rngs(0))
+  twin = layers_nnx.MahalanobisLogits(3, 4, rngs=nnx.Rngs(0))
   twin.cholesky_raw[...] = jnp.asarray(raw)
   got = {
       'linen method': linen.apply(variables, method='cholesky'),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from ood_jax import experiment
+from ood_jax.trainer import experiment
 from ood_jax import layers
 from ood_jax import losses
 

@@ -10,9 +10,9 @@ import pytest
 
 from configs import digits as digits_config
 from ood_jax import detectors
-from ood_jax import finetune
+from ood_jax.trainer import finetune
 from ood_jax import methods
-from ood_jax import train
+from ood_jax.trainer import train
 
 
 def _np_log_softmax(z):

@@ -9,8 +9,7 @@
 
 The modules only own parameters; all arithmetic lives in the pure functions so that Linen and the
 NNX twins compute exactly the same thing. Import the twins as `from ood_jax import layers_nnx`: that
-name sits beside `from flax import nnx` without shadowing it (`ood_jax.layers.nnx` stays importable
-for existing code, but `from ood_jax.layers import nnx` hides `flax.nnx`).
+name sits beside `from flax import nnx` without shadowing it.
 
 Constructor names follow the Flax layer a head replaces: `DistanceLogits(features=10)` reads like
 the `nn.Dense(features=10)` it stands in for, and `num_classes=` means the same; the NNX twins take
@@ -25,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ood_jax import _checks
-from ood_jax.layers import nnx
 from ood_jax.layers.functional import cholesky_factor
 from ood_jax.layers.functional import cholesky_from_raw
 from ood_jax.layers.functional import l2_normalize

@@ -1,0 +1,84 @@
+"""Config checks (all before any I/O) and the `Experiment` record."""
+
+import pytest
+
+from configs import digits as digits_config
+from configs import ice as ice_config
+from ood_jax.trainer import checkpoint
+from ood_jax.trainer import experiment
+from ood_jax.trainer.data import sources
+
+
+def _smoke(method, **overrides):
+  config = digits_config.get_config('smoke')
+  config.method = method
+  if method in ('oe', 'energy', 'ice'):
+    config.outliers.source = 'digits/outliers'
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+  """Any attempt to read a dataset fails the test: the checks must come first."""
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'a dataset was read: {args}')
+  monkeypatch.setattr(sources, 'load_split', refuse)
+  monkeypatch.setattr(sources, 'read_tfds', refuse)
+
+
+def test_class_stats_policy_needs_a_mahalanobis_head_and_init_from(tmp_path):
+  config = _smoke('oe', init_from=str(tmp_path), init_head='class_stats')
+  with pytest.raises(ValueError, match="class_stats.*'oe'"):
+    experiment.check_config(config)
+  with pytest.raises(ValueError, match='init_from=None'):
+    experiment.check_config(_smoke('ice', init_head='class_stats'))
+  with pytest.raises(ValueError, match='fine-tunes a pretrained model'):
+    experiment.check_config(_smoke('ice', required_fields=('init_from',)))
+
+
+
+def test_fine_tune_recipe_asks_for_init_from(no_data):
+  config = ice_config.get_config('cifar10,ice,finetune,smoke')
+  with pytest.raises(ValueError, match='--config.init_from=<workdir'):
+    experiment.check_config(config)
+  config.init_from = '/some/run'
+  experiment.check_config(config)  # no I/O: init_from is read when training starts
+  config.required_fields = ('no_such_field',)
+  with pytest.raises(ValueError, match="'no_such_field', which is not a config field"):
+    experiment.check_config(config)
+
+
+def test_smot_base_model_head_is_checked_before_any_data(tmp_path, no_data):
+  base = str(tmp_path / 'isomax_run')
+  checkpoint.save_config(_smoke('isomax'), base)  # only its config.json: the check must not need more
+  with pytest.raises(ValueError, match="dense head.*'isomax' \\(distance head\\)"):
+    experiment.make_experiment(_smoke('smot', base_model=base))
+  checkpoint.save_config(_smoke('softmax'), base)
+  exp = experiment.make_experiment(_smoke('smot', base_model=base))
+  assert exp.base.method.name == 'softmax' and exp.base.model.head == 'dense'
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('eval.ood_sets', ('digits/nearish',), 'valid digits sets: digits/near'),
+    ('eval.ood_sets', ('imagenet_o',), 'valid: cifar10'),
+    ('eval.corruptions', ('smudge',), 'smudge'),
+    ('eval.batch_size', 12, 'divisible by the number of devices'),
+    ('normalization', 'per_image', 'normalization .per_image.; valid values: dataset, symmetric'),
+    ('init_head', 'freeze', 'init_head policy .freeze.; valid values: auto, class_stats, keep, reinit'),
+])
+def test_bad_settings_fail_with_the_valid_values(no_data, field, value, message):
+  config = _smoke('softmax')
+  *path, last = field.split('.')
+  (config[path[0]] if path else config)[last] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.check_config(config)
+
+
+def test_experiment_record_resolves_the_config(no_data):
+  exp = experiment.make_experiment(_smoke('isomax', normalization='symmetric'))
+  assert (exp.info.name, exp.method.name, exp.model.head, exp.info.num_classes) == ('digits', 'isomax', 'distance', 6)
+  assert exp.mean == (0.5,) and exp.std == (0.5,) and exp.base is None
+  exp = experiment.make_experiment(_smoke('softmax'))
+  assert exp.mean == exp.info.mean and exp.std == exp.info.std
