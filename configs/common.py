@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Post-hoc detectors (ood_jax.detectors) to fit on the training features and report: '' none,
       # 'all' (every one the model allows), or comma-separated names, e.g. 'react,vim,knn'.
       detectors='',
+      # Pinned detector hyperparameters, 'detector.name=value' comma-separated (e.g. 'react.percentile=95,knn.k=100'):
+      # used as given and no longer tuned on validation OOD.
+      detector_kwargs='',
       # A protocol of ood_jax.trainer.data.protocols ('openood_v1_5', 'digits', ...): its near/far test sets are
       # evaluated (with ood_sets), detector hyperparameters tuned on its validation OOD sets, and results.md
       # gets the leaderboard table. '' for none.

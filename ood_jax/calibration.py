@@ -97,57 +97,11 @@ _TINY = 1e-300
 # Argument conversion (host side).
 
 
-def _concrete(name: str, x):
-  if not _checks.is_concrete(x):
-    raise TypeError(f'{name} is a tracer; fitting and metrics run on the host, call them outside jax.jit.')
-
-
-def _dtype_of(x):
-  dtype = getattr(x, 'dtype', None)
-  return np.asarray(x).dtype if dtype is None else dtype
-
-
-def _rank(name: str, x, ndim: int):
-  if np.ndim(x) != ndim:
-    raise ValueError(f'{name} must have rank {ndim}, got shape {tuple(np.shape(x))}.')
-
-
-def _host_float(name: str, x, *, ndim: int) -> np.ndarray:
-  """Float64 NumPy copy of a floating, finite, non-empty array of the given rank."""
-  _concrete(name, x)
-  dtype = _dtype_of(x)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f'{name} must have a floating dtype, got {dtype}.')
-  _rank(name, x, ndim)
-  x = np.asarray(x).astype(np.float64)
-  if x.shape[0] == 0:
-    raise ValueError(f'{name} is empty (size 0 along axis 0).')
-  if not np.isfinite(x).all():
-    bad = 'NaN' if np.isnan(x).any() else 'inf'
-    raise ValueError(f'{name} contains {bad}; every value must be finite.')
-  return x
-
-
-def _host_labels(x, *, size: int, num_classes: int, match: str) -> np.ndarray:
-  _concrete('labels', x)
-  dtype = _dtype_of(x)
-  if not jnp.issubdtype(dtype, jnp.integer):
-    raise TypeError(f'labels must have an integer dtype, got {dtype}.')
-  _rank('labels', x, 1)
-  x = np.asarray(x).astype(np.int64)
-  if x.shape[0] != size:
-    raise ValueError(f'labels must have shape ({size},) to match {match}, got {x.shape}.')
-  lo, hi = int(x.min()), int(x.max())
-  if lo < 0 or hi >= num_classes:
-    raise ValueError(f'labels must lie in [0, {num_classes}), got values in [{lo}, {hi}].')
-  return x
-
-
 def _logits_and_labels(logits, labels, *, min_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  z = _host_float('logits', logits, ndim=2)
+  z = _checks.host_float64('logits', logits, ndim=2)
   if z.shape[1] < min_classes:
     raise ValueError(f'logits must have at least {min_classes} classes (shape[1]), got shape {z.shape}.')
-  return z, _host_labels(labels, size=z.shape[0], num_classes=z.shape[1], match='logits')
+  return z, _checks.host_labels('labels', labels, size=z.shape[0], num_classes=z.shape[1], match='logits')
 
 
 def _sum_tolerance(dtype, num_classes: int) -> float:
@@ -157,8 +111,8 @@ def _sum_tolerance(dtype, num_classes: int) -> float:
 
 def _probs_and_labels(probs, labels, *, normalized: bool) -> tuple[np.ndarray, np.ndarray]:
   """Validated float64 probabilities [N, K] in [0, 1] (rows summing to 1 if `normalized`) and labels."""
-  dtype = _dtype_of(probs)
-  p = _host_float('probs', probs, ndim=2)
+  dtype = _checks.dtype_of(probs)
+  p = _checks.host_float64('probs', probs, ndim=2)
   if p.shape[1] == 0:
     raise ValueError('probs has no classes (shape[1] == 0).')
   if p.min() < 0.0 or p.max() > 1.0:
@@ -170,26 +124,7 @@ def _probs_and_labels(probs, labels, *, normalized: bool) -> tuple[np.ndarray, n
       row = int(error.argmax())
       raise ValueError(f'probs rows must sum to 1 (within {tol:.2g}); row {row} sums to {p[row].sum()}. '
                        'One-vs-all probabilities must be normalised first (p / p.sum(-1, keepdims=True)).')
-  return p, _host_labels(labels, size=p.shape[0], num_classes=p.shape[1], match='probs')
-
-
-def _positive_int(name: str, value) -> int:
-  return _checks.positive_int(name, value)
-
-
-def _positive_float(name: str, value) -> float:
-  if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0:
-    raise TypeError(f'{name} must be a real scalar, got {value!r}.')
-  value = float(value)
-  if not (np.isfinite(value) and value > 0):
-    raise ValueError(f'{name} must be a finite number > 0, got {value}.')
-  return value
-
-
-def _bool(name: str, value) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f'{name} must be a bool, got {value!r}.')
-  return bool(value)
+  return p, _checks.host_labels('labels', labels, size=p.shape[0], num_classes=p.shape[1], match='probs')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +132,7 @@ def _bool(name: str, value) -> bool:
 
 
 def _apply_input(name: str, x, *, num_classes: int | None):
-  dtype = _dtype_of(x)
+  dtype = _checks.dtype_of(x)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f'{name} must have a floating dtype, got {dtype}.')
   if num_classes is None and np.ndim(x) < 1:
@@ -317,8 +252,8 @@ def fit_temperature(logits, labels, *, min_temperature: float = 0.01,
     `TemperatureState` with a scalar temperature (default JAX float dtype).
   """
   z, y = _logits_and_labels(logits, labels, min_classes=2)
-  t_min = _positive_float('min_temperature', min_temperature)
-  t_max = _positive_float('max_temperature', max_temperature)
+  t_min = _checks.positive_real('min_temperature', min_temperature)
+  t_max = _checks.positive_real('max_temperature', max_temperature)
   if not t_min < t_max:
     raise ValueError(f'min_temperature must be < max_temperature, got {t_min} and {t_max}.')
   # Logits shifted per row do not change the softmax; centring keeps exp() well scaled.
@@ -412,8 +347,8 @@ def fit_vector_scaling(logits, labels, *, l2: float = 0.0, max_iterations: int =
   """
   z, y = _logits_and_labels(logits, labels, min_classes=2)
   l2 = float(_checks.nonnegative('l2', l2))
-  max_iterations = _positive_int('max_iterations', max_iterations)
-  tolerance = _positive_float('tolerance', tolerance)
+  max_iterations = _checks.positive_int('max_iterations', max_iterations)
+  tolerance = _checks.positive_real('tolerance', tolerance)
   k = z.shape[1]
   w, b = np.ones(k), np.zeros(k)
   value, grad, hess = _vector_objective(z, y, w, b, l2)
@@ -515,9 +450,9 @@ def fit_platt(logits, labels, *, smoothed_targets: bool = False, max_iterations:
     `PlattState` with [K] slope and intercept.
   """
   s, y = _logits_and_labels(logits, labels, min_classes=1)
-  smoothed_targets = _bool('smoothed_targets', smoothed_targets)
-  max_iterations = _positive_int('max_iterations', max_iterations)
-  tolerance = _positive_float('tolerance', tolerance)
+  smoothed_targets = _checks.boolean('smoothed_targets', smoothed_targets)
+  max_iterations = _checks.positive_int('max_iterations', max_iterations)
+  tolerance = _checks.positive_real('tolerance', tolerance)
   n, k = s.shape
   t = (y[:, None] == np.arange(k)).astype(np.float64)
   if smoothed_targets:
@@ -580,7 +515,7 @@ def apply_platt(state: PlattState, logits, *, normalize: bool = False) -> jax.Ar
   Returns:
     [..., K] probabilities in [0, 1], in the logits' dtype promoted to at least float32.
   """
-  normalize = _bool('normalize', normalize)
+  normalize = _checks.boolean('normalize', normalize)
   k = _state_vectors(('state.slope', 'state.intercept'), state.slope, state.intercept)
   z = _apply_input('logits', logits, num_classes=k)
   q = jax.nn.sigmoid(z * jnp.asarray(state.slope, z.dtype) + jnp.asarray(state.intercept, z.dtype))
@@ -651,10 +586,10 @@ def fit_isotonic(probs, labels) -> IsotonicState:
   Returns:
     `IsotonicState`.
   """
-  x = _host_float('probs', probs, ndim=2)
+  x = _checks.host_float64('probs', probs, ndim=2)
   if x.shape[1] == 0:
     raise ValueError('probs has no classes (shape[1] == 0).')
-  y = _host_labels(labels, size=x.shape[0], num_classes=x.shape[1], match='probs')
+  y = _checks.host_labels('labels', labels, size=x.shape[0], num_classes=x.shape[1], match='probs')
   knots = [_isotonic_knots(x[:, k], (y == k).astype(np.float64)) for k in range(x.shape[1])]
   width = max(2, max(kx.size for kx, _ in knots))
   pad = lambda a: np.concatenate([a, np.full(width - a.size, a[-1])])
@@ -684,7 +619,7 @@ def apply_isotonic(state: IsotonicState, probs, *, normalize: bool = True) -> ja
   Returns:
     [..., K] probabilities in [0, 1], in the input dtype promoted to at least float32.
   """
-  normalize = _bool('normalize', normalize)
+  normalize = _checks.boolean('normalize', normalize)
   if np.ndim(state.inputs) != 2 or np.shape(state.inputs) != np.shape(state.outputs):
     raise ValueError('state.inputs and state.outputs must both have shape [K, M], got '
                      f'{tuple(np.shape(state.inputs))} and {tuple(np.shape(state.outputs))}.')
@@ -759,7 +694,7 @@ def adaptive_calibration_error(probs, labels, *, num_bins: int = 15) -> float:
   Returns:
     Adaptive ECE in [0, 1] as a Python float.
   """
-  num_bins = _positive_int('num_bins', num_bins)
+  num_bins = _checks.positive_int('num_bins', num_bins)
   confidence, correct = _top_label(probs, labels)
   n = confidence.size
   order = np.argsort(confidence, kind='stable')
@@ -791,7 +726,7 @@ def classwise_calibration_error(probs, labels, *, num_bins: int = 15) -> float:
   Returns:
     Classwise ECE in [0, 1] as a Python float.
   """
-  num_bins = _positive_int('num_bins', num_bins)
+  num_bins = _checks.positive_int('num_bins', num_bins)
   p, y = _probs_and_labels(probs, labels, normalized=False)
   n, k = p.shape
   target = (y[:, None] == np.arange(k)).astype(np.float64)
@@ -814,7 +749,7 @@ def maximum_calibration_error(probs, labels, *, num_bins: int = 15) -> float:
   Returns:
     MCE in [0, 1] as a Python float.
   """
-  num_bins = _positive_int('num_bins', num_bins)
+  num_bins = _checks.positive_int('num_bins', num_bins)
   confidence, correct = _top_label(probs, labels)
   bins = _equal_width_bins(confidence, num_bins)
   counts = np.bincount(bins, minlength=num_bins)
@@ -838,7 +773,7 @@ def _selective(probs, labels, confidence) -> tuple[np.ndarray, np.ndarray, np.nd
   if confidence is None:
     score = top
   else:
-    score = _host_float('confidence', confidence, ndim=1)
+    score = _checks.host_float64('confidence', confidence, ndim=1)
     if score.shape != top.shape:
       raise ValueError(f'confidence must have shape {top.shape} to match probs, got {score.shape}.')
   errors = 1.0 - correct

@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from ood_jax import _checks
@@ -66,49 +65,10 @@ __all__ = [
 # Argument conversion.
 
 
-def _host_array(name: str, x, *, ndim: int, kinds: tuple[str, ...]) -> np.ndarray:
-  """Checks dtype kind and rank of `x` and returns it as a NumPy array (dtype unchanged).
-
-  Args:
-    name: argument name used in error messages.
-    x: array-like (NumPy, JAX or nested lists).
-    ndim: required rank.
-    kinds: accepted dtype kinds, a subset of ('floating', 'integer'). Booleans and complex numbers
-      are never accepted: a boolean "score" or "probability" is almost always a caller bug.
-
-  Returns:
-    `x` as a NumPy array.
-  """
-  if not _checks.is_concrete(x):
-    raise TypeError(f'{name} is a tracer; ood_jax.metrics run on the host, call them outside jax.jit.')
-  dtype = getattr(x, 'dtype', None)
-  if dtype is None:
-    x = np.asarray(x)
-    dtype = x.dtype
-  ok = any(jnp.issubdtype(dtype, {'floating': jnp.floating, 'integer': jnp.integer}[k]) for k in kinds)
-  if not ok:
-    want = ' or '.join(kinds)
-    article = 'an' if want[0] in 'aeiou' else 'a'
-    raise TypeError(f'{name} must have {article} {want} dtype, got {dtype}.')
-  _checks._rank(name, x, ndim=ndim)  # pylint: disable=protected-access
-  return np.asarray(x)
-
-
-def _float64(name: str, x, *, ndim: int, allow_integer: bool = False) -> np.ndarray:
-  """Validated, non-empty, NaN-free float64 copy of `x`."""
-  kinds = ('floating', 'integer') if allow_integer else ('floating',)
-  # float64 on the host whatever the input dtype: bfloat16 sums and counts would lose precision.
-  x = _host_array(name, x, ndim=ndim, kinds=kinds).astype(np.float64)
-  _checks.nonempty(name, x)
-  if np.isnan(x).any():
-    raise ValueError(f'{name} contains NaN.')
-  return x
-
-
 def _scores(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
   """Both score vectors as float64; ±inf is legal (it sorts), NaN is not."""
-  ins = _float64('in_scores', in_scores, ndim=1, allow_integer=True)
-  outs = _float64('out_scores', out_scores, ndim=1, allow_integer=True)
+  ins = _checks.host_float64('in_scores', in_scores, ndim=1, allow_integer=True, allow_inf=True)
+  outs = _checks.host_float64('out_scores', out_scores, ndim=1, allow_integer=True, allow_inf=True)
   _check_argument_order(in_scores, out_scores)  # after the checks above: both are concrete, rank 1
   return ins, outs
 
@@ -127,26 +87,6 @@ def _check_argument_order(in_scores, out_scores) -> None:
         "in_scores looks like 0/1 labels: ood_jax.metrics take (in_scores, out_scores), not scikit-learn's "
         '(y_true, y_score). With labels y (1 = in-distribution) and scores s, call e.g. '
         'metrics.auroc(s[y == 1], s[y == 0]).')
-
-
-def _labels(name: str, x, *, size: int, num_classes: int | None, match: str) -> np.ndarray:
-  """Integer labels of shape [size]; in [0, num_classes) when `num_classes` is given, else >= 0."""
-  x = _host_array(name, x, ndim=1, kinds=('integer',)).astype(np.int64)
-  if x.shape[0] != size:
-    raise ValueError(f'{name} must have shape ({size},) to match {match}, got {x.shape}.')
-  if x.size:
-    lo, hi = int(x.min()), int(x.max())
-    if num_classes is not None and (lo < 0 or hi >= num_classes):
-      raise ValueError(f'{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}].')
-    if lo < 0:
-      raise ValueError(f'{name} must be >= 0, got minimum {lo}.')
-  return x
-
-
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f'{name} must be an int, got {value!r}.')
-  return int(_checks.positive(name, value))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,14 +342,13 @@ def _calibration_bins(probs, labels, num_bins) -> dict[str, np.ndarray]:
   Returns:
     Dict with 'counts' [num_bins] int64, 'confidence_sum' and 'correct_sum' [num_bins] float64.
   """
-  num_bins = _positive_int('num_bins', num_bins)
-  probs = _float64('probs', probs, ndim=2)
+  num_bins = _checks.positive_int('num_bins', num_bins)
+  probs = _checks.host_float64('probs', probs, ndim=2)
   if probs.shape[1] == 0:
     raise ValueError('probs has no classes (shape[1] == 0).')
   if probs.min() < 0.0 or probs.max() > 1.0:
     raise ValueError(f'probs must lie in [0, 1], got values in [{probs.min()}, {probs.max()}].')
-  labels = _labels('labels', labels, size=probs.shape[0], num_classes=probs.shape[1],
-                   match='probs')
+  labels = _checks.host_labels('labels', labels, size=probs.shape[0], num_classes=probs.shape[1], match='probs')
   confidence = probs.max(axis=1)
   # argmax takes the first of tied maxima, as jnp.argmax / np.argmax do elsewhere in the project.
   correct = (probs.argmax(axis=1) == labels).astype(np.float64)
@@ -486,13 +425,10 @@ def _class_means(embeddings, labels, num_classes) -> tuple[np.ndarray, np.ndarra
   Returns:
     embeddings [N, D] float64, labels [N] int64, means [K, D] float64.
   """
-  emb = _float64('embeddings', embeddings, ndim=2)
-  if not np.isfinite(emb).all():
-    raise ValueError('embeddings contains inf.')  # It would turn centroids into silent NaNs.
+  emb = _checks.host_float64('embeddings', embeddings, ndim=2)  # an inf would turn centroids into silent NaNs
   if num_classes is not None:
-    num_classes = _positive_int('num_classes', num_classes)
-  labels = _labels('labels', labels, size=emb.shape[0], num_classes=num_classes,
-                   match='embeddings')
+    num_classes = _checks.positive_int('num_classes', num_classes)
+  labels = _checks.host_labels('labels', labels, size=emb.shape[0], num_classes=num_classes, match='embeddings')
   if num_classes is None:
     num_classes = int(labels.max()) + 1
   counts = np.bincount(labels, minlength=num_classes)

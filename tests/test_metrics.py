@@ -488,7 +488,7 @@ def test_tpr_errors(fn, tpr, error):
     (_PROBS, [0, 1, 1], {}, ValueError, r'labels must have shape \(2,\) to match probs'),
     (_PROBS, [0, 2], {}, ValueError, r'labels must lie in \[0, 2\)'),
     (_PROBS, [-1, 0], {}, ValueError, r'labels must lie in \[0, 2\)'),
-    (_PROBS, [0, 1], {'num_bins': 0}, ValueError, 'num_bins must be > 0'),
+    (_PROBS, [0, 1], {'num_bins': 0}, ValueError, 'num_bins must be >= 1'),
     (_PROBS, [0, 1], {'num_bins': 2.5}, TypeError, 'num_bins must be an int'),
     (_PROBS, [0, 1], {'num_bins': True}, TypeError, 'num_bins must be an int'),
 ])
@@ -510,7 +510,7 @@ def test_calibration_errors(fn, probs, labels, kwargs, error, match):
     (_EMB, [0, 2, 0, 2], {}, ValueError, 'labels has no example of class 1'),
     (_EMB, [0, 1, 0, 1], {'num_classes': 3}, ValueError, 'labels has no example of class 2'),
     (_EMB, [0, 1, 0, 3], {'num_classes': 3}, ValueError, r'labels must lie in \[0, 3\)'),
-    (_EMB, [0, 1, 0, 1], {'num_classes': 0}, ValueError, 'num_classes must be > 0'),
+    (_EMB, [0, 1, 0, 1], {'num_classes': 0}, ValueError, 'num_classes must be >= 1'),
     (_EMB, [0, 1, 0, 1], {'num_classes': 2.0}, TypeError, 'num_classes must be an int'),
 ])
 def test_embedding_errors(fn, emb, labels, kwargs, error, match):

@@ -6,6 +6,10 @@ results['detectors']['ood']), so every leaderboard number is a `metrics.ood_metr
 plain mean of such values over a group's sets, as OpenOOD averages (per set first, then the mean;
 not one concatenated set, which would let set sizes pick the weights).
 
+A method's own score and the post-hoc detector that computes the same number from the same logits
+(`METHOD_SCORE_DETECTORS`: max_softmax / msp, energy / energy, ...) are one row, labelled as the method's
+score and naming the detector; the evaluator does not fit such a twin at all (`twin_detectors`).
+
 `markdown` renders one run's leaderboard and `compare_markdown` the methods × detectors matrix of
 several runs. Tables show AUROC and FPR@95 with OOD as the positive class (OpenOOD v1.5's
 convention); results.json holds every metric of both conventions.
@@ -17,9 +21,37 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ['benchmark_block', 'compare_markdown', 'markdown']
+__all__ = ['METHOD_SCORE_DETECTORS', 'benchmark_block', 'compare_markdown', 'markdown', 'twin_detectors']
 
 _TABLE_FPR = 'fpr95_ood_positive'
+
+# A method's score (`ood_jax.scores`, on the model's logits) → the post-hoc detector that returns the same
+# value on the same logits, and the detector hyperparameters under which it does.
+METHOD_SCORE_DETECTORS = {
+    'max_softmax': ('msp', {}),
+    'max_logit': ('max_logit', {}),
+    'energy': ('energy', {'temperature': 1.0}),
+    'entropic_score': ('entropy', {}),
+}
+
+
+def twin_detectors(method_scores, detectors) -> dict[str, str]:
+  """{detector name: method score} for the detectors of `detectors` that a method score already computes.
+
+  A detector is a twin when it is `METHOD_SCORE_DETECTORS[score]` for one of `method_scores` with the same
+  hyperparameters and nothing to tune (a pinned energy temperature other than 1 is not a twin).
+
+  Args:
+    method_scores: the method's score names (`method.scores`).
+    detectors: `ood_jax.detectors.Detector` records (with `name`, `defaults`, `grid`).
+  """
+  twins = {}
+  for score in method_scores:
+    name, hparams = METHOD_SCORE_DETECTORS.get(score, (None, None))
+    for det in detectors:
+      if det.name == name and not det.grid and all(det.defaults.get(k) == v for k, v in hparams.items()):
+        twins[det.name] = score
+  return twins
 
 
 def _group_mean(per_set: dict[str, dict[str, float]], sets) -> dict[str, float]:
@@ -39,7 +71,9 @@ def benchmark_block(results: dict[str, Any], *, protocol: str, groups: dict[str,
   Returns:
     {'protocol', 'groups', 'validation', 'id_accuracy', 'rows': [{'name', 'kind' ('method' for the
     method's own scores, 'post-hoc' for detectors), 'per_set': {set: metrics}, 'groups': {group:
-    mean metrics}, 'hparams' (tuned values, or {} at the defaults), 'validation_auroc' (or None)}]}.
+    mean metrics}, 'hparams' (tuned values, or {} at the defaults), 'validation_auroc' (or None), 'same_as'
+    (the post-hoc detector a method score equals, or None)}]}. A post-hoc row whose numbers equal a method
+    score's twin (`METHOD_SCORE_DETECTORS`) is merged into the method's row.
   """
   rows = []
   method_sets = results.get('ood', {})
@@ -47,12 +81,18 @@ def benchmark_block(results: dict[str, Any], *, protocol: str, groups: dict[str,
   sources = [('method', name, {s: method_sets[s][name] for s in method_sets}, None) for name in score_names]
   detector_block = results.get('detectors', {})
   tuning = detector_block.get('tuning', {})
+  twins = {METHOD_SCORE_DETECTORS[name][0]: name for name in score_names if name in METHOD_SCORE_DETECTORS}
+  merged = {}
   for name in detector_block.get('ood_mean', {}):
     per_set = {s: detector_block['ood'][s][name] for s in detector_block['ood']}
+    if name in twins and name not in tuning and per_set == sources[score_names.index(twins[name])][2]:
+      merged[twins[name]] = name  # results of an older run, or one that fitted the twin anyway: the same row
+      continue
     sources.append(('post-hoc', name, per_set, tuning.get(name)))
   for kind, name, per_set, tuned in sources:
+    same_as = (merged.get(name) or METHOD_SCORE_DETECTORS.get(name, (None,))[0]) if kind == 'method' else None
     rows.append({
-        'name': name, 'kind': kind, 'per_set': per_set,
+        'name': name, 'kind': kind, 'per_set': per_set, 'same_as': same_as,
         'groups': {group: _group_mean(per_set, sets) for group, sets in groups.items() if sets},
         'hparams': dict(tuned['hparams']) if tuned else {},
         'validation_auroc': tuned['validation_auroc'] if tuned else None,
@@ -73,6 +113,11 @@ def _hparams_text(row: dict[str, Any]) -> str:
   return ', '.join(f'{key}={value}' for key, value in row['hparams'].items())
 
 
+def _label(row: dict[str, Any]) -> str:
+  twin = row.get('same_as')
+  return f"{row['name']} (= {twin})" if twin and twin != row['name'] else row['name']
+
+
 def markdown(block: dict[str, Any]) -> str:
   """One run's leaderboard: rows by the first group's AUROC, best first; numbers in %."""
   groups = {g: s for g, s in block['groups'].items() if s}
@@ -83,7 +128,7 @@ def markdown(block: dict[str, Any]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---:|' + '---|---|' + '---:|' * (2 * len(groups) + len(sets))
            + '---|']
   for rank, row in enumerate(sorted(block['rows'], key=lambda r: _sort_key(r, groups)), 1):
-    cells = [str(rank), row['name'], row['kind']]
+    cells = [str(rank), _label(row), row['kind']]
     cells += [f"{100 * row['groups'][g]['auroc']:.2f}" for g in groups]
     cells += [f"{100 * row['groups'][g][_TABLE_FPR]:.2f}" for g in groups]
     cells += [f"{100 * row['per_set'][s]['auroc']:.2f}" for s in sets]
@@ -118,7 +163,8 @@ def compare_markdown(runs: dict[str, dict[str, Any]]) -> str:
   if len(protocols) > 1:
     raise ValueError(f'runs use different protocols {sorted(protocols)}: their group means do not compare.')
   groups = [g for g, s in next(iter(blocks.values()))['groups'].items() if s]
-  names = list(dict.fromkeys(f"{row['name']} ({row['kind']})" for b in blocks.values() for row in b['rows']))
+  key = lambda row: f"{_label(row)} ({row['kind']})"
+  names = list(dict.fromkeys(key(row) for b in blocks.values() for row in b['rows']))
   header = ['score / detector'] + list(blocks)
   accuracy = lambda b: f"{100 * b['id_accuracy']:.2f} %" if b.get('id_accuracy') is not None else '–'
   lines = [f"AUROC (%) {' / '.join(groups)}-OOD, protocol {protocols.pop() or '(eval.ood_sets)'}.", '',
@@ -127,7 +173,7 @@ def compare_markdown(runs: dict[str, dict[str, Any]]) -> str:
   for name in names:
     cells = [name]
     for block in blocks.values():
-      row = next((r for r in block['rows'] if f"{r['name']} ({r['kind']})" == name), None)
+      row = next((r for r in block['rows'] if key(r) == name), None)
       cells.append(' / '.join(f"{100 * row['groups'][g]['auroc']:.1f}" for g in groups) if row else '–')
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'

@@ -393,7 +393,7 @@ def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> l
     return []
   with open(path, encoding='utf-8') as f:
     differences = config_differences(json.load(f), config)
-  if differences and not config.get('allow_config_change', False):
+  if differences and not config.allow_config_change:
     raise ConfigChangedError(
         f'The config differs from the one the checkpoints in {workdir} were trained with ({path}): '
         f'{"; ".join(differences)}. Resuming would continue another run under this name. Use a fresh '

@@ -173,13 +173,13 @@ def _on_every_process(flag: bool) -> bool:
 
 
 def _feature_cache(exp, variables, workdir, names) -> feature_cache.FeatureCache | None:
-  if workdir is None or not exp.config.eval.get('feature_cache', True):
+  settings = exp.settings
+  if workdir is None or not settings.eval.feature_cache:
     return None
-  config = exp.config
   key = feature_cache.fingerprint(
-      variables, backbone=config.backbone, backbone_kwargs=config.get('backbone_kwargs', {}),
-      method=config.method, dtype=config.get('dtype'), mean=exp.mean, std=exp.std, names=names,
-      image_shape=exp.info.image_shape, data_dir=config.get('data_dir'), benchmark_dir=config.get('benchmark_dir'))
+      variables, backbone=exp.config.backbone, backbone_kwargs=dict(settings.backbone_kwargs),
+      method=exp.method.name, dtype=settings.dtype, mean=exp.mean, std=exp.std, names=names,
+      image_shape=exp.info.image_shape, data_dir=settings.data_dir, benchmark_dir=settings.benchmark_dir)
   return feature_cache.FeatureCache(workdir, key)
 
 
@@ -190,20 +190,18 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
   and reused while the weights are the same, so re-evaluating with other detectors or another
   protocol runs the model only on sets it has not seen.
   """
-  config, info, method = exp.config, exp.info, exp.method
-  data_dir = config.get('data_dir')
-  download = config.get('download', False)  # opt-in: TFDS downloads and prepares missing sets
-  bench_dir = config.get('benchmark_dir')
+  config, info, method, settings = exp.config, exp.info, exp.method, exp.settings
+  data_dir, download, bench_dir = settings.data_dir, settings.download, settings.benchmark_dir
   # A contrastive model's projection head returns unit embeddings where a classifier has logits.
   names = ('logits', 'features') if method.probabilities else ('embeddings', 'features')
-  plan = experiment_lib.evaluation_sets(config.eval, info.name)
+  plan = settings.eval.sets
   catalog.check_prepared(plan.test_sets + plan.validation, benchmark_dir=bench_dir)
   cache = _feature_cache(exp, variables, workdir, names)
 
   def run(data):
     labels = data.labels if data.labels.min() >= 0 else None
     return inference.run(inference.model_apply(exp.model), variables, data.images, labels, mesh=mesh,
-                         batch_size=config.eval.batch_size, mean=exp.mean, std=exp.std, names=names)
+                         batch_size=settings.eval.batch_size, mean=exp.mean, std=exp.std, names=names)
 
   def outputs(key, load):
     """The model's outputs on one set (with its labels, −1 for OOD), from the cache when it has them."""
@@ -219,12 +217,12 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
         cache.save(key, out)
     return out
 
-  fraction = config.get('validation_fraction', 0.0)
+  fraction = settings.validation_fraction
   split = functools.cache(lambda: catalog.load_train_and_validation(info, validation_fraction=fraction,
                                                                     data_dir=data_dir, download=download))
   ood_set = lambda name: outputs(name, lambda: catalog.load_ood_set(name, info, data_dir=data_dir,
                                                                      benchmark_dir=bench_dir, download=download))
-  spec = experiment_lib.detector_names(config.eval.get('detectors', ''))
+  spec = settings.eval.detectors
   test_out = outputs(f'{info.name}:{info.test_split}',
                      lambda: sources.load_split(info.name, info.test_split, data_dir=data_dir, download=download))
   ood_out = {name: ood_set(name) for name in plan.test_sets}
@@ -238,7 +236,7 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
 
   if method.probabilities is None:
     block = embedding_eval.evaluate_embeddings(train_out, test_out, ood_out, num_classes=info.num_classes,
-                                               k=min(config.eval.get('knn_k', 50), len(train_out['labels'])))
+                                               k=min(settings.eval.knn_k, len(train_out['labels'])))
     results.update(block)
     if block['ood']:
       results['ood_mean'] = metrics.mean_over_sets(block['ood'])
@@ -258,7 +256,7 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
     results['ood'] = ood
     if ood:
       results['ood_mean'] = metrics.mean_over_sets(ood)
-    if config.eval.corruptions:
+    if settings.eval.corruptions:
       results['corrupted'] = _corrupted(exp, run, calibrate)
 
   if spec:
@@ -290,12 +288,12 @@ def _corrupted(exp, run, calibrate) -> dict[str, Any]:
   With a calibrator, each level also holds 'calibrated': the same after calibration (fitted once, on
   clean validation data, as a deployed model would be).
   """
-  eval_config = exp.config.eval
+  eval_config, settings = exp.settings.eval, exp.settings
   per_pair = {}
   for corruption in eval_config.corruptions:
     for severity in eval_config.severities:
-      data = catalog.load_corrupted_set(exp.info, corruption, severity, data_dir=exp.config.get('data_dir'),
-                                        download=exp.config.get('download', False))
+      data = catalog.load_corrupted_set(exp.info, corruption, severity, data_dir=settings.data_dir,
+                                        download=settings.download)
       per_pair[f'{corruption}_{severity}'] = _classification_block(exp, calibrate, run(data)['logits'], data.labels)
   out: dict[str, Any] = _levels(eval_config, per_pair)
   if calibrate is not None:

@@ -1,16 +1,21 @@
-"""What a config describes, checked before any data is read: the `Experiment` record.
+"""What a config describes, checked before any data is read and read once: the `Experiment` record.
 
 `check_config` resolves every name a config holds (dataset, backbone, method, optimiser, schedule,
-dtype, method hyperparameters, OOD sets, corruptions, fine-tuning and base-model settings, batch
-sizes) and fails with the list of valid values, so a typo costs a second instead of a training
-run. `make_experiment` then builds the record the trainer and evaluator share: the dataset's
-registry entry, the method, the model, the input normalisation and, for SMOT, the frozen base
-model.
+dtype, method hyperparameters, OOD sets, corruptions, detectors and their hyperparameters,
+fine-tuning and base-model settings, batch sizes) and fails with the list of valid values, so a typo
+costs a second instead of a training run; it returns the typed `Settings` it read. `make_experiment`
+then builds the record the trainer and evaluator share: the settings, the dataset's registry entry,
+the method, the model, the input normalisation and, for SMOT, the frozen base model. The loop and the
+evaluator read the record, never a field with a default of their own: every default lives in one place,
+`configs/common.py`.
 """
 
 from __future__ import annotations
 
+import ast
+from collections.abc import Mapping
 import dataclasses
+from types import MappingProxyType
 from typing import Any
 import warnings
 
@@ -48,6 +53,7 @@ class Experiment:
     model: the `Classifier` (backbone + the method's head type).
     mean: per-channel input normalisation mean on [0, 1].
     std: per-channel input normalisation standard deviation on [0, 1].
+    settings: the config's fields, checked and typed (`Settings`): what the loop and the evaluator read.
     base: for methods with a frozen base model (SMOT), the base run's `Experiment`; else None.
   """
 
@@ -57,6 +63,7 @@ class Experiment:
   model: Any
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  settings: Settings
   base: Experiment | None = None
 
 
@@ -67,10 +74,13 @@ def choice(kind: str, value: str, valid) -> str:
   return value
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> Settings:
   """Fails fast, with the list of valid values, on anything a run would otherwise fail on later.
 
   Reads no data; for a method with a base model it reads the base run's config.json.
+
+  Returns:
+    The checked `Settings` (what `make_experiment` keeps).
   """
   registry.get_info(config.dataset)
   method = methods_lib.get_method(config.method)
@@ -78,12 +88,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   choice('optimizer', config.optimizer.name, optim.OPTIMIZERS)
   choice('schedule', config.optimizer.schedule, optim.SCHEDULES)
   choice('dtype', config.dtype, DTYPES)
-  choice('normalization', config.get('normalization', 'dataset'), NORMALIZATIONS)
-  unknown = set(config.get('method_kwargs', {})) - set(method.hparams)
+  choice('normalization', config.normalization, NORMALIZATIONS)
+  unknown = set(config.method_kwargs) - set(method.hparams)
   if unknown:
     raise ValueError(f'Unknown method_kwargs {sorted(unknown)} for method {method.name!r}; '
                      f'valid: {sorted(method.hparams) or "none"}.')
-  if method.needs_outliers and not config.get('outliers', {}).get('source'):
+  if method.needs_outliers and not config.outliers.source:
     raise ValueError(f'Method {method.name!r} trains with auxiliary outliers: set config.outliers.source '
                      f'(a TFDS name, a .npy file of uint8 images, or {catalog.DIGITS_OUTLIERS!r}).')
   if method.augment and config.augment != method.augment:
@@ -92,23 +102,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_init_from(config, method)
   _check_base_model(config, method)
   _warn_method_recipe(config, method)
-  _check_eval(config.eval, method, config.dataset)
-  catalog.check_validation_fraction(config.get('validation_fraction', 0.0))
+  evaluation = _check_eval(config.eval, method, config.dataset)
+  catalog.check_validation_fraction(config.validation_fraction)
   _check_fault_tolerance(config)
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size ({config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
+  return _settings(config, method, evaluation)
 
 
 def _check_fault_tolerance(config) -> None:
-  minutes = config.get('checkpoint_every_minutes', 0)
+  minutes = config.checkpoint_every_minutes
   if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
     raise ValueError(f'checkpoint_every_minutes must be a number >= 0 (0: no time-based checkpoints), got '
                      f'{minutes!r}.')
   for name in ('allow_config_change', 'xla_cpu_defaults'):
-    if not isinstance(config.get(name, False), bool):
+    if not isinstance(config[name], bool):
       raise ValueError(f'{name} must be True or False, got {config[name]!r}.')
-  if config.get('peak_tflops') is not None:
+  if config.peak_tflops is not None:
     throughput.check_peak_tflops(config.peak_tflops)
 
 
@@ -120,7 +131,7 @@ _REQUIRED_HINTS = {
 
 
 def _check_required(config) -> None:
-  for name in config.get('required_fields', ()):
+  for name in config.required_fields:
     if name not in config:
       raise ValueError(f'required_fields names {name!r}, which is not a config field.')
     if config[name] in (None, '', ()):
@@ -128,8 +139,8 @@ def _check_required(config) -> None:
 
 
 def _check_init_from(config, method) -> None:
-  init_from = config.get('init_from')
-  policy = choice('init_head policy', config.get('init_head', 'auto'), HEAD_POLICIES)
+  init_from = config.init_from
+  policy = choice('init_head policy', config.init_head, HEAD_POLICIES)
   if policy == 'class_stats' and (method.head != 'mahalanobis' or not init_from):
     raise ValueError("init_head='class_stats' sets a Mahalanobis head (method ice) from the features of a "
                      f'pretrained backbone: it needs config.init_from; got method {method.name!r} '
@@ -139,7 +150,7 @@ def _check_init_from(config, method) -> None:
 def _check_base_model(config, method) -> None:
   if not method.needs_base_model:
     return
-  if not config.get('base_model'):
+  if not config.base_model:
     raise ValueError(f'Method {method.name!r} needs a pretrained base model: set config.base_model to the '
                      'workdir of a softmax run of the same architecture and dataset.')
   base_method = methods_lib.get_method(checkpoint.load_config(config.base_model).method)
@@ -150,16 +161,16 @@ def _check_base_model(config, method) -> None:
 
 def _warn_method_recipe(config, method) -> None:
   """Warnings for recipes that run but are known to train badly (the losses' docstrings explain)."""
-  kwargs = config.get('method_kwargs', {})
-  if method.name == 'energy' and not config.get('init_from') and not ({'margin_in', 'margin_out'} & set(kwargs)):
+  kwargs = config.method_kwargs
+  if method.name == 'energy' and not config.init_from and not ({'margin_in', 'margin_out'} & set(kwargs)):
     warnings.warn(
         "Method 'energy' is training from scratch with the default margins (m_in, m_out) = (-25, -7), which "
         'assume a pretrained network: its energy term can swamp the cross-entropy and leave a fresh model at '
         'chance. Fine-tune with --config.init_from=<workdir of a softmax run>, or set '
         '--config.method_kwargs.margin_in / margin_out (ood_jax.losses.energy_in_margin shows how to pick them).',
         UserWarning, stacklevel=3)
-  optimizer = config.get('optimizer', {})
-  if method.name == 'ice' and not optimizer.get('grad_clip_norm') and optimizer.get('learning_rate', 1.0) != 0:
+  optimizer = config.optimizer
+  if method.name == 'ice' and not optimizer.grad_clip_norm and optimizer.learning_rate != 0:
     warnings.warn(
         "Method 'ice' is training without gradient clipping: its squared Mahalanobis distances make unclipped "
         'runs diverge within a few steps. Set --config.optimizer.grad_clip_norm=1.0 (as configs/ice.py does).',
@@ -205,7 +216,7 @@ def evaluation_sets(eval_config, dataset: str) -> EvaluationSets:
   `eval.ood_sets` it does not list are evaluated too (group 'other'). Raises ValueError for an
   unknown protocol or set, or a validation set that is also a test set.
   """
-  name = (eval_config.get('benchmark') or '').strip()
+  name = (eval_config.benchmark or '').strip()
   groups, validation = {}, ()
   if name:
     protocol = protocols.get(name, dataset)
@@ -214,7 +225,7 @@ def evaluation_sets(eval_config, dataset: str) -> EvaluationSets:
   other = tuple(dict.fromkeys(s for s in eval_config.ood_sets if s not in listed))
   if other:
     groups['other'] = other
-  validation = tuple(dict.fromkeys(validation + tuple(eval_config.get('validation_ood_sets', ()))))
+  validation = tuple(dict.fromkeys(validation + tuple(eval_config.validation_ood_sets)))
   test_sets = tuple(s for sets in groups.values() for s in sets)
   for set_name in test_sets + validation:
     catalog.check_ood_set(set_name)
@@ -225,39 +236,153 @@ def evaluation_sets(eval_config, dataset: str) -> EvaluationSets:
   return EvaluationSets(name, groups, test_sets, validation)
 
 
-def _check_eval(eval_config, method, dataset: str) -> None:
-  evaluation_sets(eval_config, dataset)
+def detector_kwargs(text: str) -> dict[str, dict[str, Any]]:
+  """`config.eval.detector_kwargs` ('react.percentile=95,knn.k=100') as {detector: {hyperparameter: value}}.
+
+  Values are Python literals (numbers, strings in quotes, True/False/None, tuples); a bare word is a string.
+  """
+  out: dict[str, dict[str, Any]] = {}
+  for item in (text or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    name, dot, hparam = key.strip().partition('.')
+    if not (sep and dot and name and hparam.strip()):
+      raise ValueError(f"eval.detector_kwargs: {item!r} is not 'detector.hyperparameter=value' "
+                       "(e.g. 'react.percentile=95,knn.k=100').")
+    try:
+      parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      parsed = value.strip()
+    out.setdefault(name.strip(), {})[hparam.strip()] = parsed
+  return out
+
+
+def _check_eval(eval_config, method, dataset: str) -> EvalSettings:
+  sets = evaluation_sets(eval_config, dataset)
   if eval_config.batch_size % jax.device_count():
     raise ValueError(f'eval.batch_size ({eval_config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
   for corruption in eval_config.corruptions:
     for severity in eval_config.severities:
       corruptions.check_corruption(corruption, severity)
-  spec = (eval_config.get('detectors') or '').strip()
-  if spec:
-    try:
-      detectors.resolve(detector_names(spec), available=detector_inputs(method))
-    except ValueError as e:
-      raise ValueError(f'eval.detectors={spec!r}: {e} Method {method.name!r} ({method.head} head) gives '
-                       f'detectors {sorted(detector_inputs(method))}.') from None
+  spec = (eval_config.detectors or '').strip()
+  pinned = detector_kwargs(eval_config.detector_kwargs)
+  chosen = ()
+  try:
+    if spec:
+      chosen = detectors.resolve(detector_names(spec), available=detector_inputs(method), hparams=pinned)
+    else:
+      detectors.resolve(tuple(pinned), hparams=pinned)  # names and hyperparameters checked all the same
+  except ValueError as e:
+    raise ValueError(f'eval.detectors={spec!r}, eval.detector_kwargs={eval_config.detector_kwargs!r}: {e} '
+                     f'Method {method.name!r} ({method.head} head) gives detectors '
+                     f'{sorted(detector_inputs(method))}.') from None
+  return EvalSettings(sets=sets, detectors=chosen, batch_size=eval_config.batch_size, knn_k=eval_config.knn_k,
+                      corruptions=tuple(eval_config.corruptions), severities=tuple(eval_config.severities),
+                      feature_cache=bool(eval_config.feature_cache))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """`config.eval`, checked.
+
+  Attributes:
+    sets: the OOD test and validation sets (`EvaluationSets`).
+    detectors: the post-hoc detectors to fit and report, hyperparameters of `eval.detector_kwargs` pinned.
+    batch_size: global evaluation batch size.
+    knn_k: the KNN neighbour of contrastive models' own score.
+    corruptions: corruption names evaluated at each of `severities`.
+    severities: corruption severities.
+    feature_cache: cache each set's outputs under the workdir.
+  """
+
+  sets: EvaluationSets
+  detectors: tuple
+  batch_size: int
+  knn_k: int
+  corruptions: tuple
+  severities: tuple
+  feature_cache: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierSettings:
+  """`config.outliers` for methods trained with auxiliary outliers (OE, Energy, ICE)."""
+
+  source: str
+  batch_size: int
+  augment: str  # the run's augmentation unless the config sets one for outliers
+  split: str
+  max_examples: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Every config field the loop and the evaluator read, checked and typed (defaults: configs/common.py)."""
+
+  seed: int
+  batch_size: int
+  num_epochs: int
+  num_steps: int  # > 0 overrides num_epochs
+  augment: str
+  dtype: str
+  data_dir: str | None
+  download: bool
+  benchmark_dir: str | None
+  validation_fraction: float
+  method_hparams: Mapping[str, Any]  # the method's defaults with config.method_kwargs applied
+  backbone_kwargs: Mapping[str, Any]
+  init_from: str | None
+  init_head: str
+  base_model: str | None
+  outliers: OutlierSettings | None
+  log_every_steps: int
+  checkpoint_every_steps: int
+  checkpoint_every_minutes: float
+  keep_checkpoints: int
+  xla_cpu_defaults: bool
+  peak_tflops: float | None
+  num_devices: int
+  eval: EvalSettings
+
+
+def _settings(config, method, evaluation: EvalSettings) -> Settings:
+  outliers = None
+  if method.needs_outliers:
+    cfg = config.outliers
+    outliers = OutlierSettings(source=cfg.source, batch_size=cfg.batch_size, augment=cfg.augment or config.augment,
+                               split=cfg.split, max_examples=cfg.max_examples)
+  return Settings(
+      seed=config.seed, batch_size=config.batch_size, num_epochs=config.num_epochs, num_steps=config.num_steps,
+      augment=config.augment, dtype=config.dtype, data_dir=config.data_dir, download=bool(config.download),
+      benchmark_dir=config.benchmark_dir, validation_fraction=float(config.validation_fraction),
+      method_hparams=MappingProxyType({**method.hparams, **config.method_kwargs.to_dict()}),
+      backbone_kwargs=MappingProxyType(config.backbone_kwargs.to_dict()), init_from=config.init_from or None,
+      init_head=config.init_head, base_model=config.base_model or None, outliers=outliers,
+      log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint_every_steps,
+      checkpoint_every_minutes=float(config.checkpoint_every_minutes), keep_checkpoints=config.keep_checkpoints,
+      xla_cpu_defaults=config.xla_cpu_defaults, peak_tflops=config.peak_tflops, num_devices=config.num_devices,
+      eval=evaluation)
 
 
 def normalization(config: ml_collections.ConfigDict, info: registry.DatasetInfo):
   """Per-channel (mean, std) on [0, 1]: the dataset's statistics, or 0.5/0.5 ([−1, 1]) if symmetric."""
   channels = info.image_shape[-1]
-  if config.get('normalization', 'dataset') == 'symmetric':
+  if config.normalization == 'symmetric':
     return registry.SYMMETRIC[0][:channels], registry.SYMMETRIC[1][:channels]
   return info.mean, info.std
 
 
 def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Checks `config` and resolves it into an `Experiment` (no data read, nothing compiled)."""
-  check_config(config)
+  settings = check_config(config)
   info = registry.get_info(config.dataset)
   method = methods_lib.get_method(config.method)
   model = models_lib.make_classifier(config.backbone, method.head, info.num_classes, dtype=DTYPES[config.dtype],
-                                     **config.get('backbone_kwargs', {}))
+                                     **settings.backbone_kwargs)
   base = make_experiment(checkpoint.load_config(config.base_model)) if method.needs_base_model else None
   mean, std = normalization(config, info)
   return Experiment(config=config, info=info, method=method, model=model, mean=tuple(mean), std=tuple(std),
-                    base=base)
+                    settings=settings, base=base)

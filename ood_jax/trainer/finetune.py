@@ -115,14 +115,14 @@ def class_statistics_head(model, variables, data: sources.ArrayData, *, mesh, ba
 
 def initialize_from(exp, state: step_lib.TrainState, train_data: sources.ArrayData, *, mesh, state_sharding
                     ) -> step_lib.TrainState:
-  """`state` with the pretrained variables of `exp.config.init_from` merged in (see the module docstring)."""
-  config = exp.config
-  policy = config.get('init_head', 'auto')
+  """`state` with the pretrained variables of `exp.settings.init_from` merged in (see the module docstring)."""
+  settings = exp.settings
+  policy = settings.init_head
   params, batch_stats = merge_pretrained(
-      {'params': state.params, 'batch_stats': state.batch_stats}, load_pretrained(config.init_from),
+      {'params': state.params, 'batch_stats': state.batch_stats}, load_pretrained(settings.init_from),
       head_policy='reinit' if policy == 'class_stats' else policy)
   if policy == 'class_stats':
     params = {**params, 'head': class_statistics_head(
         exp.model, step_lib.model_variables(params, batch_stats), train_data, mesh=mesh,
-        batch_size=config.eval.batch_size, mean=exp.mean, std=exp.std, num_classes=exp.info.num_classes)}
+        batch_size=settings.eval.batch_size, mean=exp.mean, std=exp.std, num_classes=exp.info.num_classes)}
   return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_sharding)

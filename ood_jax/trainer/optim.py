@@ -13,7 +13,7 @@ SCHEDULES = ('constant', 'step', 'cosine')
 def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
   """Learning rate per step: constant, step decay at given epochs, or cosine; optional linear warm-up."""
   base = cfg.learning_rate
-  warmup = int(round(cfg.get('warmup_epochs', 0) * steps_per_epoch))
+  warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -40,7 +40,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTr
   code, and applies to all parameters, prototypes included (the IsoMax recipe).
   """
   # Clipping (off by default) tames heads whose loss grows with squared distances, e.g. ICE.
-  clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.get('grad_clip_norm') else []
+  clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
   decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
   if cfg.name == 'sgd':
     step = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)

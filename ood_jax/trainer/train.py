@@ -115,17 +115,17 @@ def _batches(exp: experiment_lib.Experiment, train_data: sources.ArrayData, mesh
 
   `wait` is the mesh's `sharding.program_barrier`, applied to each program that builds a batch.
   """
-  config = exp.config
-  stream = pipeline.TrainStream(train_data.images, train_data.labels, global_batch_size=config.batch_size,
-                                seed=config.seed, mesh=mesh, augment=config.augment, mean=exp.mean, std=exp.std)
+  settings = exp.settings
+  stream = pipeline.TrainStream(train_data.images, train_data.labels, global_batch_size=settings.batch_size,
+                                seed=settings.seed, mesh=mesh, augment=settings.augment, mean=exp.mean, std=exp.std)
   outliers = None
-  if exp.method.needs_outliers:
-    cfg = config.outliers
-    data = catalog.load_outlier_set(cfg.source, exp.info, data_dir=config.get('data_dir'),
-                                    split=cfg.get('split', 'train'), max_examples=cfg.get('max_examples'),
-                                    seed=config.seed, download=config.get('download', False))
-    outliers = pipeline.outlier_stream(data.images, global_batch_size=cfg.batch_size, seed=config.seed, mesh=mesh,
-                                       augment=cfg.get('augment') or config.augment, mean=exp.mean, std=exp.std)
+  if settings.outliers is not None:
+    cfg = settings.outliers
+    data = catalog.load_outlier_set(cfg.source, exp.info, data_dir=settings.data_dir, split=cfg.split,
+                                    max_examples=cfg.max_examples, seed=settings.seed, download=settings.download)
+    outliers = pipeline.outlier_stream(data.images, global_batch_size=cfg.batch_size, seed=settings.seed, mesh=mesh,
+                                       augment=cfg.augment, mean=exp.mean, std=exp.std)
+
   def batch_at(step):
     batch = wait(stream.batch(step))
     if outliers is not None:
@@ -155,16 +155,16 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
 
-  config = exp.config
+  config, settings = exp.config, exp.settings
   train_data, _ = catalog.load_train_and_validation(
-      exp.info, validation_fraction=config.get('validation_fraction', 0.0), data_dir=config.get('data_dir'),
-      download=config.get('download', False))
+      exp.info, validation_fraction=settings.validation_fraction, data_dir=settings.data_dir,
+      download=settings.download)
   wait = sharding.program_barrier(mesh)
   batch_at, steps_per_epoch = _batches(exp, train_data, mesh, wait)
-  total_steps = config.get('num_steps') or config.num_epochs * steps_per_epoch
+  total_steps = settings.num_steps or settings.num_epochs * steps_per_epoch
   schedule = optim.make_schedule(config.optimizer, steps_per_epoch, total_steps)
   optimizer = optim.make_optimizer(config.optimizer, schedule)
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  init_key, step_key = jax.random.split(jax.random.key(settings.seed))
   replicated = sharding.replicated(mesh)
   state_fn = functools.partial(step_lib.create_state, exp.model, optimizer, exp.info.image_shape)
   abstract_state = jax.eval_shape(state_fn, init_key)
@@ -185,37 +185,37 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
                  os.path.join(workdir, checkpoint.CHECKPOINTS))
   else:
     state = jax.jit(state_fn, out_shardings=state_sharding)(init_key)
-    if config.get('init_from'):
+    if settings.init_from:
       state = finetune.initialize_from(exp, state, train_data, mesh=mesh, state_sharding=state_sharding)
   # Opened after `resume`, which may have moved damaged steps away: orbax lists the steps once. On
   # several hosts, only once every host has decided between resume and scratch: the Writer creates
   # the folder, and a host that saw it appear would take the other branch (and other collectives).
   _sync_hosts('ood_jax.trainer.train.resume_decided')
-  checkpoints = checkpoint.Writer(workdir, max_to_keep=config.get('keep_checkpoints', 2),
+  checkpoints = checkpoint.Writer(workdir, max_to_keep=settings.keep_checkpoints,
                                   metadata={checkpoint.FINGERPRINT: fingerprint})
 
   base_model, base_variables = None, None
   if exp.base is not None:
     base_model = exp.base.model
-    restored = checkpoint.restore(config.base_model, sharding=replicated)
+    restored = checkpoint.restore(settings.base_model, sharding=replicated)
     base_variables = step_lib.model_variables(restored['params'], restored.get('batch_stats'))
   step_fn = jax.jit(
       functools.partial(step_lib.train_step, model=exp.model, method=exp.method, optimizer=optimizer,
-                        schedule=schedule, hparams={**exp.method.hparams, **config.get('method_kwargs', {})},
+                        schedule=schedule, hparams=dict(settings.method_hparams),
                         key=step_key, base_model=base_model),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
       out_shardings=(state_sharding, replicated),
-      donate_argnums=0, compiler_options=xla_options.compiler_options(not config.get('xla_cpu_defaults', False)))
+      donate_argnums=0, compiler_options=xla_options.compiler_options(not settings.xla_cpu_defaults))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  log_every = config.get('log_every_steps', 100)
-  checkpoint_every = config.get('checkpoint_every_steps', steps_per_epoch)
-  every_seconds = 60.0 * config.get('checkpoint_every_minutes', 0)
+  log_every = settings.log_every_steps
+  checkpoint_every = settings.checkpoint_every_steps
+  every_seconds = 60.0 * settings.checkpoint_every_minutes
   start = int(state.step)
   interval_start, interval_step, sums = time.perf_counter(), start, None
   last_save = time.monotonic()
 
-  flops, peak = None, throughput.peak_flops(jax.devices()[0], config.dtype, override_tflops=config.get('peak_tflops'))
+  flops, peak = None, throughput.peak_flops(jax.devices()[0], settings.dtype, override_tflops=settings.peak_tflops)
 
   def count_flops(batch):
     # Lowering is cached by jit, so the step is still traced and compiled once, by its first call.
@@ -223,14 +223,14 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
     logging.info('Train step: %s GFLOP per device (XLA cost analysis); peak %s TFLOP/s (%s, %s).',
                  'unknown' if flops is None else f'{flops / 1e9:,.1f}',
                  'unknown' if peak is None else f'{peak / 1e12:g}',
-                 jax.devices()[0].device_kind, config.dtype)
+                 jax.devices()[0].device_kind, settings.dtype)
     return flops
 
   def log(done):
     means = {name: float(total) / (done - interval_step) for name, total in sums.items()}
     steps_per_sec = (done - interval_step) / max(time.perf_counter() - interval_start, 1e-9)
     rates = {'steps_per_sec': steps_per_sec,
-             **throughput.rates(steps_per_sec, batch_size=config.batch_size, flops=flops, peak=peak)}
+             **throughput.rates(steps_per_sec, batch_size=settings.batch_size, flops=flops, peak=peak)}
     writer.write_scalars(done, {**means, **rates})
     _append_jsonl(os.path.join(workdir, 'metrics.jsonl'), {'step': done, **means, **rates})
     logging.info('step %d/%d epoch %.2f loss %.4f %.2f steps/s %s img/s%s ETA %s', done, total_steps,
@@ -280,13 +280,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[experiment
   Raises:
     checkpoint.ConfigChangedError: the workdir holds checkpoints of a different config.
   """
-  if config.get('distributed', False):
+  if config.distributed:  # before anything starts JAX's backend (make_experiment counts the devices)
     initialize_distributed()
   exp = experiment_lib.make_experiment(config)
   # Before save_config replaces config.json: refuse to resume checkpoints of another config.
   changed = checkpoint.check_config_unchanged(config, workdir)
   checkpoint.save_config(config, workdir)
-  mesh = sharding.make_mesh(jax.devices()[:config.num_devices] if config.get('num_devices') else None)
+  mesh = sharding.make_mesh(jax.devices()[:exp.settings.num_devices] if exp.settings.num_devices else None)
   return exp, mesh, not changed
 
 

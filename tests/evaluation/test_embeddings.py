@@ -112,14 +112,14 @@ def test_probe_stops_once_float32_cannot_improve_and_warns_at_the_step_limit(cap
   rng = np.random.default_rng(7)
   features, labels = _clusters(rng, 100, rng.normal(size=(3, 10)), 1.0)
   # tolerance 0 is never met: only the stall rule can end the run before the step limit.
-  with caplog.at_level(logging.INFO, logger='absl'):
+  with caplog.at_level(logging.INFO, logger='ood_jax.evaluation.embeddings'):
     embedding_eval.linear_probe(features, labels, num_classes=3, tolerance=0.0, steps=1000)
   steps = int(re.search(r'linear probe: (\d+) of at most 1000', caplog.text).group(1))
   assert steps < 200
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
   caplog.clear()
-  with caplog.at_level(logging.INFO, logger='absl'):
+  with caplog.at_level(logging.INFO, logger='ood_jax.evaluation.embeddings'):
     embedding_eval.linear_probe(features, labels, num_classes=3, steps=2)
   assert [r.levelno for r in caplog.records] == [logging.WARNING]
   assert 'linear probe: 2 of at most 2' in caplog.text

@@ -82,3 +82,51 @@ def test_experiment_record_resolves_the_config(no_data):
   assert exp.mean == (0.5,) and exp.std == (0.5,) and exp.base is None
   exp = experiment.make_experiment(_smoke('softmax'))
   assert exp.mean == exp.info.mean and exp.std == exp.info.std
+
+
+def test_settings_are_the_config_read_once(no_data):
+  # The loop and the evaluator read `exp.settings`; its values are the config's, defaults from configs/common.py.
+  config = _smoke('oe', method_kwargs={'weight': 0.25})
+  config.eval.detectors = 'react,knn'
+  config.eval.detector_kwargs = 'react.percentile=95, knn.k=7'
+  exp = experiment.make_experiment(config)
+  s = exp.settings
+  assert s.validation_fraction == config.validation_fraction and s.batch_size == 16 and s.num_steps == 4
+  assert dict(s.method_hparams) == {**exp.method.hparams, 'weight': 0.25}
+  assert s.outliers.source == 'digits/outliers' and s.outliers.augment == config.augment
+  assert s.eval.sets.test_sets == experiment.evaluation_sets(config.eval, 'digits').test_sets
+  react, knn = s.eval.detectors
+  assert (react.name, react.defaults['percentile'], 'percentile' in react.grid) == ('react', 95, False)
+  assert (knn.name, knn.defaults['k'], 'k' in knn.grid) == ('knn', 7, False)
+  with pytest.raises(AttributeError):
+    s.batch_size = 3  # frozen
+
+
+@pytest.mark.parametrize('text, match', [
+    ('react.nope=1', 'no hyperparameter'),
+    ('nope.k=1', "unknown detector 'nope'"),
+    ('react=95', "not 'detector.hyperparameter=value'"),
+])
+def test_detector_kwargs_errors_name_what_is_wrong(no_data, text, match):
+  config = _smoke('softmax')
+  config.eval.detector_kwargs = text
+  with pytest.raises(ValueError, match=match):
+    experiment.check_config(config)
+
+
+def test_detector_kwargs_parse_literals():
+  assert experiment.detector_kwargs('') == {}
+  assert experiment.detector_kwargs("react.percentile=95, vim.dim=None,fdbd.normalizer='norm',x.y=word") == {
+      'react': {'percentile': 95}, 'vim': {'dim': None}, 'fdbd': {'normalizer': 'norm'}, 'x': {'y': 'word'}}
+
+
+def test_trainer_reads_no_config_default_twice():
+  # Every default lives in configs/common.py: the trainer's modules read the checked record (or a config field
+  # directly), never `config.get(name, default)` with a default of their own.
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(experiment.__file__).parent
+  offending = [f'{path.name}:{number}: {line.strip()}' for path in sorted(root.rglob('*.py'))
+               for number, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1)
+               if re.search(r'\b(config|cfg|eval_config)(\.\w+)*\.get\(', line)]
+  assert not offending, '\n'.join(offending)
