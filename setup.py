@@ -22,6 +22,8 @@ _TRAINER = [
     'ml_collections>=1.0,<2',
     'absl-py>=2.1,<3',
     'pillow>=10,<14',  # image folders, OOD sets and outliers resized on the host
+    # TFDS's dataset builders import it through etils, whose 1.15 release no longer installs it.
+    'importlib_resources>=6',
 ]
 # TFDS needs TensorFlow to read datasets; the CPU build keeps it off the accelerators. Never installed
 # over an existing `tensorflow` (setup.py cannot see what is installed when a wheel is built, so the

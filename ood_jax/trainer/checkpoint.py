@@ -207,10 +207,23 @@ def restore(path: str, *, target=None, sharding: jax.sharding.Sharding | None = 
   return checkpoints.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def _short(error: Exception, limit: int = 400) -> str:
-  """`Type: message`, on one line and cut short: TensorStore errors carry pages of JSON spec."""
-  text = ' '.join(str(error).split())
-  return f'{type(error).__name__}: {text[:limit]}{" …" if len(text) > limit else ""}'
+def _short(error: Exception, limit: int = 300) -> str:
+  """`Type: message` of the error and of what caused it, each on one line and cut short.
+
+  Orbax wraps the reader's error (a TensorStore `OUT_OF_RANGE: ... byte range ... not valid` for a torn
+  file) in a long message of its own and keeps it on `__cause__`: the cause is what says what is wrong, so
+  it comes first. TensorStore errors carry pages of JSON spec, hence the cut.
+  """
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen and len(chain) < 4:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+  def one(e):
+    text = ' '.join(str(e).split())
+    return f'{type(e).__name__}: {text[:limit]}{" …" if len(text) > limit else ""}'
+  root, *wrappers = chain[::-1]
+  return one(root) + ''.join(f' (raised as {one(w)})' for w in wrappers[:1])
 
 
 def _step_fingerprint(reader: ocp.CheckpointManager, step: int) -> str | None:

@@ -57,8 +57,8 @@ def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
 
 
 def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], num_classes: int,
-                       head=None, validation: dict | None = None, validation_ood: dict[str, dict] | None = None
-                       ) -> dict[str, Any]:
+                       head=None, validation: dict | None = None, validation_ood: dict[str, dict] | None = None,
+                       pinned: dict[str, dict] | None = None) -> dict[str, Any]:
   """OOD metrics of post-hoc detectors fitted on training outputs, one entry per detector.
 
   Args:
@@ -72,6 +72,7 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
     validation: in-distribution validation outputs; with `validation_ood`, detectors with a grid are
       tuned (`ood_jax.evaluation.tuning.select`) on these two alone and scored on the test sets with the choice.
     validation_ood: validation OOD set name → its outputs (never a test set).
+    pinned: detector name → {hyperparameter: value} fixed (`detectors.resolve(hparams=)`): used, not tuned.
 
   Returns:
     {'ood': {set: {detector: metrics}}, 'ood_mean': {detector: metrics}}, 'tuning': {detector:
@@ -80,7 +81,7 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
   """
   has_logits = 'logits' in train
   available = {'features'} | ({'logits'} if has_logits else set()) | ({'head'} if head is not None else set())
-  chosen = detectors.resolve(spec, available=available)
+  chosen = detectors.resolve(spec, available=available, hparams=pinned)
   keys = ('logits', 'features', 'labels') if has_logits else ('features', 'labels')
   batches = [{key: train[key][start:start + _FIT_BATCH] for key in keys}
              for start in range(0, len(train['labels']), _FIT_BATCH)]
@@ -99,7 +100,7 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
             det, fit, validation_in={k: validation[k] for k in keys[:-1]}, validation_ood=validation_ood,
             feature_dim=train['features'].shape[-1], num_classes=num_classes)
       state = fit(**{k: v for k, v in hparams.items() if k in det.fit_params})
-      values = np.split(np.asarray(det.score(state, **inputs, **hparams), np.float64), bounds)
+      values = np.split(np.asarray(det.score(state, inputs, **hparams), np.float64), bounds)
     except (ValueError, TypeError, np.linalg.LinAlgError) as e:
       logging.warning('detector %s failed on this model: %s', det.name, e)
       errors[det.name] = f'{type(e).__name__}: {e}'
@@ -315,6 +316,7 @@ def _levels(eval_config, per_pair: dict[str, dict[str, float]]) -> dict[str, Any
 def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
   """Evaluates the latest checkpoint of a training run, with its saved config unless one is given."""
   exp = experiment_lib.make_experiment(checkpoint.load_config(workdir) if config is None else config)
+  experiment_lib.check_data(exp, training=False)
   mesh = sharding.make_mesh()
   restored = checkpoint.restore(workdir, sharding=sharding.replicated(mesh))
   variables = step.model_variables(restored['params'], restored.get('batch_stats'))

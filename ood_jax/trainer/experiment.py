@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Mapping
 import dataclasses
+import os
 from types import MappingProxyType
 from typing import Any
 import warnings
@@ -33,6 +34,7 @@ from ood_jax.trainer import throughput
 from ood_jax.trainer.data import catalog
 from ood_jax.trainer.data import protocols
 from ood_jax.trainer.data import registry
+from ood_jax.trainer.data import sources
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 NORMALIZATIONS = ('dataset', 'symmetric')
@@ -373,6 +375,41 @@ def normalization(config: ml_collections.ConfigDict, info: registry.DatasetInfo)
   if config.normalization == 'symmetric':
     return registry.SYMMETRIC[0][:channels], registry.SYMMETRIC[1][:channels]
   return info.mean, info.std
+
+
+def check_data(exp: Experiment, *, training: bool = True) -> None:
+  """Every data set the run reads is there, or one DatasetNotFoundError listing all that are missing.
+
+  Covers the training and test splits (and so the validation split held out of training), every OOD test and
+  validation-OOD set of the config and its protocol, the corrupted sets, the auxiliary outliers, the
+  pretrained checkpoint of `init_from` and the SMOT base run. Reads no images: `train.prepare` calls it
+  before anything is trained or written to the workdir.
+
+  Args:
+    exp: the checked experiment.
+    training: False for an evaluation of a trained run (the training split is still read by the detectors'
+      fits and the calibrator, but outliers and the pretrained checkpoint are not).
+  """
+  s = exp.settings
+  problems = []
+  if training and s.init_from and not os.path.exists(s.init_from):
+    problems.append(f'init_from {s.init_from!r} does not exist (a workdir or a checkpoint folder of a run).')
+  if exp.base is not None and checkpoint.latest_step(os.path.join(s.base_model, checkpoint.CHECKPOINTS)) is None:
+    problems.append(f'base_model {s.base_model!r} holds no checkpoint: train it first (its config.json names '
+                    f'the command).')
+  outliers = (s.outliers.source, s.outliers.split) if training and s.outliers is not None else None
+  try:
+    catalog.check_available(
+        exp.info, splits=(exp.info.train_split, exp.info.test_split),
+        ood_names=s.eval.sets.test_sets + s.eval.sets.validation,
+        corrupted=[(c, severity) for c in s.eval.corruptions for severity in s.eval.severities],
+        outliers=outliers, data_dir=s.data_dir, benchmark_dir=s.benchmark_dir, download=s.download)
+  except sources.DatasetNotFoundError as err:
+    problems += str(err).split('\n- ')[1:]
+  if problems:
+    raise sources.DatasetNotFoundError(
+        f'{len(problems)} input(s) of this run are missing; nothing was trained or written:\n- '
+        + '\n- '.join(problems))
 
 
 def make_experiment(config: ml_collections.ConfigDict) -> Experiment:

@@ -279,10 +279,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[experiment
 
   Raises:
     checkpoint.ConfigChangedError: the workdir holds checkpoints of a different config.
+    sources.DatasetNotFoundError: a data set the run reads is missing (all of them are listed).
   """
   if config.distributed:  # before anything starts JAX's backend (make_experiment counts the devices)
     initialize_distributed()
   exp = experiment_lib.make_experiment(config)
+  experiment_lib.check_data(exp)  # every data set present before anything is trained or written
   # Before save_config replaces config.json: refuse to resume checkpoints of another config.
   changed = checkpoint.check_config_unchanged(config, workdir)
   checkpoint.save_config(config, workdir)

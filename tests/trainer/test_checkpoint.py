@@ -90,3 +90,17 @@ def test_save_config_replaces_the_file_whole(tmp_path):
   checkpoint.save_config(ml_collections.ConfigDict({'method': 'isomax'}), str(tmp_path))
   assert checkpoint.load_config(str(tmp_path)).method == 'isomax'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json']  # no temporary file left
+
+
+def test_restore_errors_show_their_cause_before_the_wrapper_text():
+  # Orbax wraps a torn file's TensorStore error in a long message of its own; the cause says what is wrong.
+  try:
+    try:
+      raise ValueError('OUT_OF_RANGE: byte range [0, 4096) is not valid for a file of 100 bytes')
+    except ValueError as cause:
+      raise RuntimeError('Failed to restore item "state" from ' + 'x' * 1000) from cause
+  except RuntimeError as wrapped:
+    text = checkpoint._short(wrapped)  # pylint: disable=protected-access
+  assert text.startswith('ValueError: OUT_OF_RANGE: byte range [0, 4096) is not valid')
+  assert '(raised as RuntimeError: Failed to restore item "state"' in text and len(text) < 800
+  assert checkpoint._short(KeyError('params')) == "KeyError: 'params'"  # pylint: disable=protected-access

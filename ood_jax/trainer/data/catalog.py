@@ -98,13 +98,7 @@ def _how_to_prepare(name: str, root: str) -> str:
           f'untar it into {os.path.join(root, "odin")} (or set --config.benchmark_dir / ${BENCHMARK_DIR_ENV}).')
 
 
-def check_prepared(names, *, benchmark_dir: str | os.PathLike | None = None) -> None:
-  """DatasetNotFoundError naming every OpenOOD / ODIN / image-list / folder set of `names` not on disk.
-
-  Run before any model: a benchmark of ten sets should not fail on the ninth after an hour. TFDS sets
-  are checked when they are read (TFDS's message says how to prepare them).
-  """
-  root = resolve_benchmark_dir(benchmark_dir)
+def _file_problems(names, root: str) -> list[str]:
   problems = []
   for name in names:
     check_ood_set(name)
@@ -118,8 +112,62 @@ def check_prepared(names, *, benchmark_dir: str | os.PathLike | None = None) -> 
       problems.append(f'Image list of {name!r} does not exist.')
     elif name.startswith(FOLDER_PREFIX) and not os.path.isdir(name[len(FOLDER_PREFIX):]):
       problems.append(f'Image folder of {name!r} does not exist.')
+  return problems
+
+
+def check_prepared(names, *, benchmark_dir: str | os.PathLike | None = None) -> None:
+  """DatasetNotFoundError naming every OpenOOD / ODIN / image-list / folder set of `names` not on disk.
+
+  Run before any model: a benchmark of ten sets should not fail on the ninth after an hour. TFDS sets
+  are checked by `check_available`, which a training run calls before its first step.
+  """
+  problems = _file_problems(names, resolve_benchmark_dir(benchmark_dir))
   if problems:
     raise sources.DatasetNotFoundError(f'{len(problems)} OOD set(s) are not prepared:\n- ' + '\n- '.join(problems))
+
+
+def check_available(info: registry.DatasetInfo, *, splits=(), ood_names=(), corrupted=(), outliers=None,
+                    data_dir: str | os.PathLike | None = None, benchmark_dir: str | os.PathLike | None = None,
+                    download: bool = False) -> None:
+  """One DatasetNotFoundError listing every data set a run would fail to read, each with how to prepare it.
+
+  Called before anything is trained or written: a run must not learn after hours that its OOD sets are
+  missing. Opens TFDS datasets without reading them (`sources.tfds_problem`); with `download`, TFDS data
+  is prepared when read and only the files and folders are checked.
+
+  Args:
+    info: the in-distribution dataset.
+    splits: its splits to read ('train', 'test').
+    ood_names: OOD test and validation set names (`check_ood_set`).
+    corrupted: (corruption, severity) pairs of `info`'s corrupted test set.
+    outliers: (source, split) of the auxiliary outliers (`load_outlier_set`), or None.
+    data_dir: TFDS data directory.
+    benchmark_dir: the benchmark releases' folder (`resolve_benchmark_dir`).
+    download: whether missing TFDS data may be downloaded.
+  """
+  root = resolve_benchmark_dir(benchmark_dir)
+  problems = _file_problems([name for name in ood_names if not name.startswith(DIGITS_PREFIX)], root)
+  tfds = []  # (builder name, split) the run reads
+  if info.tfds_name is not None:
+    tfds += [(info.tfds_name, split) for split in dict.fromkeys(splits)]
+  for name in ood_names:
+    if _file_set(name, root) is None and name in ood_sets.TFDS_SETS:
+      tfds.append(ood_sets.TFDS_SETS[name])
+  if info.name == 'cifar10':  # the released CIFAR-10-C; other datasets are corrupted on the fly
+    tfds += [(f'cifar10_corrupted/{corruption}_{severity}', 'test') for corruption, severity in corrupted]
+  if outliers is not None and outliers[0] != DIGITS_OUTLIERS:
+    source, split = outliers
+    if os.fspath(source).endswith('.npy'):
+      if not os.path.isfile(source):
+        problems.append(f'Outlier file {source!r} does not exist.')
+    else:
+      tfds.append((source, split))
+  if not download:
+    problems += [p for p in (sources.tfds_problem(n, s, data_dir=data_dir) for n, s in dict.fromkeys(tfds)) if p]
+  if problems:
+    raise sources.DatasetNotFoundError(
+        f'{len(problems)} data set(s) this run reads are missing; nothing was trained or written:\n- '
+        + '\n- '.join(problems))
 
 
 def load_ood_set(name: str, info: registry.DatasetInfo, *, data_dir: str | os.PathLike | None = None,

@@ -26,7 +26,7 @@ from ood_jax.trainer.data import sources
 
 # name → (TFDS name, split). DTD: all 5,640 images of its three splits, as OpenOOD uses them. Places365:
 # the test split (328,500 images), which Outlier Exposure evaluates on; subsampled by default.
-_TFDS_SETS = {
+TFDS_SETS = {
     'cifar10': ('cifar10', 'test'),
     'cifar100': ('cifar100', 'test'),
     'mnist': ('mnist', 'test'),
@@ -51,7 +51,7 @@ def _uniform_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
 
 
 _NOISE = {'gaussian_noise': _gaussian_noise, 'uniform_noise': _uniform_noise}
-OOD_SETS = (*_TFDS_SETS, *_NOISE, _FOLDER + '<path>', _IMGLIST + '<list file>[@<image root>]')
+OOD_SETS = (*TFDS_SETS, *_NOISE, _FOLDER + '<path>', _IMGLIST + '<list file>[@<image root>]')
 
 
 def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size: tuple[int, int] = (32, 32),
@@ -97,8 +97,8 @@ def load_ood(name: str, *, data_dir: str | os.PathLike | None = None, image_size
   elif name in _NOISE:
     pixels = _NOISE[name](np.random.default_rng(seed), (num_examples, *image_size, channels))
     images = np.round(pixels * 255).astype(np.uint8)
-  elif name in _TFDS_SETS:
-    tfds_name, split = _TFDS_SETS[name]
+  elif name in TFDS_SETS:
+    tfds_name, split = TFDS_SETS[name]
     images = sources.read_tfds(tfds_name, split, data_dir=data_dir, image_size=image_size,
                                num_examples=num_examples, seed=seed, download=download).images
   else:

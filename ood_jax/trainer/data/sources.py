@@ -326,6 +326,27 @@ def _not_prepared(tfds, builder, tfds_name: str, data_dir: str | None) -> str:
           'then pass that data_dir (or set TFDS_DATA_DIR).')
 
 
+def tfds_problem(tfds_name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> str | None:
+  """Why `tfds_name`'s `split` cannot be read without a download (with the command that prepares it), or None.
+
+  Opens the split as `read_tfds` would, without reading an example: cheap, and true to what the read will
+  find (under `tfds.testing.mock_data` too).
+  """
+  _, tfds = _tensorflow()
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as err:
+    return f'TFDS has no dataset {tfds_name!r}: {str(err).splitlines()[0]}'
+  try:
+    builder.as_dataset(split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
+  except AssertionError:  # how TFDS reports a dataset that has not been prepared
+    return _not_prepared(tfds, builder, tfds_name, data_dir)
+  except ValueError as err:  # an unknown split or slice
+    return f'TFDS dataset {tfds_name!r} has no split {split!r}: {err}'
+  return None
+
+
 def _resize_one(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
   # 2-D uint8 arrays become mode 'L', [H, W, 3] ones mode 'RGB'.
   return resize_pil(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), image_size)
