@@ -6,7 +6,7 @@ r"""Evaluate the latest checkpoint of a run: python -m experiments.evaluate --wo
 Uses the config the run saved in <workdir>/config.json (or --config=<file>); --benchmark and
 --detectors override its eval.benchmark / eval.detectors. Each set's logits and features are cached
 in <workdir>/features, so adding a detector later does not run the model again. Writes
-<workdir>/results.json and results.md (with the leaderboard table for a benchmark) and prints them.
+<workdir>/results.json and results.md (with the leaderboard table for a benchmark) and prints a summary.
 """
 
 import os
@@ -36,7 +36,7 @@ def main(argv):
       config.eval[field] = flags.FLAGS[field].value
   if flags.FLAGS.download is not None:
     config.download = flags.FLAGS.download
-  print(report.markdown(evaluate.evaluate(workdir, config)))
+  print(report.summary(evaluate.evaluate(workdir, config), results_dir=workdir))
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@ r"""Train and evaluate a method: python -m experiments.train --config=configs/<x
 
 Override any config field on the command line, e.g. --config.method=isomax --config.num_epochs=5.
 Re-running the same command after an interruption resumes from the latest checkpoint in workdir.
-Prints the results table at the end (also in <workdir>/results.md and results.json).
+Prints a short summary at the end; the tables are in <workdir>/results.md, every metric in results.json.
 
 Exit status: 0 finished; 75 (`train.PREEMPTED_EXIT_CODE`, os.EX_TEMPFAIL) a preemption notice (SIGTERM)
 stopped training after saving the last completed step: run the same command again to resume;
@@ -35,7 +35,7 @@ def main(argv):
     logging.warning('%s', e)
     sys.stdout.flush()
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  print(report.markdown(results))
+  print(report.summary(results, results_dir=flags.FLAGS.workdir))
 
 
 if __name__ == '__main__':

@@ -57,6 +57,7 @@ __all__ = [
     'classification_metrics',
     'ood_metrics',
     'mean_over_sets',
+    'score_histogram',
     'summary',
 ]
 
@@ -590,6 +591,30 @@ def mean_over_sets(per_set: dict[str, dict[str, dict[str, float]]]) -> dict[str,
     raise ValueError('mean_over_sets needs at least one OOD set.')
   return {score: {metric: float(np.mean([s[score][metric] for s in sets])) for metric in sets[0][score]}
           for score in sets[0]}
+
+
+def score_histogram(in_scores, out_scores_by_set, *, bins: int = 50) -> dict[str, Any]:
+  """Densities of one score on the in-distribution set and on each OOD set, over shared bin edges.
+
+  What `ood_jax.plots.score_histograms` draws, small enough to keep in results.json (the raw scores are not).
+
+  Args:
+    in_scores: `[N]` scores of the in-distribution test set.
+    out_scores_by_set: {set name: `[M]` scores}.
+    bins: number of equal-width bins over the range of every score.
+
+  Returns:
+    {'edges': [bins + 1], 'density': {'in-distribution': [bins], set name: [bins], ...}}, lists of floats;
+    each density integrates to one over the edges.
+  """
+  bins = _checks.positive_int('bins', bins)
+  named = {'in-distribution': _checks.host_float64('in_scores', in_scores, ndim=1, allow_integer=True)}
+  for name, values in out_scores_by_set.items():
+    named[name] = _checks.host_float64(f'out_scores_by_set[{name!r}]', values, ndim=1, allow_integer=True)
+  edges = np.histogram_bin_edges(np.concatenate(list(named.values())), bins=bins)
+  return {'edges': edges.tolist(),
+          'density': {name: np.histogram(values, bins=edges, density=True)[0].tolist()
+                      for name, values in named.items()}}
 
 
 def summary(values) -> dict[str, float]:

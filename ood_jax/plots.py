@@ -36,6 +36,7 @@ import numpy as np
 
 from ood_jax import _extras
 from ood_jax import calibration
+from ood_jax import metrics
 
 # The figures need the 'plots' extra: checked before matplotlib is imported, so its absence names the extra.
 _extras.require(_extras.MODULES['ood_jax.plots'], needed_by='ood_jax.plots')
@@ -472,7 +473,8 @@ def score_histograms(in_scores, out_scores_by_set: Mapping[str, Any], *, score_n
   """Densities of one OOD score on the in-distribution test set and on each OOD set.
 
   All sets share one set of bin edges over the range of every score, and each histogram is a
-  density (integrating to one), so sets of different sizes compare directly.
+  density (integrating to one), so sets of different sizes compare directly
+  (`metrics.score_histogram` computes them; `score_histogram_figure` draws them).
 
   Args:
     in_scores: `[N]` scores of the in-distribution test set.
@@ -485,21 +487,20 @@ def score_histograms(in_scores, out_scores_by_set: Mapping[str, Any], *, score_n
     sets in order; `patch.get_data()` gives each density and the shared edges.
   """
   _nonempty_mapping('out_scores_by_set', out_scores_by_set)
-  named = {'in-distribution': _array('in_scores', in_scores, ndim=1)}
-  for name, scores in out_scores_by_set.items():
-    named[name] = _array(f'out_scores_by_set[{name!r}]', scores, ndim=1)
-  edges = np.histogram_bin_edges(np.concatenate(list(named.values())), bins=bins)
+  checked = {name: _array(f'out_scores_by_set[{name!r}]', v, ndim=1) for name, v in out_scores_by_set.items()}
+  histogram = metrics.score_histogram(_array('in_scores', in_scores, ndim=1), checked, bins=bins)
+  return score_histogram_figure(histogram, score_name=score_name)
+
+
+def score_histogram_figure(histogram: Mapping[str, Any], *, score_name: str) -> Figure:
+  """Draws a `metrics.score_histogram` block (as the evaluator keeps it in results['score_histogram'])."""
+  edges = np.asarray(histogram['edges'], np.float64)
   fig, (ax,) = _figure(1, width=1.4 * _PANEL_SIZE)
-  for (name, scores), color in zip(named.items(), _colors(len(named))):
-    density, _ = np.histogram(scores, bins=edges, density=True)
-    ax.stairs(density, edges, fill=True, alpha=0.4, color=color, label=name)
+  for (name, density), color in zip(histogram['density'].items(), _colors(len(histogram['density']))):
+    ax.stairs(np.asarray(density, np.float64), edges, fill=True, alpha=0.4, color=color, label=name)
   ax.set(xlabel=score_name, ylabel='Density')
   ax.legend()
   return fig
-
-
-# ----------------------------------------------------------------------------------------------
-# 2-D toy problems (paper 002, Figs. 1 and S1).
 
 
 def confidence_landscape(confidence_fn: Callable[[np.ndarray], Any] | Mapping[str, Callable],

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ['METHOD_SCORE_DETECTORS', 'benchmark_block', 'compare_markdown', 'markdown', 'twin_detectors']
+__all__ = ['METHOD_SCORE_DETECTORS', 'benchmark_block', 'compare_markdown', 'markdown', 'row_label',
+           'twin_detectors']
 
 _TABLE_FPR = 'fpr95_ood_positive'
 
@@ -58,6 +59,12 @@ def _group_mean(per_set: dict[str, dict[str, float]], sets) -> dict[str, float]:
   return {metric: float(np.mean([per_set[s][metric] for s in sets])) for metric in per_set[sets[0]]}
 
 
+def _same(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> bool:
+  # The two computations may round the scores differently in the last float32 bit.
+  return a.keys() == b.keys() and all(a[s].keys() == b[s].keys() and np.allclose(
+      [a[s][m] for m in a[s]], [b[s][m] for m in a[s]], rtol=0, atol=1e-6) for s in a)
+
+
 def benchmark_block(results: dict[str, Any], *, protocol: str, groups: dict[str, tuple[str, ...]],
                     validation: tuple[str, ...]) -> dict[str, Any]:
   """The results' 'benchmark' entry.
@@ -85,7 +92,7 @@ def benchmark_block(results: dict[str, Any], *, protocol: str, groups: dict[str,
   merged = {}
   for name in detector_block.get('ood_mean', {}):
     per_set = {s: detector_block['ood'][s][name] for s in detector_block['ood']}
-    if name in twins and name not in tuning and per_set == sources[score_names.index(twins[name])][2]:
+    if name in twins and name not in tuning and _same(per_set, sources[score_names.index(twins[name])][2]):
       merged[twins[name]] = name  # results of an older run, or one that fitted the twin anyway: the same row
       continue
     sources.append(('post-hoc', name, per_set, tuning.get(name)))
@@ -113,7 +120,8 @@ def _hparams_text(row: dict[str, Any]) -> str:
   return ', '.join(f'{key}={value}' for key, value in row['hparams'].items())
 
 
-def _label(row: dict[str, Any]) -> str:
+def row_label(row: dict[str, Any]) -> str:
+  """A row's name, with the post-hoc detector it equals for a method score: 'max_softmax (= msp)'."""
   twin = row.get('same_as')
   return f"{row['name']} (= {twin})" if twin and twin != row['name'] else row['name']
 
@@ -128,7 +136,7 @@ def markdown(block: dict[str, Any]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---:|' + '---|---|' + '---:|' * (2 * len(groups) + len(sets))
            + '---|']
   for rank, row in enumerate(sorted(block['rows'], key=lambda r: _sort_key(r, groups)), 1):
-    cells = [str(rank), _label(row), row['kind']]
+    cells = [str(rank), row_label(row), row['kind']]
     cells += [f"{100 * row['groups'][g]['auroc']:.2f}" for g in groups]
     cells += [f"{100 * row['groups'][g][_TABLE_FPR]:.2f}" for g in groups]
     cells += [f"{100 * row['per_set'][s]['auroc']:.2f}" for s in sets]
@@ -163,7 +171,7 @@ def compare_markdown(runs: dict[str, dict[str, Any]]) -> str:
   if len(protocols) > 1:
     raise ValueError(f'runs use different protocols {sorted(protocols)}: their group means do not compare.')
   groups = [g for g, s in next(iter(blocks.values()))['groups'].items() if s]
-  key = lambda row: f"{_label(row)} ({row['kind']})"
+  key = lambda row: f"{row_label(row)} ({row['kind']})"
   names = list(dict.fromkeys(key(row) for b in blocks.values() for row in b['rows']))
   header = ['score / detector'] + list(blocks)
   accuracy = lambda b: f"{100 * b['id_accuracy']:.2f} %" if b.get('id_accuracy') is not None else '–'

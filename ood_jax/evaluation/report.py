@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from ood_jax import _extras
 from ood_jax.evaluation import leaderboard
 from ood_jax import metrics
 
@@ -45,11 +46,10 @@ def _detector_table(block: dict[str, Any]) -> list[str]:
   """One row per detector: AUROC / FPR@95 (%) on every OOD set and their mean."""
   sets = list(block['ood'])
   names = list(block.get('ood_mean', {}))
-  lines = ['Post-hoc detectors (fitted on the training features; AUROC / FPR@95 with ID positive, %):', '',
+  lines = ['Post-hoc detectors (fitted on the training features), AUROC % / FPR@95 % (OOD positive):', '',
            '| detector | ' + ' | '.join(sets) + ' | mean |', '|---|' + '---:|' * (len(sets) + 1)]
-  pair = lambda values: f"{100 * values['auroc']:.2f} / {100 * values['fpr95_id_positive']:.2f}"
   for name in names:
-    cells = [pair(block['ood'][s][name]) for s in sets] + [pair(block['ood_mean'][name])]
+    cells = [_pair(block['ood'][s][name]) for s in sets] + [_pair(block['ood_mean'][name])]
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   for name, message in block.get('errors', {}).items():
     lines.append(f'| {name} | failed: {message} |')
@@ -79,11 +79,12 @@ def markdown(results: dict[str, Any]) -> str:
   if results.get('benchmark'):
     lines += [leaderboard.markdown(results['benchmark'])]
   if results.get('ood'):
-    lines += _ood_table(f"OOD detection (default score `{results['default_score']}`), percentages; FPR@95 with "
-                        'ID (ID+) or OOD (OOD+) as the positive class:',
+    lines += _ood_table(f"The method's scores per OOD set (default `{results['default_score']}`), %; FPR@95 and "
+                        'TNR@95 with ID (ID+) or OOD (OOD+) as the positive class, AUPR-In / -Out with ID / OOD '
+                        'positive:',
                         results['ood'], results.get('ood_mean'), 'score')
-  if results.get('detectors', {}).get('ood'):
-    lines += _detector_table(results['detectors'])
+  if results.get('detectors', {}).get('ood') and not results.get('benchmark'):
+    lines += _detector_table(results['detectors'])  # the leaderboard holds them otherwise
   if results.get('corrupted'):
     corrupted = results['corrupted']
     calibrated = 'calibrated' in corrupted['mean']
@@ -105,14 +106,116 @@ def markdown(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def write_results(results: dict[str, Any], workdir: str) -> None:
-  """<workdir>/results.json and <workdir>/results.md (process 0 only)."""
+def _pair(values: dict[str, float]) -> str:
+  return f"{100 * values['auroc']:.2f} / {100 * values['fpr95_ood_positive']:.2f}"
+
+
+def summary(results: dict[str, Any], *, results_dir: str | None = None, best: int = 3) -> str:
+  """The few lines a person reads after a run; the tables are in results.md.
+
+  ID accuracy and calibration (raw and after the calibrator), the method's default score and the `best`
+  detectors per OOD group (AUROC % / FPR@95 % with OOD as the positive class, as the leaderboard), the
+  shift summary when corrupted sets were evaluated, and where the full tables and figures are.
+  """
+  in_dist = results['in_distribution']
+  head = (f"{results['method']} · {results['backbone']} · {results['dataset']}: "
+          f"ID accuracy {100 * in_dist['accuracy']:.2f} %")
+  if 'ece' in in_dist:
+    head += f", ECE {in_dist['ece']:.4f}"
+  if 'calibrated' in in_dist:
+    head += f" ({_calibrated_label(results).lstrip('+ ')}: {in_dist['calibrated']['ece']:.4f})"
+  lines = [head]
+  if results.get('calibration', {}).get('warning'):
+    lines.append(f"  note: {results['calibration']['warning']}")
+  block = results.get('benchmark')
+  if block:
+    groups = {g: sets for g, sets in block['groups'].items() if sets}
+    lines.append('OOD detection, AUROC % / FPR@95 % (OOD positive): ' + '; '.join(
+        f'{g} = {", ".join(sets)}' for g, sets in groups.items()))
+    default = next((r for r in block['rows'] if r['kind'] == 'method' and r['name'] == results['default_score']),
+                   None)
+    if default is not None:
+      lines.append(f"  {leaderboard.row_label(default)} (the method's score): " + ', '.join(
+          f'{g} {_pair(default["groups"][g])}' for g in groups))
+    detectors = [r for r in block['rows'] if r['kind'] == 'post-hoc']
+    for g in groups if detectors else ():
+      top = sorted(detectors, key=lambda r: (-r['groups'][g]['auroc'], r['groups'][g]['fpr95_ood_positive']))[:best]
+      lines.append(f'  best detectors on {g}: ' + ', '.join(f"{r['name']} {_pair(r['groups'][g])}" for r in top))
+  elif results.get('ood_mean'):
+    score = results['default_score']
+    lines.append(f"OOD detection, mean over {len(results['ood'])} set(s), AUROC % / FPR@95 % (OOD positive): "
+                 f"{score} {_pair(results['ood_mean'][score])}")
+    detector_means = results.get('detectors', {}).get('ood_mean', {})
+    top = sorted(detector_means.items(), key=lambda item: -item[1]['auroc'])[:best]
+    if top:
+      lines.append('  best detectors: ' + ', '.join(f'{name} {_pair(values)}' for name, values in top))
+  if results.get('corrupted'):
+    mean = results['corrupted']['mean']
+    text = f"Under corruption (mean over all): accuracy {100 * mean['accuracy']:.2f} %, ECE {mean['ece']:.4f}"
+    if 'calibrated' in mean:
+      text += f" (calibrated {mean['calibrated']['ece']:.4f})"
+    lines.append(text)
+  if results_dir is not None:
+    lines.append(f'Full tables: {os.path.join(results_dir, RESULTS_MD)} (figures beside it); every metric: '
+                 f'{os.path.join(results_dir, RESULTS_JSON)}.')
+  return '\n'.join(lines) + '\n'
+
+
+def write_figures(results: dict[str, Any], directory: str) -> tuple[list[str], str | None]:
+  """The run's figures as PNG files in `directory`: what results.md links.
+
+  Reliability diagram (raw and, with a calibrator, calibrated), the densities of the method's default score
+  on the test set and each OOD set, and ECE and accuracy against corruption severity (raw and calibrated)
+  when corrupted sets were evaluated. matplotlib is an extra (`ood_jax[plots]`): without it nothing is drawn.
+
+  Returns:
+    (file names written, in order; why figures were skipped, or None).
+  """
+  if not _extras.installed('matplotlib'):
+    return [], _extras.missing_message('Drawing the figures of results.md', ['matplotlib'])
+  plots = _extras.import_optional('ood_jax.plots', needed_by='Drawing the figures of results.md')
+  figures = {}
+  in_dist = results.get('in_distribution', {})
+  calibrated = 'calibrated' in in_dist
+  if 'reliability' in in_dist:
+    figures['reliability.png'] = lambda: plots.reliability_diagram(results, title='Reliability (test set)')
+    if calibrated and 'reliability' in in_dist['calibrated']:
+      figures['reliability_calibrated.png'] = lambda: plots.reliability_diagram(
+          plots.calibrated(results), title=f'Reliability after {_calibrated_label(results).lstrip("+ ")}')
+  if results.get('score_histogram'):
+    figures['scores.png'] = lambda: plots.score_histogram_figure(results['score_histogram'],
+                                                                 score_name=results['default_score'])
+  if results.get('corrupted'):
+    runs = {results['method']: results}
+    if calibrated:
+      runs[plots.calibrated_label(results['method'], results)] = plots.calibrated(results)
+    for metric in ('ece', 'accuracy'):
+      figures[f'shift_{metric}.png'] = lambda m=metric: plots.shift_box_plots(runs, metric=m)
+  for name, draw in figures.items():
+    draw().savefig(os.path.join(directory, name), dpi=100, bbox_inches='tight')
+  return list(figures), None
+
+
+def _figures_section(names: list[str], skipped: str | None) -> str:
+  if skipped:
+    return f'Figures: none drawn. {skipped}\n'
+  titles = {'reliability.png': 'reliability diagram', 'reliability_calibrated.png': 'reliability, calibrated',
+            'scores.png': "the method's score on ID and OOD sets", 'shift_ece.png': 'ECE under shift',
+            'shift_accuracy.png': 'accuracy under shift'}
+  return '## Figures\n\n' + '\n'.join(f'![{titles.get(n, n)}]({n})' for n in names) + '\n'
+
+
+def write_results(results: dict[str, Any], workdir: str, *, figures: bool = True) -> None:
+  """<workdir>/results.json, <workdir>/results.md and the figures it links (process 0 only)."""
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, RESULTS_JSON), 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2)
+  text = markdown(results)
+  if figures:
+    text += '\n' + _figures_section(*write_figures(results, workdir))
   with open(os.path.join(workdir, RESULTS_MD), 'w', encoding='utf-8') as f:
-    f.write(markdown(results))
+    f.write(text)
 
 
 def load_results(workdirs) -> dict[str, dict[str, Any]]:
@@ -154,15 +257,22 @@ def comparison_markdown(runs: dict[str, dict[str, Any]]) -> str:
     raise ValueError('comparison_markdown needs at least one run.')
   ood_names = list(dict.fromkeys(name for run in runs.values() for name in run.get('ood', {})))
   corrupted = any(run.get('corrupted') for run in runs.values())
-  header = ['run', 'method', 'accuracy', 'ECE', 'score', *(f'{name} AUROC / FPR95' for name in ood_names)]
-  header += ['mean AUROC / FPR95'] if ood_names else []  # FPR95: ID positive, as the papers
-  header += ['shifted accuracy', 'shifted ECE'] if corrupted else []
-  align = ['---', '---', '---:', '---:', '---'] + ['---:'] * (len(header) - 5)  # text left, numbers right
+  calibrated = any('calibrated' in run['in_distribution'] for run in runs.values())
+  fpr = 'FPR@95 (ID+)'  # ID positive, as the papers of these methods report it
+  header = ['run', 'method', 'accuracy', 'ECE (raw)'] + (['ECE (calibrated)'] if calibrated else []) + ['score']
+  header += [f'{name} AUROC / {fpr}' for name in ood_names]
+  header += [f'mean AUROC / {fpr}'] if ood_names else []
+  header += ['shifted accuracy', 'shifted ECE (raw)'] if corrupted else []
+  text_columns = 4 + calibrated
+  align = ['---', '---'] + ['---:'] * (text_columns - 2) + ['---'] + ['---:'] * (len(header) - text_columns - 1)
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(align) + '|']
   pair = lambda values: f"{100 * values['auroc']:.1f} / {100 * values['fpr95_id_positive']:.1f}"
   for label, run in runs.items():
     score, in_dist = run['default_score'], run['in_distribution']
-    row = [label, run['method'], f"{100 * in_dist['accuracy']:.2f} %", f"{in_dist['ece']:.4f}", score]
+    row = [label, run['method'], f"{100 * in_dist['accuracy']:.2f} %", f"{in_dist['ece']:.4f}"]
+    if calibrated:
+      row += [f"{in_dist['calibrated']['ece']:.4f}" if 'calibrated' in in_dist else '–']
+    row += [score]
     row += [pair(run['ood'][name][score]) if name in run.get('ood', {}) else '–' for name in ood_names]
     row += [pair(run['ood_mean'][score]) if run.get('ood_mean') else '–'] if ood_names else []
     if corrupted:

@@ -207,7 +207,9 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
       out_shardings=(state_sharding, replicated),
       donate_argnums=0, compiler_options=xla_options.compiler_options(not settings.xla_cpu_defaults))
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # TensorBoard summaries on process 0 only; the progress line below is the one log line per interval (clu's
+  # default writer would log every scalar a second time).
+  writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)] if jax.process_index() == 0 else [])
   log_every = settings.log_every_steps
   checkpoint_every = settings.checkpoint_every_steps
   every_seconds = 60.0 * settings.checkpoint_every_minutes
