@@ -135,7 +135,7 @@ def baselines(batches, test, head, k, d):
       'mahalanobis': lambda: _baseline_mahalanobis(batches, test, k),
       'rmds': lambda: _baseline_mahalanobis(batches, test, k, background=True),
       'knn': lambda: _baseline_knn(batches, test),
-      'vim': lambda: _baseline_vim(batches, test, head, detectors.distance.vim_default_dim(d)),
+      'vim': lambda: _baseline_vim(batches, test, head, detectors.subspace.vim_default_dim(d)),
   }
 
 
@@ -152,7 +152,7 @@ def main(argv):
   for name in names:
     det = detectors.get(name)
     state, fit_s, fit_mem = measure(lambda det=det: det.fit(batches, head=head, num_classes=k))
-    score = jax.jit(lambda s, z, h, det=det: det.score(s, logits=z, features=h))
+    score = jax.jit(lambda s, z, h, det=det: det.score(s, {'logits': z, 'features': h}))
     jax.block_until_ready(score(state, test['logits'], test['features']))  # Compile.
     runs = [measure(lambda score=score, state=state: score(state, test['logits'], test['features']))
             for _ in range(FLAGS.rounds)]

@@ -17,12 +17,14 @@ peer time / ood_jax time (> 1: ood_jax is faster) and checks that both computed 
   `IndexFlatL2` (normalising, `add` and `search`; then √ of the k-th squared distance), bank
   50 000 × 512, 10 000 queries, k = 50. faiss uses as many OpenMP threads as JAX has cores (and its GPU
   index with --platform=gpu when its build has one).
-* mahalanobis fit: `ood_jax.scores.fit_gaussian` (class means + shared covariance, float64 on the host,
-  with its eigenvalue test and Cholesky factor) against NumPy class means + scikit-learn
-  `EmpiricalCovariance(assume_centered=True)` on the class-centred float64 features (which also forms the
-  precision matrix), 50 000 × 512, 10 classes. Means, covariance and precision are compared.
-* mahalanobis score: `ood_jax.scores.mahalanobis` (triangular solves, float32) against a NumPy float32
-  expansion fᵀPf − 2fᵀPμ_k + μ_kᵀPμ_k with P the precision matrix; checked against the float64 expansion.
+* mahalanobis fit: the fit of `detectors.get('mahalanobis')`, the one the evaluator runs (class means +
+  shared covariance streamed in float64 on the host, its eigenvalue test, Cholesky factor and whitened
+  means), with ridge = 0 so that it is the maximum-likelihood estimate, against NumPy class means +
+  scikit-learn `EmpiricalCovariance(assume_centered=True)` on the class-centred float64 features (which
+  also forms the precision matrix), 50 000 × 512, 10 classes. Means, covariance and precision are compared.
+* mahalanobis score: that detector's score (one triangular solve and one matrix product, float32) against
+  a NumPy float32 expansion fᵀPf − 2fᵀPμ_k + μ_kᵀPμ_k with P the precision matrix; checked against the
+  float64 expansion.
 * train / inference: the jitted training step of `experiments.benchmark.make_step` (forward, backward, SGD
   momentum 0.9, state donated) of `ood_jax.models.make_classifier(name, 'dense', 10)` on random 32×32×3
   images, compiled with `ood_jax.trainer.xla_options.compiler_options()` as the trainer compiles it, and again
@@ -73,6 +75,7 @@ import optax
 
 from experiments import benchmark as train_benchmark
 from experiments import torch_references
+from ood_jax import detectors
 from ood_jax import metrics
 from ood_jax import models
 from ood_jax import scores
@@ -335,13 +338,15 @@ def mahalanobis_rows(sizes: Sizes, rng: np.random.Generator) -> list[Row]:
   centres, mixing = _clusters(rng, sizes)
   features, labels = _features(rng, n, centres, mixing)
   queries, _ = _features(rng, sizes.queries, centres, mixing)
+  detector = detectors.get('mahalanobis', ridge=0.0)
   got = {}
   best = _race({
-      'ours': _timed(lambda: jax.block_until_ready(scores.fit_gaussian(features, labels, num_classes=num_classes)),
-                     got, 'ours'),
+      'ours': _timed(lambda: jax.block_until_ready(detector.fit({'features': features, 'labels': labels},
+                                                                num_classes=num_classes)), got, 'ours'),
       'peer': _timed(lambda: _sklearn_gaussian(covariance_module, features, labels, num_classes), got, 'peer'),
   }, sizes.slow_rounds, sizes.warmup)
-  gaussian = got['ours']
+  state = got['ours']
+  gaussian = state.gaussian
   means, covariance, precision = got['peer']
   cholesky = np.asarray(gaussian.cholesky, np.float64)
   inverse_cholesky = np.linalg.solve(cholesky, np.eye(d))
@@ -356,7 +361,7 @@ def mahalanobis_rows(sizes: Sizes, rng: np.random.Generator) -> list[Row]:
   queries_device = jax.device_put(queries)
   means32, precision32 = means.astype(np.float32), precision.astype(np.float32)
   best = _race({
-      'ours': _timed(lambda: scores.mahalanobis(queries_device, gaussian).block_until_ready(), got, 'score'),
+      'ours': _timed(lambda: detector.score(state, {'features': queries_device}).block_until_ready(), got, 'score'),
       'peer': _timed(lambda: _numpy_mahalanobis(queries, means32, precision32)),
   }, sizes.rounds, sizes.warmup)
   reference = _numpy_mahalanobis(queries.astype(np.float64), means, precision)

@@ -255,8 +255,8 @@ def test_nnx_mnist_tutorial_with_isomax_head():
   # A post-hoc detector on the penultimate features: Mahalanobis, fitted on the training digits.
   mahalanobis = detectors.get('mahalanobis')
   state = mahalanobis.fit({'features': train_features, 'labels': y_train}, num_classes=NUM_CLASSES)
-  in_scores = mahalanobis.score(state, features=test_features)
-  out_scores = mahalanobis.score(state, features=ood_features)
+  in_scores = mahalanobis.score(state, {'features': test_features})
+  out_scores = mahalanobis.score(state, {'features': ood_features})
   _check_auroc(in_scores, out_scores, 0.85)
 
   # Fix 2 (scores.fit_gaussian docstring): the detector's ridge is 1e-6, fit_gaussian's 0, and ReLU

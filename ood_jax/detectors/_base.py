@@ -1,8 +1,9 @@
 """The plumbing every detector family shares: training batches, host conversion, argument and state checks.
 
 Training batches are dicts with 'logits', 'features', 'labels' and optionally 'feature_maps'; fits
-iterate them (once, or twice for two-pass fits), convert them to float64 on the host, and check
-their shapes; scoring functions check the fitted state and their arguments.
+iterate them (once, or twice for two-pass fits), convert them to float64 on the host (once: `host` is
+the only conversion), and check their shapes; scoring functions check the fitted state and their
+arguments.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 
 from ood_jax import _checks
-
 
 
 class Head(NamedTuple):
@@ -133,6 +134,13 @@ def host_logits(batch, index, head: Head | None, *, detector: str) -> np.ndarray
                    f'{index} has keys {sorted(batch)}.')
 
 
+def labelled(batch, index, num_classes, *, detector: str, dim: int | None = None):
+  """The batch's float64 'features' `[B, D]` (D checked against `dim`) and their int64 'labels'."""
+  features = host(batch, 'features', index, detector=detector)
+  check_dim('features', features, dim, index)
+  return features, host_labels(batch, index, num_classes, features.shape[0], detector=detector)
+
+
 def check_dim(name: str, value: np.ndarray, expected: int | None, index: int, axis: int = -1) -> int:
   if expected is not None and value.shape[axis] != expected:
     raise ValueError(f'{name} (batch {index}) have dimension {value.shape[axis]}, expected {expected} '
@@ -164,6 +172,36 @@ def features_arg(features, *, detector: str, dim: int | None = None, name: str =
     raise ValueError(f'{name} have dimension {features.shape[1]}, but detector {detector!r} was fitted '
                      f'on dimension {dim}.')
   return features.astype(_checks.compute_dtype(features))
+
+
+def any_logits(logits, name: str = 'logits'):
+  """Validates `[..., K]` logits with K >= 1 (any leading shape); returns them in the compute dtype."""
+  dtype = getattr(logits, 'dtype', None)
+  if dtype is None:
+    logits = np.asarray(logits)
+    dtype = logits.dtype
+  if jnp.issubdtype(dtype, jnp.integer):
+    # Integer arrays are labels: the usual mistake is an argument order copied from elsewhere.
+    raise TypeError(f'{name} must have a floating dtype, got {dtype}: integer arrays look like labels, '
+                    f'and scores take floating [..., num_classes] logits (model outputs).')
+  logits = _checks.floating(name, logits, min_ndim=1)
+  _checks.nonempty(name, logits, axis=-1)
+  return logits.astype(_checks.compute_dtype(logits))
+
+
+def traced_hyperparameter(values, name, value, ok, requirement):
+  """NaN scores (and a checkify check) when a traced hyperparameter breaks its range.
+
+  Concrete values are checked eagerly with a ValueError and pass through unchanged; a traced one
+  cannot be read, so a bad value makes every score NaN, which the metrics then reject loudly.
+  `jax.experimental.checkify.checkify` turns it into an error message (the check is free
+  otherwise).
+  """
+  if _checks.is_concrete(value):
+    return values
+  good = ok(jnp.asarray(value))
+  checkify.check(good, f'{name} must be {requirement}, got {{value}}.', value=value, debug=True)
+  return jnp.where(good, values, jnp.asarray(jnp.nan, values.dtype))
 
 
 def logits_arg(logits, *, detector: str, num_classes: int | None = None):

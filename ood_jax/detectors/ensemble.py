@@ -17,6 +17,7 @@ predictive distribution; OpenOOD's `dropout` postprocessor averages logits inste
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -24,10 +25,13 @@ import jax.numpy as jnp
 
 from ood_jax import _checks
 from ood_jax.detectors import _base as base
+from ood_jax.detectors import registry
 from ood_jax.detectors import shaping
 
 __all__ = [
     'feature_dropout_logits',
+    'mc_dropout',
+    'mc_dropout_features',
     'mc_dropout_logits',
     'mean_msp',
     'mutual_information',
@@ -75,6 +79,19 @@ def mutual_information(member_logits):
   return -jnp.maximum(info, 0.0)
 
 
+def mc_dropout(stochastic_apply_fn: Callable, inputs, rng=None, *, num_samples=10, reduce=mean_msp):
+  """`reduce` (a member score above) of `num_samples` dropout samples (`mc_dropout_logits`); rng 0 if None."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return reduce(mc_dropout_logits(stochastic_apply_fn, inputs, rng, num_samples=num_samples))
+
+
+for _suffix, _reduce in (('', mean_msp), ('_entropy', predictive_entropy), ('_mi', mutual_information)):
+  registry.register(f'ensemble{_suffix}', needs={'members'}, score=_reduce,
+                    paper='Lakshminarayanan, Pritzel & Blundell 2017', year=2017)
+  registry.register(f'mc_dropout{_suffix}', needs={'model'}, score=functools.partial(mc_dropout, reduce=_reduce),
+                    defaults={'num_samples': 10}, paper='Gal & Ghahramani 2016', year=2016)
+
+
 def mc_dropout_logits(apply_fn: Callable, inputs, rng, *, num_samples=10):
   """T stochastic forward passes, batched by `jax.vmap` over T dropout keys → `[T, N, K]`.
 
@@ -116,3 +133,14 @@ def feature_dropout_logits(state: shaping.HeadState, features, rng, *, rate=0.5,
     return base.head_logits(jnp.where(keep, h / (1.0 - rate), 0.0), state.head)
 
   return jax.vmap(one)(keys)
+
+
+def mc_dropout_features(state: shaping.HeadState, features, rng=None, *, rate=0.5, num_samples=5):
+  """MSP of the mean softmax over `feature_dropout_logits` samples (OpenOOD's `dropout`); rng 0 if None."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return mean_msp(feature_dropout_logits(state, features, rng, rate=rate, num_samples=num_samples))
+
+
+registry.register('mc_dropout_features', needs={'features', 'head'}, fit=shaping.fit_head, score=mc_dropout_features,
+                  defaults={'rate': 0.5, 'num_samples': 5}, paper='Gal & Ghahramani 2016 (OpenOOD feature dropout)',
+                  year=2016)

@@ -1,4 +1,4 @@
-"""Logit and probability detectors.
+"""Logit and probability detectors, and the logit scores' arithmetic (`ood_jax.scores` re-exports it).
 
 Scores (higher = more in-distribution), on logits z `[N, K]`, p = softmax(z):
 
@@ -6,81 +6,222 @@ Scores (higher = more in-distribution), on logits z `[N, K]`, p = softmax(z):
 * Max-logit: max_k z_k (Hendrycks et al. 2022, "Scaling out-of-distribution detection for real-world
   settings").
 * Energy: T·logsumexp(z / T) (Liu et al. 2020, eq. 5, negated free energy).
-* Entropy: Σ_k p_k log p_k, the negative Shannon entropy.
+* Entropy: Σ_k p_k log p_k, the negative Shannon entropy (IsoMax's entropic score, Macêdo et al. 2021, eq. 7).
 * Temperature-scaled MSP: max_k softmax(z / T)_k with T fitted by negative log-likelihood on held-out
-  in-distribution data (Guo et al. 2017, "On calibration of modern neural networks").
+  in-distribution data (Guo et al. 2017, "On calibration of modern neural networks", Section 4.2), by
+  `ood_jax.calibration.fit_temperature`.
 * GEN: −Σ_{j ≤ M} p_(j)^γ (1 − p_(j))^γ over the M largest probabilities (Liu, Lochman & Zach 2023,
   "GEN: Pushing the limits of softmax-based out-of-distribution detection", eq. 6).
 * KL-matching: −min_k KL(p ‖ d_k) with templates d_k = mean softmax of the fitting examples predicted
   as class k (Hendrycks et al. 2022, Section 4).
 
-The second half of the module holds the plumbing the other families import: how training batches
-(dicts with 'logits', 'features', 'labels', optionally 'feature_maps') are iterated, converted to
-float64 on the base.host, checked, and how fitted states are checked at scoring time.
+`max_softmax`, `max_logit`, `entropic_score` and `energy` take `[..., K]` logits (they are
+`ood_jax.scores`' logit scores); the registered detectors check `[N, K]` logits and name themselves in
+their errors.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ood_jax import _checks
-from ood_jax import scores
+from ood_jax import calibration
 from ood_jax.detectors import _base as base
+from ood_jax.detectors import registry
 
 __all__ = [
     'KLMatchingState',
-    'TemperatureState',
     'energy',
+    'entropic_score',
     'entropy',
     'fit_kl_matching',
-    'fit_temperature',
+    'fit_temperature_msp',
     'gen',
     'kl_matching',
     'max_logit',
+    'max_softmax',
     'msp',
     'temperature_msp',
 ]
 
 
 # ------------------------------------------------------------------------------------------------
-# Logit-only scores (trivial fit).
+# Logit scores, `[..., K]` → `[...]` (the arithmetic of `ood_jax.scores`).
 # ------------------------------------------------------------------------------------------------
 
 
-def msp(logits):
-  """Maximum softmax probability max_k p_k (Hendrycks & Gimpel 2017); `ood_jax.scores.max_softmax`."""
-  return scores.max_softmax(base.logits_arg(logits, detector='msp'))
+def max_softmax(logits):
+  """Maximum softmax probability (MSP), max_k softmax(z)_k.
+
+  Computed as exp(max_k log_softmax(z)_k). `log_softmax` subtracts the maximum logit before
+  anything else, so its largest entry is exactly −log Σ_k exp(z_k − max z): precise even for logits
+  of ±1e4, where max z − logsumexp(z) would lose ~1e-3 to the rounding of two numbers near 1e4.
+
+  Args:
+    logits: `[..., num_classes]` floating logits.
+
+  Returns:
+    `[...]` scores in (0, 1], in at least float32.
+  """
+  return jnp.exp(jnp.max(jax.nn.log_softmax(base.any_logits(logits), axis=-1), axis=-1))
 
 
 def max_logit(logits):
-  """Maximum logit max_k z_k (Hendrycks et al. 2022, "MaxLogit"); `ood_jax.scores.max_logit`."""
-  return scores.max_logit(base.logits_arg(logits, detector='max_logit'))
+  """Maximum logit, max_k z_k.
+
+  For IsoMax / distance logits z_k = −‖f − p_k‖ this is the minimum distance score (MDS,
+  paper 000): minus the distance to the nearest prototype.
+
+  Args:
+    logits: `[..., num_classes]` floating logits.
+
+  Returns:
+    `[...]` scores, in at least float32.
+  """
+  return jnp.max(base.any_logits(logits), axis=-1)
+
+
+def entropic_score(logits):
+  """Entropic score: negative entropy of softmax(z), Σ_k p_k log p_k (paper 000, eq. 7).
+
+  Pass the raw distance logits: the entropic scale E_s multiplies them in the IsoMax loss only and
+  is removed at inference (paper 000, Section 3).
+
+  log p comes from `log_softmax`, so log p stays finite (≈ −2e4 for logits [1e4, −1e4]) while
+  p = exp(log p) underflows to exactly 0, and p·log p = 0 as in the limit p → 0. Terms whose p is
+  exactly zero are masked as well, so that a −inf logit (log p = −inf) contributes 0, not 0·(−inf).
+
+  Args:
+    logits: `[..., num_classes]` floating logits.
+
+  Returns:
+    `[...]` scores in [−log K, 0], in at least float32; 0 for a one-hot prediction.
+  """
+  log_p = jax.nn.log_softmax(base.any_logits(logits), axis=-1)
+  p = jnp.exp(log_p)
+  # Mask log p itself (not only the product) so that the cotangent reaching a −inf log p is an
+  # exact 0 rather than 0·inf.
+  safe_log_p = jnp.where(p > 0, log_p, 0.0)
+  return jnp.sum(p * safe_log_p, axis=-1)
 
 
 def energy(logits, *, temperature=1.0):
-  """Negative free energy T·logsumexp(z / T) (Liu et al. 2020, eq. 5; default T = 1 as the paper).
+  """Energy score (negative free energy), T·logsumexp(z / T) (Liu et al. 2020).
+
+  The free energy is E(x) = −T·logsumexp(z / T); its negative is returned so that, like every
+  score here, higher means more in-distribution.
 
   Args:
-    logits: `[N, K]` floating logits.
-    temperature: T > 0.
+    logits: `[..., num_classes]` floating logits.
+    temperature: T > 0. The Energy paper scores with T = 1. A Python or concrete T ≤ 0 raises
+      ValueError; a traced one (a jit argument) gives NaN scores.
 
   Returns:
-    `[N]` scores in at least float32.
+    `[...]` scores, in at least float32.
   """
-  return scores.energy(base.logits_arg(logits, detector='energy'), temperature=temperature)
+  z = base.any_logits(logits)
+  _checks.positive('temperature', temperature)
+  t = jnp.asarray(temperature, dtype=z.dtype)
+  out = t * jax.nn.logsumexp(z / t, axis=-1)
+  return base.traced_hyperparameter(out, 'temperature', temperature, lambda v: v > 0, '> 0')
 
 
-def entropy(logits):
-  """Negative softmax entropy Σ_k p_k log p_k (higher = more confident); `ood_jax.scores.entropic_score`.
+# ------------------------------------------------------------------------------------------------
+# Logit-only detectors (trivial fit).
+# ------------------------------------------------------------------------------------------------
 
-  pytorch-ood's `Entropy` detector reports the entropy itself as an outlier score; the negation keeps
-  "higher = more in-distribution".
+
+def _on_logits(kernel, detector):
+  """`kernel` on `[N, K]` logits checked with errors naming `detector`; keeps the kernel's signature."""
+
+  @functools.wraps(kernel)
+  def score(logits, **hparams):
+    return kernel(base.logits_arg(logits, detector=detector), **hparams)
+
+  score.__name__ = score.__qualname__ = detector
+  return score
+
+
+msp = _on_logits(max_softmax, 'msp')
+registry.register('msp', needs={'logits'}, score=msp, paper='Hendrycks & Gimpel 2017', year=2017)
+registry.register('max_logit', needs={'logits'}, score=_on_logits(max_logit, 'max_logit'),
+                  paper='Hendrycks et al. 2022', year=2022)
+# T = 1, the paper's setting.
+registry.register('energy', needs={'logits'}, score=_on_logits(energy, 'energy'), defaults={'temperature': 1.0},
+                  paper='Liu et al. 2020', year=2020)
+# pytorch-ood's `Entropy` reports the entropy itself; the negation keeps "higher = more in-distribution".
+entropy = _on_logits(entropic_score, 'entropy')
+registry.register('entropy', needs={'logits'}, score=entropy, paper='Softmax entropy (pytorch-ood `Entropy`)',
+                  year=2021)
+
+
+# ------------------------------------------------------------------------------------------------
+# Temperature-scaled MSP.
+# ------------------------------------------------------------------------------------------------
+
+
+def fit_temperature_msp(batches, *, head=None, num_classes=None, min_temperature=0.01, max_temperature=100.0):
+  """T minimising the NLL of softmax(z / T) on the batches: `ood_jax.calibration.fit_temperature` (Guo et al.
+  2017, Section 4.2).
+
+  The batches' logits and labels are gathered (float64, `[N, K]` in memory, as the peers' LBFGS holds
+  them) and handed to the calibrator, whose safeguarded Newton in 1/T finds the minimiser to machine
+  precision. Fit it on held-out in-distribution data: on training data an overfit network gives T < 1,
+  and on perfectly separated data the NLL decreases all the way to `min_temperature` (warned).
+
+  Args:
+    batches: batches with 'logits' (or 'features' and `head`) and integer 'labels'.
+    head: optional `(kernel, bias)` for batches without logits.
+    num_classes: K, for the label-range check (default: the logits' width).
+    min_temperature: lower bound on T, > 0.
+    max_temperature: upper bound on T.
+
+  Returns:
+    `ood_jax.calibration.TemperatureState(temperature)`.
   """
-  return scores.entropic_score(base.logits_arg(logits, detector='entropy'))
+  name = 'temperature_msp'
+  head = None if head is None else base.as_head(head, detector=name)
+  logits, labels = [], []
+  for index, batch in enumerate(base.batch_source(batches, detector=name)()):
+    z = base.host_logits(batch, index, head, detector=name)
+    k = num_classes or z.shape[1]
+    base.check_dim('logits', z, k, index)
+    logits.append(z)
+    labels.append(base.host_labels(batch, index, k, z.shape[0], detector=name))
+  if not logits or not sum(len(z) for z in logits):
+    raise ValueError(f'detector {name!r}: batches yielded no examples.')
+  state = calibration.fit_temperature(np.concatenate(logits), np.concatenate(labels),
+                                      min_temperature=min_temperature, max_temperature=max_temperature)
+  temperature = float(state.temperature)  # float32 unless x64: compare to the bound at that precision
+  for bound, what in ((min_temperature, 'separated (the NLL keeps decreasing as T → 0)'),
+                      (max_temperature, 'no better than uniform (the NLL keeps decreasing as T grows)')):
+    if np.isclose(temperature, bound, rtol=1e-6, atol=0.0):
+      warnings.warn(f'temperature_msp: the fitting logits are {what}; T stopped at its bound {bound}. Fit on '
+                    f'held-out data, not on data the network has memorised.', stacklevel=3)
+  return state
+
+
+def temperature_msp(state: calibration.TemperatureState, logits):
+  """max_k softmax(z / T)_k with the fitted T (Guo et al. 2017; MSP of the calibrated model)."""
+  state = base.check_state(state, calibration.TemperatureState, detector='temperature_msp')
+  z = base.logits_arg(logits, detector='temperature_msp')
+  return max_softmax(z / jnp.asarray(state.temperature, z.dtype))
+
+
+registry.register('temperature_msp', needs={'logits'}, fit=fit_temperature_msp, score=temperature_msp,
+                  defaults={'min_temperature': 0.01, 'max_temperature': 100.0},
+                  fit_params=('min_temperature', 'max_temperature'), paper='Guo et al. 2017', year=2017)
+
+
+# ------------------------------------------------------------------------------------------------
+# GEN.
+# ------------------------------------------------------------------------------------------------
 
 
 def gen(logits, *, gamma=0.1, top_m=100):
@@ -113,85 +254,9 @@ def gen(logits, *, gamma=0.1, top_m=100):
   return -jnp.sum(terms, axis=-1)
 
 
-# ------------------------------------------------------------------------------------------------
-# Temperature-scaled MSP.
-# ------------------------------------------------------------------------------------------------
-
-
-class TemperatureState(NamedTuple):
-  """Fitted temperature T of temperature-scaled MSP (a scalar array)."""
-
-  temperature: jax.Array
-
-
-@jax.jit
-def _nll_per_temperature(logits, labels, temperatures):
-  """Σ_i −log softmax(z_i / T)_{y_i} for every T in `temperatures` `[G]`; returns `[G]`."""
-  scaled = logits[None, :, :] / temperatures[:, None, None]
-  log_p = jax.nn.log_softmax(scaled, axis=-1)
-  return -jnp.sum(jnp.take_along_axis(log_p, labels[None, :, None], axis=-1)[..., 0], axis=-1)
-
-
-def fit_temperature(batches, *, num_classes=None, head=None, grid_size=64, bounds=(0.05, 20.0)):
-  """Fits the temperature T minimising the negative log-likelihood (Guo et al. 2017, Section 4.2).
-
-    T* = argmin_T Σ_i −log softmax(z_i / T)_{y_i},
-
-  The peers (OpenOOD `temp_scaling`, pytorch-ood `TemperatureScaling`) run LBFGS over all validation
-  logits held in memory. Here the NLL of `grid_size` log-spaced temperatures is accumulated in two
-  streamed passes (float32 per batch on the device, float64 sums on the base.host): a coarse grid over
-  `bounds`, then a fine grid between the coarse minimiser's neighbours. The NLL is convex in 1/T, so
-  the grid search finds the global minimum to a relative precision of about (bounds ratio)^(1/grid²)
-  (≈ 0.15 % with the defaults). Fit it on held-out in-distribution data: on training data an overfit
-  network gives T < 1.
-
-  Args:
-    batches: re-iterable batches with 'logits' (or 'features' and `head`) and integer 'labels'.
-    num_classes: K, for the label-range check (default: the logits' width).
-    head: optional `(kernel, bias)` for batches without logits.
-    grid_size: temperatures per pass (≥ 3).
-    bounds: (T_min, T_max) of the coarse grid, 0 < T_min < T_max.
-
-  Returns:
-    `TemperatureState(temperature)`.
-  """
-  name = 'temperature_msp'
-  source = base.batch_source(batches, detector=name, passes=2)
-  head = None if head is None else base.as_head(head, detector=name)
-  grid_size = _checks.positive_int('grid_size', grid_size)
-  if grid_size < 3:
-    raise ValueError(f'grid_size must be >= 3, got {grid_size}.')
-  lo, hi = (float(v) for v in bounds)
-  if not 0 < lo < hi:
-    raise ValueError(f'bounds must satisfy 0 < T_min < T_max, got {bounds}.')
-
-  def nll(temperatures):
-    total = np.zeros(len(temperatures))
-    count = 0
-    for index, batch in enumerate(source()):
-      z = base.host_logits(batch, index, head, detector=name)
-      k = num_classes or z.shape[1]
-      labels = base.host_labels(batch, index, k, z.shape[0], detector=name)
-      base.check_dim('logits', z, k, index)
-      total += np.asarray(_nll_per_temperature(jnp.asarray(z, jnp.float32), jnp.asarray(labels, jnp.int32),
-                                               jnp.asarray(temperatures, jnp.float32)), np.float64)
-      count += z.shape[0]
-    if not count:
-      raise ValueError(f'detector {name!r}: batches yielded no examples.')
-    return total
-
-  coarse = np.geomspace(lo, hi, grid_size)
-  best = int(np.argmin(nll(coarse)))
-  fine = np.geomspace(coarse[max(best - 1, 0)], coarse[min(best + 1, grid_size - 1)], grid_size)
-  temperature = fine[int(np.argmin(nll(fine)))]
-  return TemperatureState(jnp.asarray(temperature, base.out_dtype()))
-
-
-def temperature_msp(state: TemperatureState, logits):
-  """max_k softmax(z / T)_k with the fitted T (Guo et al. 2017; MSP of the calibrated model)."""
-  state = base.check_state(state, TemperatureState, detector='temperature_msp')
-  z = base.logits_arg(logits, detector='temperature_msp')
-  return scores.max_softmax(z / state.temperature.astype(z.dtype))
+registry.register('gen', needs={'logits'}, score=gen, defaults={'gamma': 0.1, 'top_m': 100},
+                  grid={'gamma': (0.01, 0.1, 0.5, 1.0, 2.0), 'top_m': (10, 50, 100, 200, 500, 1000)},
+                  paper='Liu, Lochman & Zach 2023', year=2023)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,3 +333,8 @@ def kl_matching(state: KLMatchingState, logits):
   neg_entropy = jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)
   cross = jnp.dot(p, state.log_templates.astype(z.dtype).T, precision=jax.lax.Precision.HIGHEST)
   return jnp.max(cross, axis=-1) - neg_entropy
+
+
+registry.register('kl_matching', needs={'logits'}, fit=fit_kl_matching, score=kl_matching,
+                  defaults={'use_labels': False}, fit_params=('use_labels',), paper='Hendrycks et al. 2022',
+                  year=2022)

@@ -25,6 +25,7 @@ the fit never holds more than `max_rows` examples. ASH, SCALE and RankFeat need 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ import numpy as np
 
 from ood_jax import _checks
 from ood_jax.detectors import _base as base
+from ood_jax.detectors import registry
 
 __all__ = [
     'ActivationState',
@@ -163,7 +165,7 @@ def _energy(features, head, temperature=1.0):
 
 
 # ------------------------------------------------------------------------------------------------
-# ReAct and VRA.
+# ReAct.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -192,50 +194,12 @@ def react(state: ActivationState, features, *, percentile=90.0, temperature=1.0)
   return _energy(jnp.minimum(h, c), state.head, temperature)
 
 
-def vra(state: ActivationState, features, *, low=60.0, high=90.0, gamma=0.0, per_unit=True,
-        below='zero'):
-  """VRA-P: suppress low and high activations, shift the middle ones, then energy.
-
-    h' = 0 if h < α;  h + γ if α ≤ h ≤ β;  β if h > β                 (Xu et al. 2023, VRA-P)
-
-  α, β are the `low`-th / `high`-th percentiles of ID activations. Defaults follow the authors'
-  released CIFAR-10 command (60 / 90, γ = 0, quantiles per unit as their code's
-  `torch.quantile(feat, q, dim=0)`); their "VRA+" uses γ = 0.6 with 60 / 95. OpenOOD's `vra`
-  postprocessor instead clips both ends, h' = clip(h, α, β), with pooled percentiles 10 / 90:
-  pass `below='clip', per_unit=False, low=10`.
-
-  Args:
-    state: from `fit_activations`.
-    features: `[N, D]`.
-    low: percentile of α in [0, 100].
-    high: percentile of β in [0, 100], ≥ low.
-    gamma: shift γ of the kept band.
-    per_unit: per-unit (True) or pooled (False) percentiles.
-    below: 'zero' (the paper) or 'clip' (OpenOOD).
-
-  Returns:
-    `[N]` scores.
-  """
-  state, h = _features_and_head(state, features, ActivationState, 'vra')
-  _percentile_value('low', low)
-  _percentile_value('high', high)
-  if _checks.is_concrete(low) and _checks.is_concrete(high) and float(low) > float(high):
-    raise ValueError(f'low must be <= high, got low={low}, high={high}.')
-  if below not in ('zero', 'clip'):
-    raise ValueError(f"below must be 'zero' or 'clip', got {below!r}.")
-  if per_unit:
-    levels = jnp.asarray(_UNIT_LEVELS, h.dtype)
-    table = state.unit_quantiles.astype(h.dtype)
-    interp = jax.vmap(jnp.interp, in_axes=(None, None, 1))
-    alpha = interp(jnp.asarray(low, h.dtype), levels, table)
-    beta = interp(jnp.asarray(high, h.dtype), levels, table)
-  else:
-    levels = jnp.asarray(_GLOBAL_LEVELS, h.dtype)
-    alpha = jnp.interp(jnp.asarray(low, h.dtype), levels, state.quantiles.astype(h.dtype))
-    beta = jnp.interp(jnp.asarray(high, h.dtype), levels, state.quantiles.astype(h.dtype))
-  low_value = jnp.zeros_like(h) if below == 'zero' else jnp.broadcast_to(alpha, h.shape)
-  shaped = jnp.where(h < alpha, low_value, jnp.where(h > beta, beta, h + jnp.asarray(gamma, h.dtype)))
-  return _energy(shaped, state.head)
+# The activation subsample of `fit_activations` bounds the fit's memory; ReAct's percentile grid.
+_ACTIVATION_FIT = {'max_rows': 10_000, 'seed': 0}
+registry.register('react', needs={'features', 'head'}, fit=fit_activations, score=react,
+                  defaults={**_ACTIVATION_FIT, 'percentile': 90.0, 'temperature': 1.0},
+                  fit_params=tuple(_ACTIVATION_FIT), grid={'percentile': (85, 90, 95, 99)},
+                  paper='Sun, Guo & Li 2021', year=2021)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,6 +259,14 @@ def ash(state: HeadState, features, *, percentile=90.0, variant='s'):
   return _energy(shaped, state.head)
 
 
+# OpenOOD's percentile grid for ASH and SCALE.
+_PERCENTILES = (65, 70, 75, 80, 85, 90, 95)
+for _variant in 'pbs':
+  registry.register(f'ash_{_variant}', needs={'features', 'head'}, fit=fit_head,
+                    score=functools.partial(ash, variant=_variant), defaults={'percentile': 90.0},
+                    grid={'percentile': _PERCENTILES}, paper='Djurisic et al. 2023', year=2023)
+
+
 def scale(state: HeadState, features, *, percentile=85.0):
   """SCALE: h' = h·exp(s₁/s₂), s₂ = sum of the top (100 − p) % activations, then energy.
 
@@ -310,6 +282,10 @@ def scale(state: HeadState, features, *, percentile=85.0):
   s2 = jnp.sum(mask * h, axis=-1, keepdims=True)
   ratio = jnp.where(s2 > 0, s1 / jnp.where(s2 > 0, s2, 1.0), 1.0)
   return _energy(h * jnp.exp(ratio), state.head)
+
+
+registry.register('scale', needs={'features', 'head'}, fit=fit_head, score=scale, defaults={'percentile': 85.0},
+                  grid={'percentile': _PERCENTILES}, paper='Xu et al. 2024', year=2024)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,6 +323,70 @@ def dice(state: ActivationState, features, *, sparsity=0.9):
   threshold = jnp.sort(contrib.reshape(-1))[contrib.size - keep]
   masked = base.Head(jnp.where(contrib >= threshold, kernel, 0.0), state.head.bias)
   return _energy(h, masked)
+
+
+registry.register('dice', needs={'features', 'head'}, fit=fit_activations, score=dice,
+                  defaults={**_ACTIVATION_FIT, 'sparsity': 0.9}, fit_params=tuple(_ACTIVATION_FIT),
+                  grid={'sparsity': (0.3, 0.5, 0.7, 0.9)}, paper='Sun & Li 2022', year=2022)
+
+
+# ------------------------------------------------------------------------------------------------
+# VRA.
+# ------------------------------------------------------------------------------------------------
+
+
+def vra(state: ActivationState, features, *, low=60.0, high=90.0, gamma=0.0, per_unit=True,
+        below='zero'):
+  """VRA-P: suppress low and high activations, shift the middle ones, then energy.
+
+    h' = 0 if h < α;  h + γ if α ≤ h ≤ β;  β if h > β                 (Xu et al. 2023, VRA-P)
+
+  α, β are the `low`-th / `high`-th percentiles of ID activations. Defaults follow the authors'
+  released CIFAR-10 command (60 / 90, γ = 0, quantiles per unit as their code's
+  `torch.quantile(feat, q, dim=0)`); their "VRA+" uses γ = 0.6 with 60 / 95. OpenOOD's `vra`
+  postprocessor instead clips both ends, h' = clip(h, α, β), with pooled percentiles 10 / 90:
+  pass `below='clip', per_unit=False, low=10`.
+
+  Args:
+    state: from `fit_activations`.
+    features: `[N, D]`.
+    low: percentile of α in [0, 100].
+    high: percentile of β in [0, 100], ≥ low.
+    gamma: shift γ of the kept band.
+    per_unit: per-unit (True) or pooled (False) percentiles.
+    below: 'zero' (the paper) or 'clip' (OpenOOD).
+
+  Returns:
+    `[N]` scores.
+  """
+  state, h = _features_and_head(state, features, ActivationState, 'vra')
+  _percentile_value('low', low)
+  _percentile_value('high', high)
+  if _checks.is_concrete(low) and _checks.is_concrete(high) and float(low) > float(high):
+    raise ValueError(f'low must be <= high, got low={low}, high={high}.')
+  if below not in ('zero', 'clip'):
+    raise ValueError(f"below must be 'zero' or 'clip', got {below!r}.")
+  if per_unit:
+    levels = jnp.asarray(_UNIT_LEVELS, h.dtype)
+    table = state.unit_quantiles.astype(h.dtype)
+    interp = jax.vmap(jnp.interp, in_axes=(None, None, 1))
+    alpha = interp(jnp.asarray(low, h.dtype), levels, table)
+    beta = interp(jnp.asarray(high, h.dtype), levels, table)
+  else:
+    levels = jnp.asarray(_GLOBAL_LEVELS, h.dtype)
+    alpha = jnp.interp(jnp.asarray(low, h.dtype), levels, state.quantiles.astype(h.dtype))
+    beta = jnp.interp(jnp.asarray(high, h.dtype), levels, state.quantiles.astype(h.dtype))
+  low_value = jnp.zeros_like(h) if below == 'zero' else jnp.broadcast_to(alpha, h.shape)
+  shaped = jnp.where(h < alpha, low_value, jnp.where(h > beta, beta, h + jnp.asarray(gamma, h.dtype)))
+  return _energy(shaped, state.head)
+
+
+registry.register('vra', needs={'features', 'head'}, fit=fit_activations, score=vra,
+                  defaults={**_ACTIVATION_FIT, 'low': 60.0, 'high': 90.0, 'gamma': 0.0, 'per_unit': True,
+                            'below': 'zero'},
+                  fit_params=tuple(_ACTIVATION_FIT),
+                  grid={'low': (50, 60, 65, 70), 'high': (80, 85, 90, 95, 99), 'gamma': (0.0, 0.3, 0.6)},
+                  paper='Xu et al. 2023', year=2023)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,3 +439,7 @@ def rankfeat(state: HeadState, feature_maps, *, temperature=1.0, map_name=None):
   rank1 = s[:, 0, None, None] * u[:, :, :1] * vt[:, :1, :]
   pooled = jnp.mean(flat - rank1, axis=1)
   return _energy(pooled, state.head, temperature)
+
+
+registry.register('rankfeat', needs={'feature_maps', 'head'}, fit=fit_head, score=rankfeat,
+                  defaults={'temperature': 1.0, 'map_name': None}, paper='Song, Sebe & Wang 2022', year=2022)

@@ -5,8 +5,8 @@ so it is evaluated the way paper 003 does:
 
 * accuracy with a linear probe: multinomial logistic regression trained on the frozen backbone
   features (`linear_probe`, `probe_probabilities`);
-* OOD detection with KNN and Mahalanobis scores on the backbone features, fitted on the training
-  set (`feature_scores`);
+* OOD detection with the KNN and Mahalanobis detectors (`ood_jax.detectors`) on the backbone
+  features, fitted on the training set (`feature_scores`);
 * embedding quality with the MES radius (eq. 4) and the centroid dispersion (eq. 5) of the unit
   embeddings (`embedding_statistics`).
 
@@ -14,7 +14,7 @@ so it is evaluated the way paper 003 does:
 (names 'embeddings', 'features') into a results block shaped like the evaluator's.
 
 Feature space. Every feature-based step works on L2-normalised backbone features, u = f / ‖f‖:
-KNN normalises inside `scores.knn` anyway; the probe and the Mahalanobis fit normalise here, for
+KNN normalises inside its kernel anyway; the probe and the Mahalanobis fit normalise here, for
 both fitting and scoring. The contrastive losses act on directions only, so the norm of a
 contrastive backbone's features is an unconstrained nuisance (SSD+, KNN+ and CIDER score
 normalised features for this reason, and Mahalanobis++ shows that normalising helps Mahalanobis
@@ -37,9 +37,9 @@ import optax
 import optax.tree_utils as otu
 
 from ood_jax import _checks
+from ood_jax import detectors
 from ood_jax import layers
 from ood_jax import metrics
-from ood_jax import scores
 
 __all__ = [
     'embedding_statistics',
@@ -49,9 +49,9 @@ __all__ = [
     'probe_probabilities',
 ]
 
-# Rows per chunk when streaming the training features into `scores.fit_gaussian`: its float64
-# scatter update then needs a few tens of MB, whatever the size of the training set.
-_GAUSSIAN_CHUNK = 4096
+# Rows per chunk when streaming the training features into the detectors' fits: the Mahalanobis
+# float64 scatter update then needs a few tens of MB, whatever the size of the training set.
+_FIT_CHUNK = 4096
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -232,20 +232,20 @@ def probe_probabilities(features, weights, bias) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def _chunks(features: np.ndarray, labels: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  for start in range(0, features.shape[0], _GAUSSIAN_CHUNK):
-    yield features[start:start + _GAUSSIAN_CHUNK], labels[start:start + _GAUSSIAN_CHUNK]
+def _chunks(features: np.ndarray, labels: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+  for start in range(0, features.shape[0], _FIT_CHUNK):
+    yield {'features': features[start:start + _FIT_CHUNK], 'labels': labels[start:start + _FIT_CHUNK]}
 
 
 def feature_scores(train_features, train_labels, test_features, *, num_classes: int, k: int,
                    ridge: float = 1e-6) -> dict[str, np.ndarray]:
   """KNN and Mahalanobis scores of test features against the training features (higher = more ID).
 
-  * 'knn': `scores.knn(test, train, k=k)`, −‖u − u_(k)‖ to the k-th nearest normalised training
-    feature (Sun et al. 2022).
-  * 'mahalanobis': `scores.mahalanobis` with class means and one shared covariance fitted by
-    `scores.fit_gaussian` on the normalised training features, streamed in chunks of 4096 rows;
-    test features are normalised the same way (see the module docstring).
+  * 'knn': `detectors.get('knn')` with every training feature in its bank, −‖u − u_(k)‖ to the k-th
+    nearest normalised training feature (Sun et al. 2022).
+  * 'mahalanobis': `detectors.get('mahalanobis')`, class means and one shared covariance fitted on
+    the normalised training features, streamed in chunks of 4096 rows; test features are normalised
+    the same way (see the module docstring).
 
   Args:
     train_features: `[N, D]` floating backbone features of the training set.
@@ -253,7 +253,7 @@ def feature_scores(train_features, train_labels, test_features, *, num_classes: 
     test_features: `[M, D]` floating features to score.
     num_classes: K.
     k: the KNN neighbour, 1 <= k <= N (config `eval.knn_k`; 100 for CIFAR-10, 300 for CIFAR-100).
-    ridge: relative shrinkage of the covariance (`scores.fit_gaussian`): Σ + ridge·(tr Σ / D)·I.
+    ridge: relative shrinkage of the covariance (the detector's `ridge`): Σ + ridge·(tr Σ / D)·I.
       The default 1e-6 moves distances by ~1e-6 relative, but keeps Σ invertible when some
       features are constant (dead ReLU units), where the exact estimate is singular.
 
@@ -274,10 +274,12 @@ def feature_scores(train_features, train_labels, test_features, *, num_classes: 
     raise ValueError(f'KNN needs k <= the number of training examples ({train.shape[0]}), got k={k}; '
                      f'lower the config field eval.knn_k.')
   train_units = np.asarray(_normalize(train))
-  gaussian = scores.fit_gaussian(_chunks(train_units, labels), num_classes=num_classes, ridge=ridge)
+  knn, mahalanobis = detectors.get('knn'), detectors.get('mahalanobis')
+  bank = knn.fit(lambda: _chunks(train_units, labels))
+  gaussian = mahalanobis.fit(lambda: _chunks(train_units, labels), num_classes=num_classes, ridge=ridge)
   return {
-      'knn': np.asarray(scores.knn(test, train_units, k=k), np.float64),
-      'mahalanobis': np.asarray(scores.mahalanobis(_normalize(test), gaussian), np.float64),
+      'knn': np.asarray(knn.score(bank, {'features': test}, k=k), np.float64),
+      'mahalanobis': np.asarray(mahalanobis.score(gaussian, {'features': _normalize(test)}), np.float64),
   }
 
 

@@ -61,7 +61,7 @@ def select(det, fit, *, validation_in: dict, validation_ood: dict[str, dict], fe
     if fit_key not in states:
       states[fit_key] = fit(**{k: v for k, v in candidate.items() if k in det.fit_params})
     try:
-      values = np.split(np.asarray(det.score(states[fit_key], **inputs, **candidate), np.float64), bounds)
+      values = np.split(np.asarray(det.score(states[fit_key], inputs, **candidate), np.float64), bounds)
       auroc = float(np.mean([metrics.auroc(values[0], out) for out in values[1:]]))
     except ValueError:  # e.g. NaN scores at an extreme grid value: that candidate is out, not the detector
       continue

@@ -250,13 +250,16 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
         'num_examples': len(test_out['labels']),
         **_classification_block(exp, calibrate, test_out['logits'], test_out['labels'], with_reliability=True)}
     in_scores = score_all(test_out['logits'], method.scores)
-    ood = {}
+    ood, default_scores = {}, {}
     for name, out in ood_out.items():
       out_scores = score_all(out['logits'], method.scores)
       ood[name] = {score: metrics.ood_metrics(in_scores[score], out_scores[score]) for score in method.scores}
+      default_scores[name] = out_scores[method.scores[0]]
     results['ood'] = ood
     if ood:
       results['ood_mean'] = metrics.mean_over_sets(ood)
+      # What results.md's score figure draws (results.json keeps no per-example scores).
+      results['score_histogram'] = metrics.score_histogram(in_scores[method.scores[0]], default_scores)
     if settings.eval.corruptions:
       results['corrupted'] = _corrupted(exp, run, calibrate)
 

@@ -29,7 +29,7 @@ def _ref(z):
 def test_ensemble_scores_match_reference(index, name):
   z = _members()
   det = detectors.get(name)
-  out = jax.jit(lambda z: det.score((), member_logits=z))(z)
+  out = jax.jit(lambda z: det.score((), {'member_logits': z}))(z)
   np.testing.assert_allclose(out, _ref(z)[index], rtol=1e-5, atol=1e-6)
 
 
@@ -55,7 +55,8 @@ def test_mc_dropout_matches_a_loop_over_keys():
   loop = np.stack([stochastic(x, jax.random.fold_in(key, t)) for t in range(7)])
   np.testing.assert_allclose(members, loop, rtol=1e-6)
   det = detectors.get('mc_dropout_mi')
-  out = jax.jit(lambda x, r: det.score((), inputs=x, stochastic_apply_fn=stochastic, rng=r, num_samples=7))(x, key)
+  score = lambda x, r: det.score((), {'inputs': x, 'stochastic_apply_fn': stochastic, 'rng': r}, num_samples=7)
+  out = jax.jit(score)(x, key)
   np.testing.assert_allclose(out, _ref(loop)[2], rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(out) < 0)  # Different masks disagree: positive mutual information.
 
@@ -66,7 +67,7 @@ def test_feature_dropout_without_dropout_is_msp():
   w, b = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
   det = detectors.get('mc_dropout_features')
   state = det.fit(head=(w, b))
-  out = jax.jit(lambda s, f: det.score(s, features=f, rate=0.0, num_samples=3))(state, h)
+  out = jax.jit(lambda s, f: det.score(s, {'features': f}, rate=0.0, num_samples=3))(state, h)
   np.testing.assert_allclose(out, special.softmax(h.astype(np.float64) @ w + b, axis=1).max(1), rtol=1e-5)
   members = jax.jit(lambda s, f, r: ensemble.feature_dropout_logits(s, f, r, rate=0.5, num_samples=4))(
       state, h, jax.random.PRNGKey(0))
@@ -75,7 +76,7 @@ def test_feature_dropout_without_dropout_is_msp():
 
 def test_errors():
   with pytest.raises(ValueError, match='member_logits'):
-    detectors.get('ensemble').score((), logits=np.ones((2, 3), np.float32))
+    detectors.get('ensemble').score((), {'logits': np.ones((2, 3), np.float32)})
   with pytest.raises(ValueError, match='rank 3'):
     ensemble.mean_msp(np.ones((2, 3), np.float32))
   with pytest.raises(ValueError, match='apply_fn'):

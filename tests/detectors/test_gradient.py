@@ -37,7 +37,7 @@ def test_gradnorm_matches_closed_form(temperature, include_bias):
   out = jax.jit(lambda s, f: gradient.gradnorm(s, f, temperature=temperature, include_bias=include_bias,
                                                chunk_size=8))(state, h)
   np.testing.assert_allclose(out, _ref_gradnorm(h, w, b, temperature, include_bias), rtol=1e-5)
-  np.testing.assert_allclose(det.score(state, features=h, temperature=temperature, include_bias=include_bias),
+  np.testing.assert_allclose(det.score(state, {'features': h}, temperature=temperature, include_bias=include_bias),
                              out, rtol=1e-6)
 
 
@@ -57,9 +57,13 @@ def test_odin_wrapper_equals_scores_odin():
   apply_logits = lambda x: x @ jnp.asarray(w) + jnp.asarray(b)
   apply_dict = lambda x: {'logits': apply_logits(x), 'features': x}
   det = detectors.get('odin')
-  out = jax.jit(lambda x: det.score((), inputs=x, apply_fn=apply_dict, temperature=10.0, epsilon=0.01))(h)
+  out = jax.jit(lambda x: det.score((), {'inputs': x, 'apply_fn': apply_dict}, temperature=10.0, epsilon=0.01))(h)
   ref = scores.odin(apply_logits, h, temperature=10.0, epsilon=0.01)
   np.testing.assert_allclose(out, ref, rtol=1e-6)
+  # One implementation: `scores.odin` is a door into the detector's function.
+  door = jax.jit(lambda x: scores.odin(apply_logits, x, temperature=10.0, epsilon=0.01))(h)
+  np.testing.assert_array_equal(door, jax.jit(lambda x: gradient.odin(apply_logits, x, temperature=10.0,
+                                                                       epsilon=0.01))(h))
   # Hand-derived: ∇ₓ log S_ŷ = (W_ŷ − W softmax(z/T))/T, x̃ = x + ε sign(∇).
   z = (h.astype(np.float64) @ w + b) / 10.0
   p = special.softmax(z, axis=1)
@@ -71,10 +75,10 @@ def test_odin_wrapper_equals_scores_odin():
 def test_errors():
   h, w, b = _problem()
   with pytest.raises(ValueError, match='runs the model'):
-    detectors.get('odin').score((), features=h)
+    detectors.get('odin').score((), {'features': h})
   with pytest.raises(ValueError, match='apply_fn'):
     gradient.odin(None, h)
   with pytest.raises(ValueError, match="'gradnorm' needs features"):
-    detectors.get('gradnorm').score(shaping.fit_head(head=(w, b)), logits=h @ w)
+    detectors.get('gradnorm').score(shaping.fit_head(head=(w, b)), {'logits': h @ w})
   with pytest.raises(ValueError, match='HeadState'):
     gradient.gradnorm((), h)

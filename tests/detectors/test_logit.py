@@ -10,7 +10,9 @@ from scipy import optimize
 from scipy import special
 from scipy import stats
 
+from ood_jax import calibration
 from ood_jax import detectors
+from ood_jax import scores
 from ood_jax.detectors import logit
 
 
@@ -47,7 +49,7 @@ def test_logit_detectors_match_reference(name, ref, dtype):
   logits = jnp.asarray(z, dtype)
   det = detectors.get(name)
   state = det.fit()
-  out = jax.jit(lambda s, z: det.score(s, logits=z))(state, logits)
+  out = jax.jit(lambda s, z: det.score(s, {'logits': z}))(state, logits)
   assert out.shape == (40,) and out.dtype == jnp.float32
   exact = np.asarray(logits.astype(jnp.float32), np.float64)
   np.testing.assert_allclose(out, ref(exact), rtol=2e-5, atol=2e-6)
@@ -65,7 +67,7 @@ def test_gen_hyperparameters(gamma, top_m):
 
 def test_energy_temperature():
   z, _ = _problem(seed=2)
-  out = detectors.get('energy').score((), logits=z, temperature=3.0)
+  out = detectors.get('energy').score((), {'logits': z}, temperature=3.0)
   np.testing.assert_allclose(out, 3.0 * special.logsumexp(z.astype(np.float64) / 3.0, axis=-1), rtol=1e-6)
 
 
@@ -82,9 +84,36 @@ def test_temperature_scaling_matches_scipy_minimiser():
   state = det.fit(_batches(z, labels, size=64), num_classes=5)
   assert best > 1.2
   np.testing.assert_allclose(float(state.temperature), best, rtol=3e-3)
-  out = jax.jit(lambda s, z: det.score(s, logits=z))(state, z)
+  # One temperature fit in the library: the calibrator's, on the gathered logits.
+  assert isinstance(state, calibration.TemperatureState)
+  assert float(state.temperature) == float(calibration.fit_temperature(z, labels).temperature)
+  out = jax.jit(lambda s, z: det.score(s, {'logits': z}))(state, z)
   t = float(state.temperature)
   np.testing.assert_allclose(out, _softmax(z64 / t).max(-1), rtol=1e-5)
+  # From features and the head, or a one-shot iterator (the fit is one pass): the same fit.
+  rng = np.random.default_rng(7)
+  h = rng.standard_normal((300, 3)).astype(np.float32)
+  w, b = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+  noisy = np.argmax(h @ w + b + rng.standard_normal((300, 5)), axis=1)
+  from_head = det.fit([{'features': h, 'labels': noisy}], head=(w, b))
+  want = calibration.fit_temperature(h.astype(np.float64) @ w + b, noisy)
+  np.testing.assert_allclose(float(from_head.temperature), float(want.temperature), rtol=1e-6)
+  assert float(det.fit(iter(_batches(z, labels))).temperature) == float(state.temperature)
+
+
+def test_temperature_bounds_are_hyperparameters_and_a_separable_set_warns():
+  det = detectors.get('temperature_msp')
+  assert det.defaults == {'min_temperature': 0.01, 'max_temperature': 100.0}
+  assert det.fit_params == ('min_temperature', 'max_temperature')
+  z, labels = _problem(seed=8, n=50, k=3)
+  separable = [{'logits': z, 'labels': np.argmax(z, axis=1)}]  # every example right, by a margin
+  with pytest.warns(UserWarning, match='separated.*bound 0.05'):
+    state = det.fit(separable, min_temperature=0.05)
+  assert float(state.temperature) == pytest.approx(0.05)
+  # Probabilities still rank like MSP at the bound: the score is temperature-scaled MSP, not NaN.
+  assert np.all(np.isfinite(np.asarray(det.score(state, {'logits': z}))))
+  with pytest.raises(ValueError, match='min_temperature'):
+    det.fit(separable, min_temperature=2.0, max_temperature=1.0)
 
 
 def _ref_kl_matching(fit_z, z, k):
@@ -101,7 +130,7 @@ def test_kl_matching_matches_reference():
   z, _ = _problem(seed=5, n=30, k=4)
   det = detectors.get('kl_matching')
   state = det.fit(_batches(fit_z, labels, size=37), num_classes=4)
-  out = jax.jit(lambda s, z: det.score(s, logits=z))(state, z)
+  out = jax.jit(lambda s, z: det.score(s, {'logits': z}))(state, z)
   np.testing.assert_allclose(out, _ref_kl_matching(fit_z.astype(np.float64), z.astype(np.float64), 4),
                              rtol=2e-5, atol=2e-6)
   # A template's own mean softmax is at KL 0 from itself: the maximum score.
@@ -133,7 +162,7 @@ def test_fit_from_features_and_head():
 def test_errors():
   z, labels = _problem()
   with pytest.raises(ValueError, match='logits'):
-    detectors.get('msp').score((), features=z)
+    detectors.get('msp').score((), {'features': z})
   with pytest.raises(ValueError, match='rank 2'):
     logit.msp(z[0])
   with pytest.raises(ValueError, match='fit'):
@@ -147,7 +176,16 @@ def test_errors():
     logit.fit_kl_matching([{'labels': labels}], num_classes=6)
   with pytest.raises(ValueError, match='no examples'):
     logit.fit_kl_matching([], num_classes=6)
-  with pytest.raises(TypeError, match='one-shot'):
-    logit.fit_temperature(iter(_batches(z, labels)))
+  with pytest.raises(ValueError, match='no examples'):
+    logit.fit_temperature_msp([])
   with pytest.raises(ValueError, match='gamma'):
     logit.gen(z, gamma=0.0)
+
+
+@pytest.mark.parametrize('name,kernel', [('msp', 'max_softmax'), ('max_logit', 'max_logit'), ('energy', 'energy'),
+                                         ('entropy', 'entropic_score')])
+def test_logit_detectors_are_the_scores_arithmetic(name, kernel):
+  assert getattr(scores, kernel) is getattr(logit, kernel)
+  z, _ = _problem(seed=9)
+  det = jax.jit(lambda z: detectors.get(name).score((), {'logits': z}))
+  np.testing.assert_array_equal(det(z), jax.jit(getattr(scores, kernel))(z))

@@ -36,7 +36,7 @@ def _fit(name, h, w, b, **hp):
 
 
 def _jit_score(det, state, features, **hp):
-  return jax.jit(lambda s, f: det.score(s, features=f, **hp))(state, features)
+  return jax.jit(lambda s, f: det.score(s, {'features': f}, **hp))(state, features)
 
 
 def test_react_matches_reference_and_clip_above_everything_is_energy():
@@ -126,7 +126,7 @@ def test_dice_matches_reference_and_zero_sparsity_is_energy():
     ref, masked = _ref_dice(h, w, b, test, sparsity)
     assert np.count_nonzero(masked) == int(np.ceil((1 - sparsity) * D * K))
     np.testing.assert_allclose(_jit_score(det, state, test, sparsity=sparsity), ref, rtol=1e-5)
-  np.testing.assert_allclose(det.score(state, features=test, sparsity=0.0), _energy(test, w, b), rtol=1e-5)
+  np.testing.assert_allclose(det.score(state, {'features': test}, sparsity=0.0), _energy(test, w, b), rtol=1e-5)
 
 
 def test_vra_matches_reference():
@@ -148,7 +148,7 @@ def test_rankfeat_matches_reference():
   _, w, b, _ = _problem()
   det = detectors.get('rankfeat')
   state = det.fit(head=(w, b))
-  out = jax.jit(lambda s, m: det.score(s, feature_maps={'backbone': m}))(state, maps)
+  out = jax.jit(lambda s, m: det.score(s, {'feature_maps': {'backbone': m}}))(state, maps)
   ref = []
   for m in maps.astype(np.float64):
     x = m.reshape(9, D)
@@ -161,17 +161,17 @@ def test_errors():
   h, w, b, test = _problem()
   det, state = _fit('react', h, w, b)
   with pytest.raises(ValueError, match="'react' needs features"):
-    det.score(state, logits=test @ w)
+    det.score(state, {'logits': test @ w})
   with pytest.raises(ValueError, match='dimension'):
-    det.score(state, features=test[:, :5])
+    det.score(state, {'features': test[:, :5]})
   with pytest.raises(ValueError, match='ActivationState'):
     shaping.react((), test)
   with pytest.raises(ValueError, match='needs the final layer'):
     det.fit(_batches(h), num_classes=K)
   with pytest.raises(ValueError, match=r'\[0, 100\]'):
-    det.score(state, features=test, percentile=101.0)
+    det.score(state, {'features': test}, percentile=101.0)
   with pytest.raises(ValueError, match='no hyperparameter'):
-    det.score(state, features=test, sparsity=0.5)
+    det.score(state, {'features': test}, sparsity=0.5)
   with pytest.raises(ValueError, match='sparsity'):
     shaping.dice(state, test, sparsity=1.0)
   with pytest.raises(ValueError, match='map_name'):

@@ -77,14 +77,14 @@ def test_tuned_choice_is_the_best_validation_auroc_and_scores_the_test_sets_with
   state = det.fit([train], num_classes=3)
   by_k = {}
   for k in (50, 100, 200):  # k = 500, 1000 exceed the 300 training rows and are skipped
-    score = lambda x, k=k: np.asarray(det.score(state, features=x['features'], k=k), np.float64)
+    score = lambda x, k=k: np.asarray(det.score(state, {'features': x['features']}, k=k), np.float64)
     by_k[k] = np.mean([metrics.auroc(score(validation), score(v)) for v in validation_ood.values()])
   best = max(by_k, key=by_k.get)
   record = block['tuning']['knn']
   assert record['hparams'] == {'k': best}
   assert record['validation_auroc'] == pytest.approx(by_k[best], abs=1e-12)
-  s_in = np.asarray(det.score(state, features=test['features'], k=best), np.float64)
-  s_out = np.asarray(det.score(state, features=ood['far']['features'], k=best), np.float64)
+  s_in = np.asarray(det.score(state, {'features': test['features']}, k=best), np.float64)
+  s_out = np.asarray(det.score(state, {'features': ood['far']['features']}, k=best), np.float64)
   assert block['ood']['far']['knn'] == pytest.approx(metrics.ood_metrics(s_in, s_out), abs=1e-6)
 
 
@@ -161,11 +161,12 @@ def test_benchmark_evaluation_is_cached_and_invalidated(digits_run, tmp_path, mo
 
   # Same weights: every set comes from the cache, and the numbers are the same.
   calls.clear()
-  exp.config.eval.detectors = 'react,knn,msp'  # a detector added later
-  second = evaluate.evaluate_model(exp, variables, mesh, workdir=str(tmp_path))
+  config = exp.config.copy_and_resolve_references()
+  config.eval.detectors = 'react,knn,vim'  # a detector added later
+  second = evaluate.evaluate_model(experiment.make_experiment(config), variables, mesh, workdir=str(tmp_path))
   assert calls == []
   assert second['detectors']['ood']['digits/near']['react'] == first['detectors']['ood']['digits/near']['react']
-  assert 'msp' in second['detectors']['ood']['digits/near']
+  assert 'vim' in second['detectors']['ood']['digits/near']
 
   # New weights (a checkpoint changed): the model runs again and the stale outputs are deleted.
   changed = jax.tree.map(lambda x: x * 1.01, variables)

@@ -91,7 +91,8 @@ def test_settings_are_the_config_read_once(no_data):
   config.eval.detector_kwargs = 'react.percentile=95, knn.k=7'
   exp = experiment.make_experiment(config)
   s = exp.settings
-  assert s.validation_fraction == config.validation_fraction and s.batch_size == 16 and s.num_steps == 4
+  assert (s.validation_fraction, s.batch_size, s.num_steps) == (config.validation_fraction, config.batch_size,
+                                                               config.num_steps)
   assert dict(s.method_hparams) == {**exp.method.hparams, 'weight': 0.25}
   assert s.outliers.source == 'digits/outliers' and s.outliers.augment == config.augment
   assert s.eval.sets.test_sets == experiment.evaluation_sets(config.eval, 'digits').test_sets

@@ -32,7 +32,7 @@ def test_a_missing_ood_set_stops_the_run_before_any_step_and_the_workdir_stays_a
 def test_every_missing_tfds_set_is_listed_with_the_command_that_prepares_it(tmp_path):
   config = digits_config.get_config('smoke')
   config.dataset, config.data_dir = 'cifar10', str(tmp_path)  # an empty TFDS folder
-  config.eval.ood_sets = ('svhn', 'gaussian_noise')
+  config.eval.ood_sets = ('svhn_cropped', 'gaussian_noise')
   config.eval.corruptions, config.eval.severities = ('fog',), (5,)
   config.method, config.outliers.source = 'oe', 'digits/outliers'
   exp = experiment.make_experiment(config)
@@ -50,7 +50,7 @@ def test_every_missing_tfds_set_is_listed_with_the_command_that_prepares_it(tmp_
 def test_present_sets_pass_under_mock_data(tmp_path):
   info = registry.get_info('cifar10')
   with tfds.testing.mock_data(num_examples=4):
-    catalog.check_available(info, splits=('train', 'test'), ood_names=('svhn', 'digits/far'),
+    catalog.check_available(info, splits=('train', 'test'), ood_names=('svhn_cropped', 'digits/far'),
                             corrupted=[('fog', 1)], data_dir=str(tmp_path))
   with pytest.raises(sources.DatasetNotFoundError, match=r"Outlier file '.*none.npy' does not exist"):
     catalog.check_available(info, outliers=(os.fspath(tmp_path / 'none.npy'), 'train'))

@@ -164,6 +164,7 @@ def check_available(info: registry.DatasetInfo, *, splits=(), ood_names=(), corr
       tfds.append((source, split))
   if not download:
     problems += [p for p in (sources.tfds_problem(n, s, data_dir=data_dir) for n, s in dict.fromkeys(tfds)) if p]
+  problems = list(dict.fromkeys(problems))  # a builder missing for two splits is one problem
   if problems:
     raise sources.DatasetNotFoundError(
         f'{len(problems)} data set(s) this run reads are missing; nothing was trained or written:\n- '

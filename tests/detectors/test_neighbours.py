@@ -1,6 +1,7 @@
-"""Numerics of `ood_jax.scores.knn` (issue 15, item 4) against a float64 NumPy reference, and faiss.
+"""Tests for ood_jax.detectors.neighbours: KNN (its chunked exact kernel, issue 15 item 4) and NNGuide
+against float64 NumPy references, scikit-learn and faiss.
 
-The reference normalises in float64 (zero vectors stay zero) and sorts the full distance matrix, so
+The KNN reference normalises in float64 (zero vectors stay zero) and sorts the full distance matrix, so
 it is independent of the chunked, grouped top-k and the exact re-scoring under test.
 """
 
@@ -8,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
 
+from ood_jax import detectors
 from ood_jax import scores
-from ood_jax.detectors import distance
+from ood_jax.detectors import neighbours
+from tests.detectors import problems
 
 
 def _unit(x):
@@ -101,9 +105,9 @@ def test_bfloat16_and_float32_agree_and_runs_are_bitwise_equal():
 def test_detector_scores_with_the_same_numerics():
   rng = np.random.default_rng(5)
   train = rng.standard_normal((400, 24)).astype(np.float32)
-  state = distance.fit_knn([{'features': train}])
+  state = neighbours.fit_knn([{'features': train}])
   test = np.concatenate([train[:3], np.zeros((1, 24), np.float32)])
-  out = np.asarray(distance.knn(state, test, k=1))
+  out = np.asarray(neighbours.knn(state, test, k=1))
   np.testing.assert_array_equal(out[:3], 0.0)
   np.testing.assert_allclose(out[3], -1.0, atol=1e-6)
 
@@ -121,3 +125,39 @@ def test_matches_faiss_index_flat_l2():
   # faiss computes ‖q‖² + ‖b‖² − 2 q·b in float32, so it carries that cancellation; ours does not.
   np.testing.assert_allclose(-out, np.sqrt(np.maximum(squared[:, -1], 0.0)), atol=2e-6)
   np.testing.assert_allclose(-out, _ref_kth(queries, bank, 50), atol=2e-7)
+
+
+def test_knn_detector_matches_brute_force():
+  h, labels, w, b, test = problems.problem(seed=6)
+  det, state = problems.fit('knn', h, labels, w, b)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  dist = np.linalg.norm(unit(test.astype(np.float64))[:, None] - unit(h.astype(np.float64))[None], axis=-1)
+  for k in (1, 5):
+    np.testing.assert_allclose(problems.jit_score(det, state, test, k=k), -np.sort(dist, 1)[:, k - 1], rtol=1e-4,
+                               atol=1e-5)
+  # k beyond the bank is clipped to it: the farthest entry.
+  np.testing.assert_allclose(det.score(state, {'features': test}, k=10_000), -dist.max(1), rtol=1e-4, atol=1e-5)
+
+
+def test_scores_knn_is_the_detector_kernel():
+  assert scores.knn is neighbours.knn_scores
+  rng = np.random.default_rng(7)
+  train = rng.standard_normal((300, 12)).astype(np.float32)
+  test = rng.standard_normal((25, 12)).astype(np.float32)
+  det = detectors.get('knn')
+  state = det.fit([{'features': train[:100]}, {'features': train[100:]}])
+  np.testing.assert_array_equal(det.score(state, {'features': test}, k=7), scores.knn(test, train, k=7))
+
+
+def test_nnguide_matches_reference():
+  h, labels, w, b, test = problems.problem(seed=10)
+  det, state = problems.fit('nnguide', h, labels, w, b, fraction=1.0)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  h64, t64 = h.astype(np.float64), test.astype(np.float64)
+  bank = unit(h64) * special.logsumexp(h64 @ w + b, axis=1)[:, None]
+  sims = unit(t64) @ bank.T
+  for k in (1, 10):
+    ref = special.logsumexp(t64 @ w + b, axis=1) * np.sort(sims, 1)[:, ::-1][:, :k].mean(1)
+    np.testing.assert_allclose(problems.jit_score(det, state, test, k=k), ref, rtol=1e-4, atol=1e-4)
+  small = det.fit(problems.batches(h, labels), head=(w, b), fraction=0.25, seed=1)
+  assert 20 < small.bank.shape[0] < 100  # A Bernoulli(0.25) subset of 240 rows.

@@ -1,0 +1,327 @@
+"""Nearest-neighbour detectors: KNN and NNGuide, and the library's one exact chunked k-NN kernel.
+
+On penultimate features h `[N, D]` against a bank of training features (higher = more in-distribution):
+
+* KNN (Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors", Section 3 and
+  Algorithm 1): −‖ĥ − b̂_(k)‖, the distance to the k-th nearest L2-normalised bank feature. The kernel
+  `knn_scores` (also `ood_jax.scores.knn`) never materialises the query × bank matrix and re-scores
+  its candidates exactly, so a query in the bank is at exactly 0.
+* NNGuide (Park et al. 2023, "Nearest neighbor guidance for out-of-distribution detection", eq. 4–5):
+  energy × mean of the k largest inner products with a confidence-scaled training bank.
+
+Banks are the only fits that keep examples (float32), and both can subsample.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ood_jax import _checks
+from ood_jax import layers
+from ood_jax.detectors import _base as base
+from ood_jax.detectors import registry
+
+__all__ = [
+    'KNNState',
+    'NNGuideState',
+    'fit_knn',
+    'fit_nnguide',
+    'knn',
+    'knn_scores',
+    'nnguide',
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The exact chunked k-NN kernel.
+# ------------------------------------------------------------------------------------------------
+
+
+# Candidates kept per query beyond k before the exact re-scoring: the float32 scores that select them
+# are off by ~1e-6, so the true k-th neighbour is among them unless more than this many bank entries
+# lie within that rounding of it (and then every choice among those ties is within the rounding).
+_KNN_SPARE_CANDIDATES = 8
+
+
+def _knn_normalize(x):
+  """x / max(‖x‖, 1e-12) row by row, bitwise the same for equal rows whatever the array's shape.
+
+  XLA sums a row in an order that depends on the row count (vectorised blocks of rows, remainders),
+  so `layers.l2_normalize` can give a query and its copy in the bank norms one ulp apart, and the pair
+  a distance of ~1e-7 instead of 0. A fixed pairwise tree of elementwise adds over a zero-padded,
+  power-of-two width, then a correctly rounded sqrt and division, computes every row the same way.
+  """
+  sq = jnp.square(x)
+  width = 1 << max(int(x.shape[1]) - 1, 0).bit_length()
+  sq = jnp.pad(sq, ((0, 0), (0, width - x.shape[1])))
+  while width > 1:
+    width //= 2
+    sq = sq[:, :width] + sq[:, width:]
+  return x / jnp.sqrt(jnp.maximum(sq, 1e-24))
+
+
+def _knn_group_size(chunk_size: int, num_candidates: int) -> int:
+  """Power of two G near sqrt(chunk / candidates): balances the two top-k passes of `_knn_chunk_top`."""
+  group = 1
+  while group < 64 and (2 * group) ** 2 * num_candidates <= chunk_size:
+    group *= 2
+  return group
+
+
+def _knn_chunk_top(q, rows, half_sq_norms, *, num, group):
+  """Approximate top-`num` bank rows of one chunk for each query, by q·b − ½‖b‖² (float32).
+
+  With `group` G > 1 the chunk's C columns are split into C / G strided groups of G; the best `num`
+  candidates lie in the `num` groups with the largest maxima (each of them is its group's maximum or
+  below it), so one top-k runs over C / G group maxima and one over num·G members instead of one
+  over C, which on CPU costs several times the matmul.
+  """
+  s = jnp.dot(q, rows.T, precision=jax.lax.Precision.HIGHEST)  # [qc, C]
+  if group == 1:
+    v, i = jax.lax.top_k(s - half_sq_norms, num)
+    return v, i
+  width = s.shape[1] // group
+  # Elementwise maxima of G contiguous column slabs vectorise; a reduce over a minor axis of G does not.
+  maxima = functools.reduce(jnp.maximum, [s[:, g * width:(g + 1) * width] - half_sq_norms[g * width:(g + 1) * width]
+                                          for g in range(group)])
+  _, best_groups = jax.lax.top_k(maxima, num)  # [qc, num]
+  members = (best_groups[:, :, None] + width * jnp.arange(group, dtype=best_groups.dtype)).reshape(q.shape[0], -1)
+  scores = jnp.take_along_axis(s, members, axis=1, mode='promise_in_bounds') - half_sq_norms[members]
+  v, pos = jax.lax.top_k(scores, num)
+  return v, jnp.take_along_axis(members, pos, axis=1, mode='promise_in_bounds')
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'query_chunk_size', 'bank_chunk_size'))
+def _kth_squared_distance(queries, bank, *, k, query_chunk_size, bank_chunk_size):
+  """Exact k-th smallest ‖q − b‖² of each (unit or zero) query against (unit or zero) bank rows, in chunks."""
+  num_queries, dim = queries.shape
+  bank_size = bank.shape[0]
+  num = min(k + _KNN_SPARE_CANDIDATES, bank_size)
+  num_b_chunks = -(-bank_size // bank_chunk_size)
+  chunk = -(-bank_size // num_b_chunks)  # even chunks: at most num_b_chunks − 1 padded rows per chunk
+  group = _knn_group_size(chunk, num)
+  chunk = -(-chunk // group) * group
+  num_q_chunks = -(-num_queries // query_chunk_size)
+  padded = num_b_chunks * chunk
+  # ‖q − b‖² = ‖q‖² + 2(½‖b‖² − q·b): ranking by q·b − ½‖b‖² ranks zero bank rows (half norm 0)
+  # correctly against unit ones (half norm ½). Padded rows get +inf, so they are never selected:
+  # num <= bank_size real rows always score higher.
+  half = 0.5 * jnp.sum(jnp.square(bank), axis=1)
+  bank = jnp.pad(bank, ((0, padded - bank_size), (0, 0)))
+  half = jnp.pad(half, (0, padded - bank_size), constant_values=jnp.inf)
+  queries = jnp.pad(queries, ((0, num_q_chunks * query_chunk_size - num_queries), (0, 0)))
+  queries = queries.reshape(num_q_chunks, query_chunk_size, dim)
+  chunks = (bank.reshape(num_b_chunks, chunk, dim), half.reshape(num_b_chunks, chunk),
+            jnp.arange(num_b_chunks, dtype=jnp.int32) * chunk)
+  width = min(num, chunk)
+
+  def query_chunk(q):
+    def bank_step(best, xs):
+      rows, half_rows, start = xs
+      v, i = _knn_chunk_top(q, rows, half_rows, num=width, group=group if chunk // group >= width else 1)
+      merged, pos = jax.lax.top_k(jnp.concatenate([best[0], v], axis=1), num)
+      index = jnp.take_along_axis(jnp.concatenate([best[1], i + start], axis=1), pos, axis=1,
+                                  mode='promise_in_bounds')
+      return (merged, index), None
+
+    init = (jnp.full((query_chunk_size, num), -jnp.inf, q.dtype), jnp.zeros((query_chunk_size, num), jnp.int32))
+    if num_b_chunks == 1:
+      (_, index), _ = bank_step(init, jax.tree.map(lambda a: a[0], chunks))
+    else:
+      (_, index), _ = jax.lax.scan(bank_step, init, chunks)
+    # Exact re-scoring from the differences: no cancellation, so a query equal to a bank row is at
+    # exactly 0 and near pairs keep their relative precision.
+    sq = jnp.sum(jnp.square(q[:, None, :] - bank[index]), axis=2)  # [qc, num]
+    return -jax.lax.top_k(-sq, k)[0][:, k - 1]
+
+  return jax.lax.map(query_chunk, queries).reshape(-1)[:num_queries]
+
+
+def knn_scores(features, bank, *, k: int, query_chunk_size: int = 256, bank_chunk_size: int = 65536):
+  """KNN score: −(distance to the k-th nearest bank entry) on L2-normalised features (Sun et al. 2022).
+
+  Features and bank rows are normalised to unit length (zero vectors stay zero) and the score is
+  −‖q̂ − b̂_(k)‖, the Euclidean distance to the k-th nearest normalised bank row, as scikit-learn's
+  `NearestNeighbors` or faiss' `IndexFlatL2` give it on the normalised arrays. Queries are processed
+  in chunks of `query_chunk_size`; for each, the bank is scanned in chunks of `bank_chunk_size`: one
+  float32 matmul per chunk ranks the rows by q̂·b̂ − ½‖b̂‖², a top-k over strided groups of columns
+  keeps the k + 8 best candidates (merged across chunks), and those candidates are re-scored exactly
+  as ‖q̂ − b̂‖² from the differences. So the query × bank matrix is never materialised (peak working
+  memory O(query_chunk_size × bank_chunk_size), 64 MiB at the defaults, beyond normalised, padded
+  copies of the inputs) and distances carry float32 rounding only: a query that is in the bank is at
+  exactly 0, near pairs are at their true distance (no √(2 − 2·cos) cancellation), and a zero
+  vector is at distance 1 from every unit row (0 from zero rows). The k-th distance is exact unless
+  more than 8 bank rows tie with it within the ~1e-6 rounding of the selection scores, and then
+  within that rounding. `ood_jax.scores.knn` is this function; its speed against faiss is measured by
+  `python -m experiments.benchmark_peers`.
+
+  Jittable with `k`, `query_chunk_size` and `bank_chunk_size` static (they set array shapes).
+
+  Args:
+    features: `[num_queries, dim]` floating query features.
+    bank: `[bank_size, dim]` floating training features (the memory bank).
+    k: which neighbour, 1 ≤ k ≤ bank_size. Paper 003 / KNN use k = 100 for CIFAR-10 and 300 for
+      CIFAR-100 (50 for KNN+).
+    query_chunk_size: queries per chunk (clipped to num_queries).
+    bank_chunk_size: bank rows per chunk (clipped to bank_size; the bank is split into equal chunks).
+
+  Returns:
+    `[num_queries]` scores in [−2, 0], in at least float32.
+  """
+  features = _checks.floating('features', features, ndim=2)
+  bank = _checks.floating('bank', bank, ndim=2)
+  if features.shape[1] != bank.shape[1]:
+    raise ValueError(f'features have dimension {features.shape[1]} but bank has dimension '
+                     f'{bank.shape[1]} (shape {tuple(bank.shape)}).')
+  _checks.nonempty('bank', bank)
+  k = _checks.positive_int('k', k)
+  if k > bank.shape[0]:
+    raise ValueError(f'k must be <= the bank size {bank.shape[0]}, got k={k}.')
+  query_chunk_size = _checks.positive_int('query_chunk_size', query_chunk_size)
+  bank_chunk_size = _checks.positive_int('bank_chunk_size', bank_chunk_size)
+
+  dtype = _checks.compute_dtype(features, bank)
+  if features.shape[0] == 0:
+    return jnp.zeros((0,), dtype=dtype)
+  queries = _knn_normalize(features.astype(dtype))
+  bank = _knn_normalize(bank.astype(dtype))
+  kth = _kth_squared_distance(
+      queries, bank, k=k,
+      query_chunk_size=min(query_chunk_size, features.shape[0]),
+      bank_chunk_size=min(bank_chunk_size, bank.shape[0]))
+  return -jnp.sqrt(kth)
+
+
+# ------------------------------------------------------------------------------------------------
+# KNN and NNGuide.
+# ------------------------------------------------------------------------------------------------
+
+
+class KNNState(NamedTuple):
+  """The training bank `[M, D]` of (unnormalised) features."""
+
+  bank: jax.Array
+
+
+def _bernoulli_bank(batches, fraction, seed, detector, transform):
+  if not 0 < float(fraction) <= 1:
+    raise ValueError(f'the bank fraction must lie in (0, 1], got {fraction}.')
+  rng = np.random.default_rng(seed)
+  rows, dim = [], None
+  for index, batch in enumerate(base.batch_source(batches, detector=detector)()):
+    features = base.host(batch, 'features', index, detector=detector)
+    dim = base.check_dim('features', features, dim, index)
+    keep = rng.random(features.shape[0]) < fraction if fraction < 1 else slice(None)
+    rows.append(transform(batch, index, features)[keep].astype(np.float32))
+  if not rows or not sum(len(r) for r in rows):
+    raise ValueError(f'detector {detector!r}: the bank is empty (no examples, or the fraction {fraction} '
+                     f'sampled none).')
+  return np.concatenate(rows)
+
+
+def fit_knn(batches, *, fraction=1.0, seed=0):
+  """The KNN bank: every training feature, or a Bernoulli(`fraction`) random subset (Sun et al. 2022
+  use 1 % of ImageNet), stored float32."""
+  bank = _bernoulli_bank(batches, fraction, seed, 'knn', lambda b, i, f: f)
+  return KNNState(jnp.asarray(bank))
+
+
+def knn(state: KNNState, features, *, k=50):
+  """−‖ĥ − b̂_(k)‖, the k-th nearest normalised bank feature (Sun et al. 2022), by `knn_scores`.
+
+  k = 50 is the paper's CIFAR-10 setting and OpenOOD's default (ImageNet: 1 000 with 1 % of the
+  training set). k is clipped to the bank size, so small smoke runs still score.
+  """
+  state = base.check_state(state, KNNState, detector='knn')
+  h = base.features_arg(features, detector='knn', dim=state.bank.shape[1])
+  k = min(_checks.positive_int('k', k), state.bank.shape[0])
+  return knn_scores(h, state.bank, k=k)
+
+
+# The paper's / OpenOOD's k grid.
+registry.register('knn', needs={'features'}, fit=fit_knn, score=knn, defaults={'fraction': 1.0, 'seed': 0, 'k': 50},
+                  fit_params=('fraction', 'seed'), grid={'k': (50, 100, 200, 500, 1000)}, paper='Sun et al. 2022',
+                  year=2022)
+
+
+class NNGuideState(NamedTuple):
+  """NNGuide's guide bank `[M, D]`: unit training features times their energy confidence."""
+
+  bank: jax.Array
+  head: base.Head
+
+
+def fit_nnguide(batches, *, head, fraction=0.01, seed=0):
+  """The guide bank ĥ_i·E(x_i), ĥ the unit feature and E = logsumexp(z) (Park et al. 2023, eq. 4).
+
+  The bank is a Bernoulli(`fraction`) random subset of the training set (α = 1 % as OpenOOD's default
+  and the paper's ImageNet setting; OpenOOD takes the first batches instead of a random subset).
+  """
+  name = 'nnguide'
+  head = base.as_head(head, detector=name)
+  w = np.asarray(head.kernel, np.float64)
+  b = np.asarray(head.bias, np.float64)
+
+  def guide(batch, index, features):
+    del batch, index
+    z = features @ w + b
+    m = z.max(axis=1, keepdims=True)
+    conf = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))
+    norm = np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return features / norm * conf
+
+  return NNGuideState(jnp.asarray(_bernoulli_bank(batches, fraction, seed, name, guide)), head)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'chunk'))
+def _topk_mean_inner(queries, bank, *, k, chunk):
+  """Mean of the k largest ⟨q, b_i⟩ per query, scanning the bank in chunks (never `[N, M]`)."""
+  size = bank.shape[0]
+  num_chunks = -(-size // chunk)
+  padded = jnp.pad(bank, ((0, num_chunks * chunk - size), (0, 0))).reshape(num_chunks, chunk, -1)
+
+  def step(best, xs):
+    start, b = xs
+    sims = jnp.dot(queries, b.T, precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.where(start + jnp.arange(chunk) < size, sims, -jnp.inf)
+    return jax.lax.top_k(jnp.concatenate([best, sims], axis=-1), k)[0], None
+
+  init = jnp.full((queries.shape[0], k), -jnp.inf, queries.dtype)
+  best, _ = jax.lax.scan(step, init, (jnp.arange(num_chunks) * chunk, padded))
+  return jnp.mean(best, axis=-1)
+
+
+def nnguide(state: NNGuideState, features, *, k=100, logits=None, chunk=2048):
+  """NNGuide: E(x)·mean of the k largest ⟨ĥ(x), bank_i⟩ (Park et al. 2023, eq. 5).
+
+  E(x) = logsumexp(z) is the energy confidence; k = 100 is OpenOOD's default (the paper's ImageNet
+  setting), clipped to the bank size. The inner products against the confidence-scaled bank are
+  computed in chunks of `chunk` bank rows.
+
+  Args:
+    state: from `fit_nnguide`.
+    features: `[N, D]`.
+    k: neighbours.
+    logits: optional `[N, K]` logits (default: the head applied to the features).
+    chunk: bank rows per chunk.
+
+  Returns:
+    `[N]` scores.
+  """
+  state = base.check_state(state, NNGuideState, detector='nnguide')
+  h = base.features_arg(features, detector='nnguide', dim=state.bank.shape[1])
+  k = min(_checks.positive_int('k', k), state.bank.shape[0])
+  z = base.head_logits(h, state.head) if logits is None else base.logits_arg(logits, detector='nnguide')
+  guidance = _topk_mean_inner(layers.l2_normalize(h), state.bank.astype(h.dtype), k=k,
+                              chunk=min(_checks.positive_int('chunk', chunk), state.bank.shape[0]))
+  return jax.nn.logsumexp(z, axis=-1) * guidance
+
+
+registry.register('nnguide', needs={'features', 'head'}, fit=fit_nnguide, score=nnguide,
+                  defaults={'fraction': 0.01, 'seed': 0, 'k': 100}, fit_params=('fraction', 'seed'),
+                  grid={'k': (10, 50, 100)}, paper='Park et al. 2023', year=2023)
