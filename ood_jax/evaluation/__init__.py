@@ -1,5 +1,8 @@
-"""Evaluation without the trainer: tuning on validation OOD, results tables and files, embedding metrics.
+"""Evaluation without the trainer: the one-call evaluator, tuning on validation OOD, results tables and files.
 
+  evaluate     `evaluate(model, variables, train=, test=, ood=, ...)` -> Report: your own Flax model's OOD table
+  evaluator    that call's module: feature extraction, the calibration block, `Report`
+  detection    `evaluate_detectors`: detectors fitted, tuned and scored on extracted outputs (the one path)
   tuning       choose each detector's hyperparameters on validation OOD sets only
   leaderboard  the detector leaderboard tables (both FPR conventions, near/far means)
   report       results.json / results.md and the comparison tables across runs
@@ -8,9 +11,13 @@
 Needs only the core install (jax, flax, optax, chex, numpy).
 """
 
+from ood_jax.evaluation import detection
 from ood_jax.evaluation import embeddings
+from ood_jax.evaluation import evaluator
 from ood_jax.evaluation import leaderboard
 from ood_jax.evaluation import report
 from ood_jax.evaluation import tuning
+from ood_jax.evaluation.evaluator import Report
+from ood_jax.evaluation.evaluator import evaluate
 
-__all__ = ['embeddings', 'leaderboard', 'report', 'tuning']
+__all__ = ['Report', 'detection', 'embeddings', 'evaluate', 'evaluator', 'leaderboard', 'report', 'tuning']

@@ -20,7 +20,8 @@ def _percent_row(values: dict[str, float]) -> str:
   return ' | '.join(f'{100 * values[name]:.2f}' for name in metrics.OOD_METRICS)
 
 
-def _calibration_row(label: str, block: dict[str, Any], examples: str) -> str:
+def calibration_row(label: str, block: dict[str, Any], examples: str) -> str:
+  """One row of the probabilities table: accuracy, NLL, ECE, Brier, AURC, the examples."""
   return (f"| {label} | {100 * block['accuracy']:.2f} % | {block['nll']:.4f} | {block['ece']:.4f} | "
           f"{block['brier']:.4f} | {block['aurc']:.4f} | {examples} |")
 
@@ -63,11 +64,11 @@ def markdown(results: dict[str, Any]) -> str:
       f"# {results['method']} · {results['backbone']} · {results['dataset']}", '',
       '| probabilities | accuracy | NLL | ECE | Brier | AURC | test examples |',
       '|---|---:|---:|---:|---:|---:|---:|',
-      _calibration_row('model', in_dist, str(in_dist['num_examples'])),
+      calibration_row('model', in_dist, str(in_dist['num_examples'])),
   ]
   if 'calibrated' in in_dist:
     validation = results['calibration']['validation_examples']
-    lines.append(_calibration_row(_calibrated_label(results), in_dist['calibrated'],
+    lines.append(calibration_row(_calibrated_label(results), in_dist['calibrated'],
                                   f'fitted on {validation} validation'))
   lines.append('')
   if results.get('calibration', {}).get('warning'):
@@ -196,7 +197,8 @@ def write_figures(results: dict[str, Any], directory: str) -> tuple[list[str], s
   return list(figures), None
 
 
-def _figures_section(names: list[str], skipped: str | None) -> str:
+def figures_section(names: list[str], skipped: str | None) -> str:
+  """results.md's figures section: an image link per file `write_figures` wrote, or why none was drawn."""
   if skipped:
     return f'Figures: none drawn. {skipped}\n'
   titles = {'reliability.png': 'reliability diagram', 'reliability_calibrated.png': 'reliability, calibrated',
@@ -213,7 +215,7 @@ def write_results(results: dict[str, Any], workdir: str, *, figures: bool = True
     json.dump(results, f, indent=2)
   text = markdown(results)
   if figures:
-    text += '\n' + _figures_section(*write_figures(results, workdir))
+    text += '\n' + figures_section(*write_figures(results, workdir))
   with open(os.path.join(workdir, RESULTS_MD), 'w', encoding='utf-8') as f:
     f.write(text)
 

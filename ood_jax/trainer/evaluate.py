@@ -29,10 +29,10 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from ood_jax import calibration
 from ood_jax.trainer import checkpoint
-from ood_jax import detectors
+from ood_jax.evaluation import detection
 from ood_jax.evaluation import embeddings as embedding_eval
+from ood_jax.evaluation import evaluator
 from ood_jax.trainer import experiment as experiment_lib
 from ood_jax.trainer import feature_cache
 from ood_jax.trainer import inference
@@ -42,114 +42,15 @@ from ood_jax.evaluation import report
 from ood_jax import scores as scores_lib
 from ood_jax.trainer import sharding
 from ood_jax.trainer import step
-from ood_jax.evaluation import tuning
 from ood_jax.trainer.data import catalog
+from ood_jax.trainer.data import protocols
+from ood_jax.trainer.data import registry
 from ood_jax.trainer.data import sources
 from ood_jax.detectors import adapter
-
-# Rows per training batch handed to a detector's streamed fit.
-_FIT_BATCH = 4096
-
 
 def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
   """Every named logit score (`ood_jax.scores`), as float64 host arrays."""
   return {name: np.asarray(getattr(scores_lib, name)(logits), np.float64) for name in names}
-
-
-def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], num_classes: int,
-                       head=None, validation: dict | None = None, validation_ood: dict[str, dict] | None = None,
-                       pinned: dict[str, dict] | None = None) -> dict[str, Any]:
-  """OOD metrics of post-hoc detectors fitted on training outputs, one entry per detector.
-
-  Args:
-    spec: 'all', or detector names (`ood_jax.detectors`); 'all' keeps those the inputs allow.
-    train: training-set outputs of `inference.run` ('features', 'labels', and 'logits' for a
-      classifier), in training order.
-    test: in-distribution test outputs ('features', and 'logits' for a classifier).
-    ood: OOD test set name → its outputs.
-    num_classes: K.
-    head: the final dense layer's (kernel, bias), or None when the head is not affine.
-    validation: in-distribution validation outputs; with `validation_ood`, detectors with a grid are
-      tuned (`ood_jax.evaluation.tuning.select`) on these two alone and scored on the test sets with the choice.
-    validation_ood: validation OOD set name → its outputs (never a test set).
-    pinned: detector name → {hyperparameter: value} fixed (`detectors.resolve(hparams=)`): used, not tuned.
-
-  Returns:
-    {'ood': {set: {detector: metrics}}, 'ood_mean': {detector: metrics}}, 'tuning': {detector:
-    {'hparams', 'validation_auroc', 'candidates'}} for tuned detectors and, for detectors that failed
-    on this model, 'errors': {detector: message} (logged too).
-  """
-  has_logits = 'logits' in train
-  available = {'features'} | ({'logits'} if has_logits else set()) | ({'head'} if head is not None else set())
-  chosen = detectors.resolve(spec, available=available, hparams=pinned)
-  keys = ('logits', 'features', 'labels') if has_logits else ('features', 'labels')
-  batches = [{key: train[key][start:start + _FIT_BATCH] for key in keys}
-             for start in range(0, len(train['labels']), _FIT_BATCH)]
-  tune = bool(validation_ood) and validation is not None and len(validation['features']) > 0
-  # One call per detector over the test set and every OOD set together, then split.
-  sets = [test] + list(ood.values())
-  inputs = {key: np.concatenate([s[key] for s in sets]) for key in keys[:-1]}
-  bounds = np.cumsum([len(s['features']) for s in sets])[:-1]
-  per_set, errors, tuned = {name: {} for name in ood}, {}, {}
-  for det in chosen:
-    fit = lambda _det=det, **hp: _det.fit(batches, head=head, num_classes=num_classes, **hp)
-    try:
-      hparams = {}
-      if tune and det.grid:
-        hparams, tuned[det.name] = tuning.select(
-            det, fit, validation_in={k: validation[k] for k in keys[:-1]}, validation_ood=validation_ood,
-            feature_dim=train['features'].shape[-1], num_classes=num_classes)
-      state = fit(**{k: v for k, v in hparams.items() if k in det.fit_params})
-      values = np.split(np.asarray(det.score(state, inputs, **hparams), np.float64), bounds)
-    except (ValueError, TypeError, np.linalg.LinAlgError) as e:
-      logging.warning('detector %s failed on this model: %s', det.name, e)
-      errors[det.name] = f'{type(e).__name__}: {e}'
-      tuned.pop(det.name, None)
-      continue
-    for name, out_scores in zip(ood, values[1:]):
-      per_set[name][det.name] = metrics.ood_metrics(values[0], out_scores)
-  block: dict[str, Any] = {'ood': per_set}
-  if ood and any(per_set.values()):
-    block['ood_mean'] = metrics.mean_over_sets(per_set)
-  if tuned:
-    block['tuning'] = tuned
-  if errors:
-    block['errors'] = errors
-  return block
-
-
-def _softmax64(z: np.ndarray) -> np.ndarray:
-  z = z - z.max(axis=-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(axis=-1, keepdims=True)
-
-
-def _calibrator(method, validation_logits: np.ndarray, validation_labels: np.ndarray):
-  """(summary, logits → calibrated probabilities) of the method's calibrator, fitted on validation.
-
-  The calibrated probabilities are computed in float64 on the host: a temperature well below 1 pushes
-  float32 probabilities to exactly 1.0, and the ties that makes would change rank metrics (AURC)
-  that temperature scaling cannot change.
-  """
-  if method.calibration == 'platt':
-    state = calibration.fit_platt(validation_logits, validation_labels)
-    slope, intercept = np.asarray(state.slope, np.float64), np.asarray(state.intercept, np.float64)
-    sigmoid = lambda x: np.exp(-np.logaddexp(0.0, -x))
-    return {'calibrator': 'platt'}, lambda logits: sigmoid(np.asarray(logits, np.float64) * slope + intercept)
-  summary = {'calibrator': 'temperature'}
-  if np.all(np.argmax(validation_logits, axis=-1) == validation_labels):
-    # With no validation error the NLL keeps falling as T → 0: the data carry no information about
-    # T, and the bound the fit would stop at over-sharpens every later mistake (on digits-C it
-    # multiplied the NLL by 70). Keep the model's own probabilities and say so.
-    temperature = 1.0
-    summary['warning'] = ('every validation example is classified correctly, so the temperature cannot be '
-                          'fitted (the NLL falls as T → 0); T = 1 is kept. Raise --config.validation_fraction '
-                          'or calibrate on harder held-out data.')
-    logging.warning('calibration: %s', summary['warning'])
-  else:
-    temperature = float(calibration.fit_temperature(validation_logits, validation_labels).temperature)
-  summary['temperature'] = temperature
-  return summary, lambda logits: _softmax64(np.asarray(logits, np.float64) / temperature)
 
 
 def _shift_metrics(probs, labels) -> dict[str, float]:
@@ -228,6 +129,12 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
                      lambda: sources.load_split(info.name, info.test_split, data_dir=data_dir, download=download))
   ood_out = {name: ood_set(name) for name in plan.test_sets}
   spec = spec if ood_out else ()  # detectors are scored against OOD sets only
+  # A detector that computes one of the method's own scores (msp for max_softmax, ...) would be a second,
+  # identical row: the method's row names it instead (`leaderboard.twin_detectors`).
+  twins = leaderboard.twin_detectors(method.scores, spec) if method.probabilities is not None else {}
+  if twins:
+    logging.info("eval: %s reported as the method's own score(s) %s.", ', '.join(twins), ', '.join(twins.values()))
+    spec = tuple(det for det in spec if det.name not in twins)
   train_out = (outputs(f'{info.name}:{info.train_split}-validation@{fraction}', lambda: split()[0])
                if spec or method.probabilities is None else None)
   validation_out = (outputs(f'{info.name}:validation@{fraction}', lambda: split()[1])
@@ -244,7 +151,8 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
   else:
     calibrate = None
     if validation_out is not None:
-      summary, calibrate = _calibrator(method, validation_out['logits'], validation_out['labels'])
+      summary, calibrate = evaluator.calibration_block(validation_out['logits'], validation_out['labels'],
+                                                       calibrator=method.calibration)
       results['calibration'] = {**summary, 'validation_examples': len(validation_out['labels'])}
     results['in_distribution'] = {
         'num_examples': len(test_out['labels']),
@@ -270,7 +178,7 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
     if validation_ood and validation_out is None:
       logging.warning('eval: validation OOD sets are given but validation_fraction is 0, so detectors keep '
                       'their default hyperparameters.')
-    results['detectors'] = evaluate_detectors(
+    results['detectors'] = detection.evaluate_detectors(
         spec, train=without_embeddings(train_out), test=without_embeddings(test_out),
         ood={name: without_embeddings(out) for name, out in ood_out.items()}, num_classes=info.num_classes,
         head=None if head is None else tuple(np.asarray(w) for w in head),
@@ -326,3 +234,56 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None) -> d
   results = evaluate_model(exp, variables, mesh, workdir=workdir)
   report.write_results(results, workdir)
   return results
+
+
+def evaluate_protocol(model, variables=None, *, protocol: str, dataset: str, validation_fraction: float = 0.1,
+                      preprocess=None, data_dir: str | None = None, benchmark_dir: str | None = None,
+                      download: bool = False, batch_size: int = 256, **kwargs) -> evaluator.Report:
+  """A benchmark protocol (`data.protocols`: 'openood_v1_5', 'digits', ...) on a model of your own, in one call.
+
+  Loads the in-distribution training split (less a stratified validation part), test split and the protocol's
+  near / far and validation OOD sets through the data layer (every set checked before anything runs), then
+  calls `ood_jax.evaluation.evaluate`, the same path as any other evaluation.
+
+  Args:
+    model, variables: as `ood_jax.evaluation.evaluate` takes them.
+    protocol: a name of `data.protocols.names()`.
+    dataset: the in-distribution dataset (`data.registry`), e.g. 'cifar10' or 'digits'.
+    validation_fraction: held out of the training split for calibration and tuning (> 0 to tune).
+    preprocess: uint8 images [B, H, W, C] → the model's inputs; default: scaled to [0, 1] and normalised
+      with the dataset's mean and std, as ood_jax's trainer feeds its models.
+    data_dir, benchmark_dir, download: where the data is (`config.data_dir`, `config.benchmark_dir`,
+      `config.download`).
+    batch_size: rows per forward pass.
+    **kwargs: further arguments of `ood_jax.evaluation.evaluate` (detectors, detector_kwargs, head, ...).
+
+  Returns:
+    The `Report`; its leaderboard is grouped near / far as the protocol says.
+  """
+  info = registry.get_info(dataset)
+  plan = protocols.get(protocol, dataset)
+  catalog.check_validation_fraction(validation_fraction)
+  catalog.check_available(info, splits=(info.train_split, info.test_split),
+                          ood_names=plan.test_sets + plan.validation, data_dir=data_dir,
+                          benchmark_dir=benchmark_dir, download=download)
+  if preprocess is None:
+    mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
+    preprocess = lambda images: (np.asarray(images, np.float32) / 255.0 - mean) / std
+
+  def batches(data, labelled=True):
+    # Streamed: only one batch of preprocessed (float32) images exists at a time.
+    for start in range(0, len(data.images), batch_size):
+      images = preprocess(data.images[start:start + batch_size])
+      yield (images, data.labels[start:start + batch_size]) if labelled else images
+
+  train, validation = catalog.load_train_and_validation(info, validation_fraction=validation_fraction,
+                                                        data_dir=data_dir, download=download)
+  test = sources.load_split(info.name, info.test_split, data_dir=data_dir, download=download)
+  load = lambda name: catalog.load_ood_set(name, info, data_dir=data_dir, benchmark_dir=benchmark_dir,
+                                           download=download)
+  return evaluator.evaluate(
+      model, variables, train=batches(train), test=batches(test),
+      validation=batches(validation) if len(validation) else None,
+      ood={name: batches(load(name), labelled=False) for name in plan.test_sets},
+      validation_ood={name: batches(load(name), labelled=False) for name in plan.validation} if len(validation)
+      else None, groups=plan.groups, batch_size=batch_size, **kwargs)

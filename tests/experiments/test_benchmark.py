@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
+from ood_jax.evaluation import detection
 from ood_jax import detectors
 from ood_jax.trainer import evaluate
 from ood_jax.trainer import experiment
@@ -57,12 +58,12 @@ def test_tuning_never_sees_test_sets():
   poisoned_ood = {'far': dict(test), 'other': near_class0}
   kwargs = dict(spec=('knn',), train=train, test=test, num_classes=3, validation=validation,
                 validation_ood=validation_ood)
-  clean = evaluate.evaluate_detectors(ood=clean_ood, **kwargs)
-  poisoned = evaluate.evaluate_detectors(ood=poisoned_ood, **kwargs)
+  clean = detection.evaluate_detectors(ood=clean_ood, **kwargs)
+  poisoned = detection.evaluate_detectors(ood=poisoned_ood, **kwargs)
   assert clean['tuning'] == poisoned['tuning']
   assert clean['tuning']['knn']['candidates'] == 5
   # The choice does follow the validation sets (so the test above could fail).
-  chosen = {evaluate.evaluate_detectors(ood=clean_ood, **{**kwargs, 'validation_ood': {'val': v}})['tuning']['knn']
+  chosen = {detection.evaluate_detectors(ood=clean_ood, **{**kwargs, 'validation_ood': {'val': v}})['tuning']['knn']
             ['hparams']['k'] for v in (validation_ood['val'], near_class0)}
   assert chosen == {50, 100}
 
@@ -71,7 +72,7 @@ def test_tuned_choice_is_the_best_validation_auroc_and_scores_the_test_sets_with
   rng, train, test, validation = _synthetic(1)
   validation_ood = {'a': _cloud(rng, 30, 1.0), 'b': _cloud(rng, 30, 0.0, spread=3.0)}
   ood = {'far': _cloud(rng, 40, 0.5, spread=2.0)}
-  block = evaluate.evaluate_detectors(('knn',), train=train, test=test, ood=ood, num_classes=3,
+  block = detection.evaluate_detectors(('knn',), train=train, test=test, ood=ood, num_classes=3,
                                       validation=validation, validation_ood=validation_ood)
   det = detectors.get('knn')
   state = det.fit([train], num_classes=3)

@@ -3,6 +3,7 @@
 A small MLP on the digits benchmark (random weights: the numbers only need to be the right ones).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,8 @@ import scipy.special
 from sklearn import metrics as sk_metrics
 
 from configs import digits as digits_config
+from ood_jax.evaluation import detection
+from ood_jax.evaluation import evaluator
 from ood_jax.trainer import evaluate
 from ood_jax.trainer import experiment
 from ood_jax import metrics
@@ -92,10 +95,10 @@ def test_failing_detector_is_reported_not_fatal():
   train = {'features': rng.normal(size=(30, 4)).astype(np.float32), 'labels': np.arange(30, dtype=np.int32) % 3}
   test = {'features': rng.normal(size=(10, 4)).astype(np.float32)}
   ood = {'noise': {'features': rng.normal(size=(12, 4)).astype(np.float32) + 3}}
-  block = evaluate.evaluate_detectors(('knn',), train=train, test=test, ood=ood, num_classes=3)
+  block = detection.evaluate_detectors(('knn',), train=train, test=test, ood=ood, num_classes=3)
   assert 0.0 <= block['ood']['noise']['knn']['auroc'] <= 1.0
   train_bad = {**train, 'features': train['features'][:, :0]}  # no feature dimensions at all
-  bad = evaluate.evaluate_detectors(('knn',), train=train_bad, test={'features': test['features'][:, :0]},
+  bad = detection.evaluate_detectors(('knn',), train=train_bad, test={'features': test['features'][:, :0]},
                                     ood={'noise': {'features': ood['noise']['features'][:, :0]}}, num_classes=3)
   assert 'knn' in bad['errors'] and bad['ood']['noise'] == {}
 
@@ -110,3 +113,31 @@ def test_detector_names_are_checked_before_training():
     experiment.check_config(config)
   config.eval.detectors = 'all'
   experiment.check_config(config)  # 'all' keeps what the model allows
+
+
+def test_protocol_front_door_is_the_one_call_on_the_protocols_sets():
+  class Mlp(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(6, name='head')(nn.relu(nn.Dense(32)(x.reshape(len(x), -1))))
+
+  model = Mlp()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+  report = evaluate.evaluate_protocol(model, variables, protocol='digits', dataset='digits',
+                                      detectors=('msp', 'knn'), batch_size=128)
+  results = report.results
+  assert results['benchmark']['groups'] == {'near': ['digits/near'],
+                                            'far': ['digits/photos', 'digits/gaussian_noise', 'digits/uniform_noise']}
+  assert results['benchmark']['validation'] == ['digits/validation'] and 'knn' in results['detectors']['tuning']
+  # The same numbers as the one call on the same sets, preprocessed as the trainer does.
+  info = registry.get_info('digits')
+  prep = lambda x: (x.astype(np.float32) / 255.0 - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
+  train, validation = catalog.load_train_and_validation(info, validation_fraction=0.1)
+  test = digits.load_split('test')
+  direct = evaluator.evaluate(
+      model, variables, train=(prep(train.images), train.labels), test=(prep(test.images), test.labels),
+      validation=(prep(validation.images), validation.labels),
+      ood={name: prep(digits.load_ood(name.split('/')[1]).images) for name in results['benchmark']['groups']['near']},
+      validation_ood={'digits/validation': prep(digits.load_ood('validation').images)}, detectors=('msp', 'knn'))
+  assert direct.results['detectors']['ood']['digits/near'] == results['detectors']['ood']['digits/near']
