@@ -21,6 +21,7 @@ positive class; FPR@95 / TNR@95 at TPR 95 %. Probabilities are the method's (sof
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 from absl import logging
@@ -107,16 +108,20 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
 
   def outputs(key, load):
     """The model's outputs on one set (with its labels, −1 for OOD), from the cache when it has them."""
+    started = time.perf_counter()
     out = cache.load(key) if cache else None
     # Running the model is a collective: on several processes either all of them use the cache
     # (process 0 writes it; another host may not see the file yet) or all run the model.
     if cache and not _on_every_process(out is not None):
       out = None
+    source = 'from the feature cache'
     if out is None:
       data = load()
       out = {**run(data), 'labels': np.asarray(data.labels, np.int32)}
       if cache:
         cache.save(key, out)
+      source = 'through the model'
+    logging.info('eval: %s, %d examples %s in %.1f s', key, len(out['labels']), source, time.perf_counter() - started)
     return out
 
   fraction = settings.validation_fraction
