@@ -67,28 +67,15 @@ _LOG = logging.getLogger(__name__)
 
 
 def _features(name: str, features) -> np.ndarray:
-  """Validated non-empty, finite `[N, D]` features as a host float32 array."""
-  features = np.asarray(features)  # Checked on the host: no round trip through a device.
-  if not jnp.issubdtype(features.dtype, jnp.floating):
-    raise TypeError(f'{name} must have a floating dtype, got {features.dtype}.')
-  if features.ndim != 2 or 0 in features.shape:
-    raise ValueError(f'{name} must be a non-empty [N, D] array, got shape {features.shape}.')
-  features = features.astype(np.float32)
-  if not np.isfinite(features).all():
-    raise ValueError(f'{name} contain NaN or inf.')
-  return features
+  """Validated non-empty, finite `[N, D]` features as a host float32 array (checked on the host)."""
+  if np.ndim(features) != 2 or 0 in np.shape(features):
+    raise ValueError(f'{name} must be a non-empty [N, D] array, got shape {np.shape(features)}.')
+  return _checks.host_float64(name, features, ndim=2).astype(np.float32)
 
 
 def _labels(name: str, labels, num_examples: int, num_classes: int, features_name: str) -> np.ndarray:
-  labels = np.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f'{name} must have an integer dtype, got {labels.dtype}.')
-  if labels.shape != (num_examples,):
-    raise ValueError(f'{name} must have shape ({num_examples},) to match {features_name}, got {labels.shape}.')
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f'{name} must lie in [0, {num_classes}) (num_classes), got values in '
-                     f'[{labels.min()}, {labels.max()}].')
-  return labels.astype(np.int32)
+  return _checks.host_labels(name, labels, size=num_examples, match=features_name,
+                             num_classes=num_classes).astype(np.int32)
 
 
 def _check_dims(name: str, features: np.ndarray, train_features: np.ndarray, train_name: str) -> None:
