@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ood_jax import _checks
 from ood_jax import _extras
 from ood_jax import calibration
 from ood_jax import metrics
@@ -100,13 +101,8 @@ def _nonempty_mapping(name: str, value) -> Mapping:
 
 
 def _array(name: str, x, *, ndim: int) -> np.ndarray:
-  """`x` as a finite float64 array of rank `ndim`."""
-  x = np.asarray(x, dtype=np.float64)
-  if x.ndim != ndim:
-    raise ValueError(f'{name} must have rank {ndim}, got shape {x.shape}.')
-  if not np.isfinite(x).all():
-    raise ValueError(f'{name} contains NaN or inf.')
-  return x
+  """`x` as a finite float64 array of rank `ndim` (integer input allowed: counts, scores)."""
+  return _checks.host_float64(name, x, ndim=ndim, allow_integer=True)
 
 
 def _colors(n: int) -> list[str]:
