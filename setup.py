@@ -1,12 +1,22 @@
 """ood_jax: out-of-distribution detection and calibration under dataset shift, in JAX/Flax."""
 
+import pathlib
+import re
+
 import setuptools
+
+HERE = pathlib.Path(__file__).resolve().parent
+# The version lives in ood_jax/__init__.py (`ood_jax.__version__`); read, not imported (that would need jax).
+VERSION = re.search(r"^__version__ = '([^']+)'$", (HERE / 'ood_jax' / '__init__.py').read_text(encoding='utf-8'),
+                    flags=re.M).group(1)
 
 # The library core (layers, losses, scores, metrics, calibration, models, methods, detectors):
 # `pip install ood_jax` in any Flax project. Everything else is an extra (ood_jax/_extras.py says
 # which module needs which, and importing one without its extra says what to install).
+# JAX releases ood_jax works with; the accelerator extras below resolve their JAX build within the same range.
+JAX_VERSIONS = '>=0.6,<0.13'
 INSTALL_REQUIRES = [
-    'jax>=0.6,<0.13',
+    f'jax{JAX_VERSIONS}',
     'flax>=0.11,<0.14',
     'optax>=0.2.4,<0.3',
     'chex>=0.1.89,<0.2',
@@ -41,6 +51,19 @@ EXTRAS_REQUIRE = {
         'scikit-learn>=1.4,<2',  # the offline digits benchmark ships inside scikit-learn
         'pillow>=10,<14',  # scikit-learn's sample photos (the far-OOD set)
     ],
+    # The documentation site (docs/, built by .ci/run: sphinx-build -W docs docs/_build/html); autodoc imports
+    # every module, so build it where the 'all' extra is installed too.
+    'docs': [
+        'sphinx>=7.2,<10',
+        'myst-parser>=3,<6',
+        'sphinx-book-theme>=1.1,<2',
+    ],
+    # JAX's accelerator builds, resolved together with the rest (`pip install -e '.[all,cuda12]'`): one resolver
+    # keeps jax, jaxlib and the plugin within ood_jax's range, where a later `pip install -U "jax[cuda12]"` would
+    # not. jax offers the cuda13 extra from 0.7.0 on.
+    'cuda12': [f'jax[cuda12]{JAX_VERSIONS}'],
+    'cuda13': [f'jax[cuda13]{JAX_VERSIONS},>=0.7'],
+    'tpu': [f'jax[tpu]{JAX_VERSIONS}'],
     'test': [
         'pytest>=8,<10',
         'pytest-xdist>=3.5,<4',
@@ -51,24 +74,41 @@ EXTRAS_REQUIRE = {
         'nbformat>=5.9,<6',
         'packaging>=23',  # tests/test_install.py reads requirement markers
         'ipykernel>=6.25,<8',
+        'build>=1.2,<2',  # tests/test_install.py builds the wheel and the sdist
+        'twine>=5,<8',  # ... and checks them as PyPI would
     ],
 }
 # Everything the CLI, the benchmarks and the figures use (the README installs it with the test tools).
 EXTRAS_REQUIRE['all'] = list(dict.fromkeys(
     EXTRAS_REQUIRE['train'] + EXTRAS_REQUIRE['plots'] + EXTRAS_REQUIRE['digits']))
 
-URL = 'https://github.com/ood-jax/ood_jax'  # placeholder: the repository's public URL, once it has one
+# The one place for the repository's address (placeholder: the public URL, once it has one). docs/conf.py reads it;
+# the notebook's OOD_JAX_REPO and the README's Colab badge must name the same (tests/test_notebook.py).
+URL = 'https://github.com/ood-jax/ood_jax'
+
+
+def _long_description() -> str:
+  """README.md with its relative links made absolute, so that they work on PyPI too."""
+  readme = (HERE / 'README.md').read_text(encoding='utf-8')
+  return re.sub(r'(\]\()(?!https?://|#)([^)\s]+)\)',
+                lambda m: f'{m.group(1)}{URL}/blob/main/{m.group(2)})', readme)
+
 
 setuptools.setup(
     name='ood_jax',
-    version='0.1.0',
+    version=VERSION,
     description='Out-of-distribution detection and calibration under dataset shift in JAX/Flax.',
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=_long_description(),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['ood_jax', 'ood_jax.*']),
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     url=URL,
+    project_urls={
+        'Source': URL,
+        'Changelog': f'{URL}/blob/main/CHANGELOG.md',
+        'Documentation': f'{URL}/tree/main/docs',
+    },
     license='Apache-2.0',
 )

@@ -1,5 +1,7 @@
 """Defaults shared by every config; each config file changes what its recipe needs."""
 
+import difflib
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -25,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   # tuning; 0 trains on the whole split, as the papers do.
   c.validation_fraction = 0.1
   c.augment = 'crop_flip'         # ood_jax.trainer.data.pipeline augmentation
-  c.normalization = 'dataset'     # or 'symmetric' ([−1, 1] inputs, paper 002)
+  c.normalization = 'dataset'     # or 'symmetric' ([−1, 1] inputs, as Padhy et al. 2020 train)
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
       schedule='step', decay_epochs=(), decay_factor=0.1, warmup_epochs=0.0,
@@ -55,8 +57,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Dense peak TFLOP/s of one device, for the MFU in the training log on devices ood_jax.trainer.throughput does
   # not list (CPUs, new chips); unset: the table's peak, or no MFU.
   c.peak_tflops = config_dict.placeholder(float)
+  # True: on GPU, XLA_FLAGS gets --xla_gpu_deterministic_ops=true before JAX starts (kernels chosen without timing
+  # them), so that a resumed run continues bitwise. False gives that up for the autotuner's fastest kernels
+  # (docs/accelerators.md). CPU and TPU are unaffected.
+  c.deterministic = True
+  # Steps (as numbered in the training log) to trace with jax.profiler into <workdir>/profile, for TensorBoard's
+  # profile tab: e.g. '10,11' or '10-12'; '' none.
+  c.profile_steps = ''
+  # Folder of JAX's persistent compilation cache: a rerun or a resumed run loads its compiled programs from there.
+  c.compilation_cache_dir = config_dict.placeholder(str)
   c.eval = ml_collections.ConfigDict(dict(
-      knn_k=50,  # KNN neighbour for contrastive models (paper 003: 100 CIFAR-10, 300 CIFAR-100)
+      knn_k=50,  # KNN neighbour for contrastive models (Regmi et al. 2024: 100 CIFAR-10, 300 CIFAR-100)
       batch_size=512,  # global; a power of two splits evenly over 1, 2, 4, 8, ... devices
       ood_sets=(), corruptions=(), severities=(1, 2, 3, 4, 5),
       # Post-hoc detectors (ood_jax.detectors) to fit on the training features and report: '' none,
@@ -92,7 +103,8 @@ def parse_arg(arg, **groups) -> dict:
     group name → the token given, or None where the group had none; and 'smoke' → bool.
 
   Raises:
-    ValueError: for an unknown token or two tokens of one group; the message lists the valid ones.
+    ValueError: for an unknown token (offering the closest one) or two tokens of one group; the message lists the
+      valid ones.
   """
   chosen = dict.fromkeys(groups)
   chosen['smoke'] = False
@@ -106,7 +118,9 @@ def parse_arg(arg, **groups) -> dict:
     group = next((name for name, tokens in groups.items() if token in tokens), None)
     if group is None:
       valid = '; '.join(f'{name}: {", ".join(tokens)}' for name, tokens in groups.items())
-      raise ValueError(f'Unknown config argument {token!r}; valid ({valid}; and smoke), comma-separated.')
+      close = difflib.get_close_matches(token, [t for tokens in groups.values() for t in tokens] + ['smoke'], n=1)
+      hint = f'did you mean {close[0]!r}? ' if close else ''
+      raise ValueError(f'Unknown config argument {token!r}; {hint}valid ({valid}; and smoke), comma-separated.')
     if chosen[group] is not None:
       raise ValueError(f'Config argument gives two {group}s: {chosen[group]!r} and {token!r}.')
     chosen[group] = token

@@ -1,7 +1,13 @@
-"""ood_jax.models.batch_norm against flax.linen.BatchNorm, float64 NumPy and finite differences."""
+"""ood_jax.models.batch_norm against flax.linen.BatchNorm, float64 NumPy and finite differences.
+
+The CPU rewrites (ones-block GEMM sums, the division barrier) are chosen per lowering platform: programs
+exported for GPU and TPU from this CPU host are checked to contain none of them, and the GPU/TPU branch's
+numbers are checked on CPU by forcing it.
+"""
 
 import flax.linen as nn
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -182,7 +188,7 @@ def test_constant_channel_gives_finite_values_and_gradients():
 def test_channel_sums_accuracy():
   """The ones-block product on 2^17 rows with a large mean: within 3× of XLA's tree-reduced sum."""
   x = _inputs((2**17, 16), offset=10.0)
-  got = jax.jit(batch_norm._channel_sums)(x)
+  got = jax.jit(batch_norm._gemm_sums)(x)
   want = np.asarray(x, np.float64).sum(0)
   err = np.max(np.abs(np.asarray(got, np.float64) - want) / np.abs(want))
   err_sum = np.max(np.abs(np.asarray(jax.jit(lambda x: jnp.sum(x, 0))(x), np.float64) - want) / np.abs(want))
@@ -220,3 +226,65 @@ def test_materialize_divides_only_under_differentiation_on_cpu():
 def test_rejects_non_floating_or_scalar_input(x):
   with pytest.raises((TypeError, ValueError), match='BatchNorm input'):
     batch_norm.BatchNorm().init(jax.random.key(0), x)
+
+
+class _ConvBlock(nn.Module):
+  """Two conv → BatchNorm → ReLU layers of the backbones (`_common.conv` puts `materialize` on each input)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = _common.conv(4, 3, dtype=jnp.float32, name=f'conv{i}')(x)
+      x = nn.relu(_common.batch_norm(train=True, dtype=jnp.float32, name=f'bn{i}')(x))
+    return x
+
+
+def _block_step(variables, x):
+  def loss(params):
+    y, stats = _ConvBlock().apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.sum(y ** 2), stats
+  return jax.grad(loss, has_aux=True)(variables['params'])
+
+
+def _rewrites(stablehlo: str) -> dict[str, int]:
+  return {'ones_gemm': stablehlo.count('precision = [HIGHEST, HIGHEST]'),
+          'divide': stablehlo.count('stablehlo.divide'), 'reshape': stablehlo.count('stablehlo.reshape')}
+
+
+def test_programs_for_gpu_and_tpu_have_none_of_the_cpu_rewrites():
+  x = jnp.ones((2, 5, 5, 3))
+  variables = jax.eval_shape(_ConvBlock().init, jax.random.key(0), x)
+  step = jax.jit(_block_step)
+  cpu = _rewrites(step.lower(variables, x).as_text())
+  accelerators = [_rewrites(export.export(step, platforms=['cuda', 'tpu'])(variables, x).mlir_module()),
+                  _rewrites(step.trace(variables, x).lower(lowering_platforms=('cuda',)).as_text())]
+  # CPU: 2 BatchNorms × (2 forward + 2 backward sums) as ones-GEMMs; the second conv's input (the first one's
+  # is the images, not differentiated) divided by a run-time one forward and backward; [B,H,W,C] ↔ [BHW,C].
+  assert cpu['ones_gemm'] == 8 and cpu['reshape'] > 0, cpu
+  for program in accelerators:
+    assert program['ones_gemm'] == 0 and program['reshape'] == 0, program
+    assert program['divide'] == cpu['divide'] - 2, (program, cpu)
+
+
+def test_gpu_tpu_branch_matches_flax_and_keeps_the_variables(monkeypatch):
+  # The branch a GPU/TPU program runs, forced on CPU: flax's numbers, forward and backward, same variables.
+  monkeypatch.setattr(jax.lax, 'platform_dependent', lambda *args, default, **per_platform: default(*args))
+  x = _inputs((16, 4, 4, 5))
+  variables = _variables(5)
+  weights = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
+  ours, flax_bn = _pair(train=True)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+      jnp.shape, flax_bn.init(jax.random.key(0), x))
+  apply = lambda m: jax.jit(lambda v, x: m.apply(v, x, mutable=['batch_stats']))(variables, x)
+  (y, stats), (y_flax, stats_flax) = apply(ours), apply(flax_bn)
+  np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=4e-5)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_flax)):
+    np.testing.assert_allclose(a, b, rtol=2e-5)
+  grad = lambda m: jax.jit(jax.grad(lambda v, x: _loss(m, v, x, weights), argnums=(0, 1)))(variables, x)
+  for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(flax_bn))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  x = _inputs((2, 3, 3, 2), offset=0.0)
+  y, vjp = jax.vjp(jax.jit(_common.materialize), x)
+  np.testing.assert_array_equal(y, x)
+  np.testing.assert_array_equal(vjp(x)[0], x)
+  assert 'divide' not in jax.jit(jax.grad(lambda x: jnp.sum(_common.materialize(x) ** 2))).lower(x).as_text()

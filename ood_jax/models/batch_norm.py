@@ -1,4 +1,5 @@
-"""BatchNorm with flax.linen.BatchNorm's variables and numbers, and a hand-written training-mode gradient.
+"""BatchNorm (Ioffe & Szegedy 2015) with flax.linen.BatchNorm's variables and numbers, and a hand-written
+training-mode gradient.
 
 Why not `nn.BatchNorm`: on XLA:CPU its four per-channel reductions of a training step (mean and mean
 square forward; Σg and Σg·x̂ backward) are lowered to `reduce-window`s that read a channels-last
@@ -6,8 +7,10 @@ activation once per channel group, about a fifth of a ResNet-20 CIFAR step on 2 
 (docs/benchmark_peers.md). Here the training-mode forward and backward are one `jax.custom_vjp`
 whose reductions are matrix products with a block of ones, which XLA:CPU hands to its GEMM: 2-6× faster
 per reduction than the `reduce-window`, and within 3× of its tree-reduced sum's rounding (a single row of
-ones would be a GEMV that adds each column serially, ~30×). Other backends keep `jnp.sum`, which their
-reduction emitters handle well.
+ones would be a GEMV that adds each column serially, ~30×). The choice is made per lowering platform
+(`jax.lax.platform_dependent`), not by the host that traces: a program lowered or exported for GPU or TPU, even
+on a CPU host, reduces over the batch axes with `jnp.sum` (which their reduction emitters handle well), without
+the ones block and without reshaping the activations to `[M, C]` rows.
 
 Same variables as `nn.BatchNorm` (params `scale`, `bias`; batch_stats `mean`, `var`, all float32), same
 running-average update (`momentum · old + (1 − momentum) · batch`, not during `init`), same formulas
@@ -32,30 +35,48 @@ from ood_jax import _checks
 _ONES_ROWS = 8
 
 
-def _channel_sums(x2d: jax.Array) -> jax.Array:
-  """Σ over rows of a float32 `[M, K]` array → `[K]`."""
-  if jax.default_backend() != 'cpu':
-    return jnp.sum(x2d, axis=0)
+def _gemm_sums(x2d: jax.Array) -> jax.Array:
+  """Σ over rows of a float32 `[M, K]` array → `[K]`, as XLA:CPU's GEMM (the CPU branch)."""
   ones = jnp.ones((_ONES_ROWS, x2d.shape[0]), x2d.dtype)
   return jnp.dot(ones, x2d, precision=jax.lax.Precision.HIGHEST)[0]
 
 
-def _statistics(x2d, shift):
-  """Batch mean and fast variance (clipped at 0) of a float32 `[M, C]` array.
+def _axis_sums(x: jax.Array) -> jax.Array:
+  """Σ over every axis but the last of a float32 `[..., K]` array → `[K]` (GPU, TPU)."""
+  return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+
+
+def _statistics(x, shift, sums):
+  """Batch mean and fast variance (clipped at 0) over every axis but the last of a float32 array.
 
   The second moment is taken about `shift` (the running mean), which the variance does not depend on:
   about 0, E[x²] − E[x]² cancels most digits of activations whose mean is large against their spread.
   The squares are a new array either way, and the mean reads x itself.
   """
-  count = x2d.shape[0]
-  mean = _channel_sums(x2d) / count
-  mean_square = _channel_sums(jnp.square(x2d - shift)) / count
+  count = x.size // x.shape[-1]
+  mean = sums(x) / count
+  mean_square = sums(jnp.square(x - shift)) / count
   return mean, jnp.maximum(0.0, mean_square - jnp.square(mean - shift))
 
 
 def _normalize(x, mean, inv, scale, bias):
   """flax's `(x − mean) · (rsqrt(var + ε) · scale) + bias`, in that order (inference matches it bitwise)."""
   return (x - mean) * (inv * scale) + bias
+
+
+def _per_platform(fn, *arrays):
+  """`fn(*arrays, sums)` with the lowering platform's sums; its first output has the shape of `arrays[0]`.
+
+  CPU: the arrays as `[M, C]` rows for the ones-block GEMM, the first output reshaped back. Elsewhere the
+  arrays as they are, reduced over their leading axes. Both branches run the same arithmetic.
+  """
+  shape = arrays[0].shape
+
+  def cpu(*arrays):
+    first, *rest = fn(*(a.reshape(-1, shape[-1]) for a in arrays), _gemm_sums)
+    return (first.reshape(shape), *rest)
+
+  return jax.lax.platform_dependent(*arrays, cpu=cpu, default=lambda *arrays: fn(*arrays, _axis_sums))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -68,29 +89,36 @@ def _train_forward(x, scale, bias, shift, epsilon):
 
 
 def _train_forward_with_residuals(x, scale, bias, shift, epsilon):
-  x2d = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  mean, var = _statistics(x2d, shift)
-  inv = jax.lax.rsqrt(var + epsilon)
-  y = _normalize(x2d, mean, inv, scale, bias)
-  return (y.reshape(x.shape), mean, var), (x, mean, var, inv, scale, shift)
+  def forward(x, sums):
+    x = x.astype(jnp.float32)
+    mean, var = _statistics(x, shift, sums)
+    inv = jax.lax.rsqrt(var + epsilon)
+    return _normalize(x, mean, inv, scale, bias), mean, var, inv
+
+  y, mean, var, inv = _per_platform(forward, x)
+  return (y, mean, var), (x, mean, var, inv, scale, shift)
 
 
 def _train_backward(epsilon, residuals, cotangents):
   del epsilon  # inv holds it
   x, mean, var, inv, scale, shift = residuals
   dy, dmean, dvar = cotangents
-  x2d = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  dy = dy.reshape(x2d.shape)
-  count = x2d.shape[0]
-  centred = x2d - mean
-  x_hat = centred * inv
-  dbias = _channel_sums(dy)
-  dscale = _channel_sums(dy * x_hat)
-  # The usual BatchNorm gradient, plus the (normally zero) cotangents of the returned statistics:
-  # ∂mean/∂x = 1/M and ∂var/∂x = 2(x − mean)/M where the variance was not clipped.
-  dvar = jnp.where(var > 0, dvar, 0.0)
-  dx = (scale * inv) * (dy - (dbias + x_hat * dscale) / count) + (dmean + 2.0 * dvar * centred) / count
-  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias, jnp.zeros_like(shift)
+
+  def backward(x, dy, sums):
+    x = x.astype(jnp.float32)
+    count = x.size // x.shape[-1]
+    centred = x - mean
+    x_hat = centred * inv
+    dbias = sums(dy)
+    dscale = sums(dy * x_hat)
+    # The usual BatchNorm gradient, plus the (normally zero) cotangents of the returned statistics:
+    # ∂mean/∂x = 1/M and ∂var/∂x = 2(x − mean)/M where the variance was not clipped.
+    dvar_kept = jnp.where(var > 0, dvar, 0.0)
+    dx = (scale * inv) * (dy - (dbias + x_hat * dscale) / count) + (dmean + 2.0 * dvar_kept * centred) / count
+    return dx, dscale, dbias
+
+  dx, dscale, dbias = _per_platform(backward, x, dy)
+  return dx.astype(x.dtype), dscale, dbias, jnp.zeros_like(shift)
 
 
 _train_forward.defvjp(_train_forward_with_residuals, _train_backward)

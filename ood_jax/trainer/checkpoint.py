@@ -53,7 +53,7 @@ FINGERPRINT = 'ood_jax_config_fingerprint'  # key of each checkpoint's custom me
 RESUME_IGNORED_FIELDS = frozenset({
     'eval', 'log_every_steps', 'checkpoint_every_steps', 'checkpoint_every_minutes', 'keep_checkpoints',
     'num_devices', 'distributed', 'xla_cpu_defaults', 'peak_tflops', 'data_dir', 'download', 'required_fields',
-    'allow_config_change'})
+    'allow_config_change', 'deterministic', 'profile_steps', 'compilation_cache_dir'})
 # Free-form dicts compared as one value: a hyperparameter added there is a change, not a new field.
 _WHOLE_VALUE_FIELDS = ('backbone_kwargs', 'method_kwargs')
 _RENAMED_FIELDS = (('model', 'backbone'), ('model_kwargs', 'backbone_kwargs'))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Mapping
 import dataclasses
+import difflib
 import os
 from types import MappingProxyType
 from typing import Any
@@ -32,6 +33,8 @@ from ood_jax import models as models_lib
 from ood_jax.trainer import optim
 from ood_jax.trainer import throughput
 from ood_jax.trainer.data import catalog
+from ood_jax.trainer.data import digits as digits_data
+from ood_jax.trainer.data import ood_sets
 from ood_jax.trainer.data import protocols
 from ood_jax.trainer.data import registry
 from ood_jax.trainer.data import sources
@@ -69,10 +72,18 @@ class Experiment:
   base: Experiment | None = None
 
 
+def closest(value, valid) -> list[str]:
+  """The names of `valid` that `value` is most likely a typo of, best first (difflib's ratio >= 0.6); maybe none."""
+  return difflib.get_close_matches(str(value), [str(name) for name in valid], n=3, cutoff=0.6)
+
+
 def choice(kind: str, value: str, valid) -> str:
-  """`value` if it is in `valid`, else ValueError listing the valid values."""
+  """`value` if it is in `valid`, else ValueError offering the closest name, listing the valid ones closest first."""
   if value not in valid:
-    raise ValueError(f'Unknown {kind} {value!r}; valid values: {", ".join(sorted(valid))}.')
+    close = closest(value, valid)
+    hint = f'did you mean {close[0]!r}? ' if close else ''
+    listed = close + sorted(str(name) for name in valid if str(name) not in close)
+    raise ValueError(f'Unknown {kind} {value!r}; {hint}valid values: {", ".join(listed)}.')
   return value
 
 
@@ -84,8 +95,9 @@ def check_config(config: ml_collections.ConfigDict) -> Settings:
   Returns:
     The checked `Settings` (what `make_experiment` keeps).
   """
-  registry.get_info(config.dataset)
-  method = methods_lib.get_method(config.method)
+  # The registries' own errors list the names; `choice` also offers the closest one.
+  registry.get_info(choice('dataset', config.dataset, registry.DATASETS))
+  method = methods_lib.get_method(choice('method', config.method, methods_lib.METHODS))
   choice('backbone', config.backbone, models_lib.BACKBONES)
   choice('optimizer', config.optimizer.name, optim.OPTIMIZERS)
   choice('schedule', config.optimizer.schedule, optim.SCHEDULES)
@@ -168,8 +180,9 @@ def _warn_method_recipe(config, method) -> None:
     warnings.warn(
         "Method 'energy' is training from scratch with the default margins (m_in, m_out) = (-25, -7), which "
         'assume a pretrained network: its energy term can swamp the cross-entropy and leave a fresh model at '
-        'chance. Fine-tune with --config.init_from=<workdir of a softmax run>, or set '
-        '--config.method_kwargs.margin_in / margin_out (ood_jax.losses.energy_in_margin shows how to pick them).',
+        'chance. Fine-tune with --config.init_from=<workdir of a softmax run>, or set the margins as one dict, '
+        "--config.method_kwargs=\"{'margin_in': ..., 'margin_out': ...}\" (a key the config file did not set "
+        'cannot be added one at a time; ood_jax.losses.energy_in_margin shows how to pick them).',
         UserWarning, stacklevel=3)
   optimizer = config.optimizer
   if method.name == 'ice' and not optimizer.grad_clip_norm and optimizer.learning_rate != 0:
@@ -221,7 +234,7 @@ def evaluation_sets(eval_config, dataset: str) -> EvaluationSets:
   name = (eval_config.benchmark or '').strip()
   groups, validation = {}, ()
   if name:
-    protocol = protocols.get(name, dataset)
+    protocol = protocols.get(choice('benchmark protocol', name, protocols.names()), dataset)
     groups, validation = dict(protocol.groups), protocol.validation
   listed = {s for sets in groups.values() for s in sets}
   other = tuple(dict.fromkeys(s for s in eval_config.ood_sets if s not in listed))
@@ -230,12 +243,22 @@ def evaluation_sets(eval_config, dataset: str) -> EvaluationSets:
   validation = tuple(dict.fromkeys(validation + tuple(eval_config.validation_ood_sets)))
   test_sets = tuple(s for sets in groups.values() for s in sets)
   for set_name in test_sets + validation:
-    catalog.check_ood_set(set_name)
+    _check_ood_set(set_name)
   leaked = sorted(set(validation) & set(test_sets))
   if leaked:
     raise ValueError(f'eval.validation_ood_sets {leaked} are also test sets: hyperparameters tuned on a test '
                      'set overstate every number measured on it. Pick validation sets disjoint from the test sets.')
   return EvaluationSets(name, groups, test_sets, validation)
+
+
+def _check_ood_set(name: str) -> None:
+  try:
+    catalog.check_ood_set(name)
+  except ValueError as e:
+    # Only the named sets can be suggested; folder:, imglist: and openood: names are paths.
+    named = [s for s in ood_sets.OOD_SETS if '<' not in s] + [catalog.DIGITS_PREFIX + s for s in digits_data.OOD_SETS]
+    close = closest(name, named)
+    raise ValueError(f'{e} Did you mean {close[0]!r}?' if close else str(e)) from None
 
 
 def detector_kwargs(text: str) -> dict[str, dict[str, Any]]:
@@ -267,6 +290,7 @@ def _check_eval(eval_config, method, dataset: str) -> EvalSettings:
     raise ValueError(f'eval.batch_size ({eval_config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
   for corruption in eval_config.corruptions:
+    choice('corruption', corruption, corruptions.CORRUPTIONS)
     for severity in eval_config.severities:
       corruptions.check_corruption(corruption, severity)
   spec = (eval_config.detectors or '').strip()
@@ -278,7 +302,11 @@ def _check_eval(eval_config, method, dataset: str) -> EvalSettings:
     else:
       detectors.resolve(tuple(pinned), hparams=pinned)  # names and hyperparameters checked all the same
   except ValueError as e:
-    raise ValueError(f'eval.detectors={spec!r}, eval.detector_kwargs={eval_config.detector_kwargs!r}: {e} '
+    named = () if detector_names(spec) == 'all' else detector_names(spec)
+    unknown = [name for name in (*named, *pinned) if name not in detectors.names()]
+    close = closest(unknown[0], detectors.names()) if unknown else []
+    hint = f'Did you mean {close[0]!r}? ' if close else ''
+    raise ValueError(f'eval.detectors={spec!r}, eval.detector_kwargs={eval_config.detector_kwargs!r}: {e} {hint}'
                      f'Method {method.name!r} ({method.head} head) gives detectors '
                      f'{sorted(detector_inputs(method))}.') from None
   return EvalSettings(sets=sets, detectors=chosen, batch_size=eval_config.batch_size, knn_k=eval_config.knn_k,
@@ -321,6 +349,41 @@ class OutlierSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+  """The fields `train.prepare` applies to the process before JAX starts its backend (`process_settings`)."""
+
+  deterministic: bool  # GPU: XLA_FLAGS for deterministic kernels (ood_jax.trainer.xla_options.set_deterministic)
+  compilation_cache_dir: str | None  # JAX's persistent compilation cache
+
+
+def process_settings(config: ml_collections.ConfigDict) -> ProcessSettings:
+  """`config.deterministic` and `config.compilation_cache_dir`, checked without starting JAX's backend."""
+  if not isinstance(config.deterministic, bool):
+    raise ValueError(f'deterministic must be True or False, got {config.deterministic!r}.')
+  cache = config.compilation_cache_dir
+  if cache is not None and not isinstance(cache, str):
+    raise ValueError(f'compilation_cache_dir must be a folder (a string) or None, got {cache!r}.')
+  return ProcessSettings(deterministic=config.deterministic, compilation_cache_dir=cache or None)
+
+
+def profile_steps(text: str) -> tuple[int, ...]:
+  """`config.profile_steps` ('10,11', '10-12', '') as sorted step numbers (the training log's: the first is 1)."""
+  if not isinstance(text, str):
+    raise ValueError(f"profile_steps must be a string such as '10,11' or '10-12', got {text!r}.")
+  steps = set()
+  for part in filter(None, (p.strip() for p in text.split(','))):
+    first, _, last = part.partition('-')
+    try:
+      first, last = int(first), int(last or first)
+    except ValueError:
+      raise ValueError(f"profile_steps={text!r}: {part!r} is neither a step nor a range 'a-b'.") from None
+    if not 1 <= first <= last:
+      raise ValueError(f'profile_steps={text!r}: steps count from 1 and a range a-b needs a <= b, got {part!r}.')
+    steps.update(range(first, last + 1))
+  return tuple(sorted(steps))
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
   """Every config field the loop and the evaluator read, checked and typed (defaults: configs/common.py)."""
 
@@ -347,6 +410,8 @@ class Settings:
   xla_cpu_defaults: bool
   peak_tflops: float | None
   num_devices: int
+  process: ProcessSettings
+  profile_steps: tuple[int, ...]  # traced into <workdir>/profile
   eval: EvalSettings
 
 
@@ -366,7 +431,7 @@ def _settings(config, method, evaluation: EvalSettings) -> Settings:
       log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint_every_steps,
       checkpoint_every_minutes=float(config.checkpoint_every_minutes), keep_checkpoints=config.keep_checkpoints,
       xla_cpu_defaults=config.xla_cpu_defaults, peak_tflops=config.peak_tflops, num_devices=config.num_devices,
-      eval=evaluation)
+      process=process_settings(config), profile_steps=profile_steps(config.profile_steps), eval=evaluation)
 
 
 def normalization(config: ml_collections.ConfigDict, info: registry.DatasetInfo):
@@ -417,8 +482,9 @@ def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
   settings = check_config(config)
   info = registry.get_info(config.dataset)
   method = methods_lib.get_method(config.method)
+  head_kwargs = {name: settings.method_hparams[name] for name in method.head_hparams}
   model = models_lib.make_classifier(config.backbone, method.head, info.num_classes, dtype=DTYPES[config.dtype],
-                                     **settings.backbone_kwargs)
+                                     head_kwargs=head_kwargs, **settings.backbone_kwargs)
   base = make_experiment(checkpoint.load_config(config.base_model)) if method.needs_base_model else None
   mean, std = normalization(config, info)
   return Experiment(config=config, info=info, method=method, model=model, mean=tuple(mean), std=tuple(std),

@@ -43,6 +43,7 @@ from ood_jax.trainer import experiment as experiment_lib
 from ood_jax.trainer import finetune
 from ood_jax.trainer import optim
 from ood_jax.trainer import preemption
+from ood_jax.trainer import profiling
 from ood_jax.evaluation import report
 from ood_jax.trainer import sharding
 from ood_jax.trainer import step as step_lib
@@ -221,7 +222,7 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
 
   def count_flops(batch):
     # Lowering is cached by jit, so the step is still traced and compiled once, by its first call.
-    flops = throughput.step_flops(step_fn.lower(state, batch, base_variables))
+    flops = throughput.device_flops(step_fn.lower(state, batch, base_variables), mesh.devices.size)
     logging.info('Train step: %s GFLOP per device (XLA cost analysis); peak %s TFLOP/s (%s, %s).',
                  'unknown' if flops is None else f'{flops / 1e9:,.1f}',
                  'unknown' if peak is None else f'{peak / 1e12:g}',
@@ -242,12 +243,16 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
 
   # The SIGTERM handler lives exactly as long as the loop (see `preemption`): before it nothing was
   # trained since the restored checkpoint, after it the last checkpoint is complete.
-  with preemption.Watch() as watch:
+  # config.profile_steps: jax.profiler traces of those steps into <workdir>/profile (profiling.StepProfiler).
+  profile = profiling.StepProfiler(settings.profile_steps, os.path.join(workdir, 'profile'))
+  with preemption.Watch() as watch, profile:
     for step in range(start, total_steps):
-      batch = batch_at(step)
-      if step == start:
-        flops = count_flops(batch)
-      state, step_metrics = wait(step_fn(state, batch, base_variables))
+      with profile.step(step + 1):
+        batch = batch_at(step)
+        if step == start:
+          flops = count_flops(batch)
+        state, step_metrics = wait(step_fn(state, batch, base_variables))
+      profile.step_done(step + 1, state)
       sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
       done = step + 1
       preempted = watch.reached(done)  # every host, every step: JAX's sync-point protocol asks for it
@@ -272,7 +277,7 @@ def train(exp: experiment_lib.Experiment, workdir: str, mesh, *,
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[experiment_lib.Experiment, Any, bool]:
-  """Everything before training: `jax.distributed` (if asked), the config checks, config.json, the mesh.
+  """Everything before training: XLA flags, compilation cache, `jax.distributed`, config checks, config.json, mesh.
 
   Returns:
     (experiment, mesh, config_unchanged): `config_unchanged` is False when the workdir's checkpoints
@@ -283,7 +288,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[experiment
     checkpoint.ConfigChangedError: the workdir holds checkpoints of a different config.
     sources.DatasetNotFoundError: a data set the run reads is missing (all of them are listed).
   """
-  if config.distributed:  # before anything starts JAX's backend (make_experiment counts the devices)
+  # Before anything starts JAX's backend (make_experiment counts the devices): XLA reads XLA_FLAGS when it starts,
+  # and jax.distributed must come first.
+  process = experiment_lib.process_settings(config)
+  xla_options.set_deterministic(process.deterministic)
+  xla_options.use_compilation_cache(process.compilation_cache_dir)
+  if config.distributed:
     initialize_distributed()
   exp = experiment_lib.make_experiment(config)
   experiment_lib.check_data(exp)  # every data set present before anything is trained or written

@@ -1,12 +1,19 @@
-"""ood_jax.trainer.throughput: step FLOPs from XLA's cost analysis against hand counts, peaks by device kind, rates."""
+"""ood_jax.trainer.throughput: step FLOPs from XLA's cost analysis against hand counts, per device on a mesh;
+peaks by device kind; rates."""
 
+import functools
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from ood_jax import methods
+from ood_jax import models
+from ood_jax.trainer import sharding
+from ood_jax.trainer import step as step_lib
 from ood_jax.trainer import throughput
 
 
@@ -44,10 +51,19 @@ def test_step_flops_is_none_without_a_cost_analysis():
 
 
 @pytest.mark.parametrize('kind, dtype, tflops', [
-    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.0), ('NVIDIA H100 PCIe', 'bfloat16', 756.0),
-    ('NVIDIA H200', 'float32', 494.5), ('NVIDIA A100-SXM4-80GB', 'float32', 156.0),
-    ('TPU v4', 'bfloat16', 275.0), ('TPU v5 lite', 'float32', 197.0), ('TPU v5p', 'bfloat16', 459.0),
-    ('cpu', 'float32', None), ('NVIDIA GeForce GTX 1080', 'bfloat16', None)])
+    # Each name to its own figure: no shorter name (L4 in L40S, H100 in H100 NVL) takes it over.
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.4), ('NVIDIA H100 80GB HBM3', 'float32', 494.7),
+    ('NVIDIA H100 PCIe', 'bfloat16', 756.0), ('NVIDIA H100 NVL', 'bfloat16', 835.5),
+    ('NVIDIA H100 NVL', 'float32', 417.5), ('NVIDIA H200', 'float32', 494.7), ('NVIDIA H200 NVL', 'bfloat16', 835.5),
+    ('NVIDIA A100-SXM4-80GB', 'float32', 156.0), ('NVIDIA A100-SXM4-80GB', 'bfloat16', 312.0),
+    ('NVIDIA A100-PCIE-40GB', 'bfloat16', 312.0),
+    ('NVIDIA L4', 'bfloat16', 121.0), ('NVIDIA L4', 'float32', 60.0), ('NVIDIA L40', 'bfloat16', 181.05),
+    ('NVIDIA L40', 'float32', 90.5), ('NVIDIA L40S', 'bfloat16', 362.05), ('NVIDIA L40S', 'float32', 183.0),
+    ('TPU v4', 'bfloat16', 275.0), ('TPU v5 lite', 'float32', 197.0), ('TPU v5 lite', 'bfloat16', 197.0),
+    ('TPU v5', 'bfloat16', 459.0), ('TPU v5p', 'bfloat16', 459.0), ('TPU v6 lite', 'bfloat16', 918.0),
+    ('TPU v3', 'bfloat16', 61.5),
+    ('cpu', 'float32', None), ('NVIDIA GeForce GTX 1080', 'bfloat16', None), ('NVIDIA L4X', 'bfloat16', None),
+    ('NVIDIA A10G', 'bfloat16', None), ('TPU v7', 'bfloat16', None)])
 def test_peak_flops_by_device_kind(kind, dtype, tflops):
   peak = throughput.peak_flops(types.SimpleNamespace(device_kind=kind), dtype)
   assert peak == (None if tflops is None else tflops * 1e12)
@@ -67,3 +83,35 @@ def test_rates():
   assert throughput.rates(2.5, batch_size=128, flops=4e11, peak=None) == {'images_per_sec': 320.0}
   got = throughput.rates(2.5, batch_size=128, flops=4e11, peak=2e12)
   np.testing.assert_allclose([got['images_per_sec'], got['mfu']], [320.0, 0.5], rtol=1e-15)
+
+
+def _trainer_step_lowered(num_devices: int, per_device_batch: int):
+  """The trainer's jitted step (as `train.train` builds it: MLP on 8×8 images) on the first `num_devices` devices."""
+  mesh = sharding.make_mesh(jax.devices()[:num_devices])
+  model = models.make_classifier('mlp', 'dense', 10)
+  method, optimizer = methods.get_method('softmax'), optax.sgd(0.1, momentum=0.9)
+  state = jax.eval_shape(functools.partial(step_lib.create_state, model, optimizer, (8, 8, 1)), jax.random.key(0))
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, method=method, optimizer=optimizer,
+                                   schedule=lambda _: 0.1, hparams=dict(method.hparams), key=jax.random.key(1)),
+                 in_shardings=(jax.tree.map(lambda _: replicated, state), sharding.batch_sharding(mesh), replicated),
+                 out_shardings=(jax.tree.map(lambda _: replicated, state), replicated))
+  batch = {'image': jax.ShapeDtypeStruct((num_devices * per_device_batch, 8, 8, 1), jnp.float32),
+           'label': jax.ShapeDtypeStruct((num_devices * per_device_batch,), jnp.int32)}
+  return step.lower(state, batch, None), mesh
+
+
+def test_mfu_is_per_device_on_a_mesh():
+  # The same per-device batch on 8 devices and on 1: the same FLOPs per device, hence the same MFU at the same
+  # speed; the global count (8× as large) would overstate it 8-fold. (What differs is the optimizer update, which
+  # the 8 devices repeat and MFU counts once: 2 % of this small MLP's step at 64 images per device.)
+  lowered_8, mesh_8 = _trainer_step_lowered(8, per_device_batch=64)
+  lowered_1, mesh_1 = _trainer_step_lowered(1, per_device_batch=64)
+  flops_8 = throughput.device_flops(lowered_8, mesh_8.devices.size)
+  flops_1 = throughput.device_flops(lowered_1, mesh_1.devices.size)
+  assert mesh_8.devices.size == 8 and throughput.step_flops(lowered_8) > 7 * flops_1
+  np.testing.assert_allclose(flops_8, flops_1, rtol=0.05)
+  # XLA's own per-device count of the program partitioned over the 8 devices agrees.
+  np.testing.assert_allclose(flops_8, throughput.step_flops(lowered_8.compile()), rtol=0.05)
+  mfu = [throughput.rates(10.0, batch_size=64 * n, flops=f, peak=1e12)['mfu'] for n, f in ((8, flops_8), (1, flops_1))]
+  np.testing.assert_allclose(mfu[0], mfu[1], rtol=0.05)
