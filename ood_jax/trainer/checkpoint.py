@@ -38,6 +38,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ood_jax.trainer import defaults
+
 CHECKPOINTS = 'checkpoints'  # the folder under a workdir
 CONFIG = 'config.json'
 CORRUPT = 'checkpoints.corrupt'  # damaged steps moved out of the way by `resume`, next to CHECKPOINTS
@@ -328,17 +330,26 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run saved in `workdir`.
+  """The config a run saved in `workdir`, laid over today's defaults (`defaults.base_config`).
 
-  Runs saved before the backbone field was renamed ('model', 'model_kwargs') are read with the
-  current names.
+  A field the run's version of ood_jax did not have yet reads its default (e.g. `eval.detector_kwargs`
+  for runs saved by 0.1); runs saved before the backbone field was renamed ('model', 'model_kwargs') are
+  read with the current names.
   """
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir} the workdir of a training run?')
   with open(path, encoding='utf-8') as f:
     fields = json.load(f)
-  return ml_collections.ConfigDict(_renamed(fields))
+  return ml_collections.ConfigDict(_over(defaults.base_config().to_dict(), _renamed(fields)))
+
+
+def _over(base: dict, saved: dict) -> dict:
+  """`saved` laid over `base`, nested dicts merged key by key (a saved value always wins)."""
+  out = dict(base)
+  for key, value in saved.items():
+    out[key] = _over(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+  return out
 
 
 def _renamed(fields: dict) -> dict:

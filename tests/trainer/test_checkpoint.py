@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ood_jax.trainer import checkpoint
+from ood_jax.trainer import defaults
 from ood_jax.trainer import sharding
 
 
@@ -104,3 +105,14 @@ def test_restore_errors_show_their_cause_before_the_wrapper_text():
   assert text.startswith('ValueError: OUT_OF_RANGE: byte range [0, 4096) is not valid')
   assert '(raised as RuntimeError: Failed to restore item "state"' in text and len(text) < 800
   assert checkpoint._short(KeyError('params')) == "KeyError: 'params'"  # pylint: disable=protected-access
+
+
+def test_a_config_saved_before_a_field_existed_reads_its_default(tmp_path):
+  saved = defaults.base_config().to_dict()
+  del saved['eval']['detector_kwargs'], saved['deterministic']  # as a 0.1 run wrote it
+  saved['method'], saved['eval']['knn_k'] = 'isomax', 7
+  (tmp_path / checkpoint.CONFIG).write_text(json.dumps(saved))
+  config = checkpoint.load_config(str(tmp_path))
+  assert config.eval.detector_kwargs == defaults.base_config().eval.detector_kwargs
+  assert config.deterministic == defaults.base_config().deterministic
+  assert (config.method, config.eval.knn_k) == ('isomax', 7)  # what the run saved wins
