@@ -1,4 +1,4 @@
-r"""Outlier exposure: ICE, OE and Energy (paper 001, Wu et al., "Towards In-distribution Compatibility
+r"""Outlier exposure: ICE, OE and Energy (Wu et al. 2022, "Towards In-distribution Compatibility
 in Out-of-distribution Detection"), with the softmax model they fine-tune.
 
   python -m experiments.train --config=configs/ice.py --workdir=runs/ice_c10_wrn

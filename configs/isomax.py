@@ -1,4 +1,4 @@
-r"""IsoMax vs SoftMax (paper 000, Macêdo et al., "Entropic Out-of-Distribution Detection").
+r"""IsoMax vs SoftMax (Macêdo et al. 2021, "Entropic Out-of-Distribution Detection").
 
   python -m experiments.train --config=configs/isomax.py --workdir=runs/isomax_c10_densenet
   python -m experiments.train --config=configs/isomax.py:cifar10,resnet34 --workdir=runs/isomax_c10_resnet

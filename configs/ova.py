@@ -1,4 +1,4 @@
-r"""One-vs-all classifiers under dataset shift (paper 002, Padhy et al., "Revisiting One-vs-All
+r"""One-vs-all classifiers under dataset shift (Padhy et al. 2020, "Revisiting One-vs-All
 Classifiers for Predictive Uncertainty and Out-of-Distribution Detection in Neural Networks").
 
 The four losses of Figure 2 (ResNet-20, CIFAR-10 → CIFAR-10-C), one workdir each:

@@ -1,4 +1,4 @@
-r"""Contrastive training: ReweightOOD and its SupCon baseline (paper 003, "ReweightOOD: Loss Reweighting
+r"""Contrastive training: ReweightOOD and its SupCon baseline (Regmi et al. 2024, "ReweightOOD: Loss Reweighting
 for Distance-Based OOD Detection").
 
   python -m experiments.train --config=configs/reweightood.py --workdir=runs/reweightood_c10

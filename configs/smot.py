@@ -1,4 +1,5 @@
-r"""SMOT, smooth training (paper 004, "Out-of-Distribution Detection with Smooth Training"): two stages.
+r"""SMOT, smooth training ("Out-of-Distribution Detection with Smooth Training", an anonymous ICLR 2024
+submission): two stages.
 
   python -m experiments.train --config=configs/smot.py:base --workdir=runs/smot_base_c10
   python -m experiments.train --config=configs/smot.py --workdir=runs/smot_c10 --config.base_model=runs/smot_base_c10

@@ -31,6 +31,6 @@ from ood_jax import metrics
 from ood_jax import models
 from ood_jax import scores
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 __all__ = ['calibration', 'corruptions', 'detectors', 'evaluation', 'layers', 'layers_nnx', 'losses', 'methods',
            'metrics', 'models', 'scores']

@@ -5,21 +5,21 @@ state and no backend switch, so the functions are safe inside libraries, scripts
 `fig.savefig('x.png')` renders with Agg whatever the session's backend. The `*_data` helpers return
 exactly the numbers their figure draws, so tests and tables can use them without a figure.
 
-* `reliability_diagram`: accuracy per confidence bin against the diagonal (paper 002, Fig. S2).
+* `reliability_diagram`: accuracy per confidence bin against the diagonal (Padhy et al. 2020, Fig. S2).
 * `shift_box_plots` / `shift_box_data`: a classification metric (ECE, accuracy, NLL, Brier,
   adaptive / classwise ECE, MCE, AURC, ...) per shift intensity, one box per method over the
-  corruptions (paper 002, Figs. 2–3).
+  corruptions (Padhy et al. 2020, Figs. 2–3).
 * `calibrated` / `calibrated_label`: the results after the run's post-hoc calibrator, for the
   "+TS" / "+Platt" variants of any figure drawn from results.
 * `risk_coverage` / `risk_coverage_data`: selective risk against coverage, AURC in the legend
   (Geifman & El-Yaniv 2017).
 * `accuracy_vs_confidence` / `accuracy_vs_confidence_data`: accuracy of the examples whose
-  confidence is at least τ, against τ (paper 002, Fig. 4).
-* `score_histograms`: densities of an OOD score on in-distribution and OOD sets (paper 000, Fig. 5).
-* `confidence_landscape`: max predictive probability over a 2-D input grid (paper 002, Fig. 1).
+  confidence is at least τ, against τ (Padhy et al. 2020, Fig. 4).
+* `score_histograms`: densities of an OOD score on in-distribution and OOD sets (Macêdo et al. 2021, Fig. 5).
+* `confidence_landscape`: max predictive probability over a 2-D input grid (Padhy et al. 2020, Fig. 1).
 * `learned_centres`: learned class centres vs the class means of the features, in the features'
-  2-D PCA projection (paper 002, Fig. S1).
-* `embedding_statistics`: mean MES radius and centroid dispersion per method (paper 003,
+  2-D PCA projection (Padhy et al. 2020, Fig. S1).
+* `embedding_statistics`: mean MES radius and centroid dispersion per method (Regmi et al. 2024,
   Tables 1–2).
 
 Paper numbers: 000 IsoMax (Macêdo et al. 2021), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD
@@ -117,7 +117,7 @@ def _class_colors(labels) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reliability diagram (paper 002, Fig. S2).
+# Reliability diagram (Padhy et al. 2020, Fig. S2).
 
 
 def _diagram(results_or_diagram: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
@@ -244,7 +244,7 @@ def calibrated_label(name: str, results: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Calibration under dataset shift (paper 002, Figs. 2–3).
+# Calibration under dataset shift (Padhy et al. 2020, Figs. 2–3).
 
 
 def shift_box_data(results_by_method: Mapping[str, Mapping[str, Any]],
@@ -290,7 +290,7 @@ def shift_box_plots(results_by_method: Mapping[str, Mapping[str, Any]], *, metri
                     title: str | None = None) -> Figure:
   """Box plots of a metric against shift intensity, one box per method at each intensity.
 
-  As paper 002's Figs. 2–3: boxes show the quartiles and median over corruptions, whiskers the
+  As in Padhy et al. 2020, Figs. 2–3: boxes show the quartiles and median over corruptions, whiskers the
   minimum and maximum (no outliers are singled out); "Test" is the clean test set.
 
   Args:
@@ -325,13 +325,13 @@ def shift_box_plots(results_by_method: Mapping[str, Mapping[str, Any]], *, metri
 
 
 # ----------------------------------------------------------------------------------------------
-# Accuracy vs confidence (paper 002, Fig. 4).
+# Accuracy vs confidence (Padhy et al. 2020, Fig. 4).
 
 
 def accuracy_vs_confidence_data(probs, labels, thresholds) -> dict[str, np.ndarray]:
   """Accuracy and fraction of the examples whose confidence max_k probs[:, k] is at least τ.
 
-  OOD examples mixed into the test set (as in paper 002, Fig. 4) carry label −1: they are kept or
+  OOD examples mixed into the test set (as in Padhy et al. 2020, Fig. 4) carry label −1: they are kept or
   dropped by their confidence like any example and are never correct.
 
   Args:
@@ -461,7 +461,7 @@ def risk_coverage(curves_by_method: Mapping[str, Any], *, title: str | None = No
 
 
 # ----------------------------------------------------------------------------------------------
-# Score histograms (paper 000, Fig. 5).
+# Score histograms (Macêdo et al. 2021, Fig. 5).
 
 
 def score_histograms(in_scores, out_scores_by_set: Mapping[str, Any], *, score_name: str,
@@ -559,7 +559,7 @@ def _pca(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def learned_centres(panels: Mapping[str, tuple[Any, Any, Any]]) -> Figure:
   """Learned class centres vs the class means of the features, in the features' PCA plane.
 
-  As paper 002's Fig. S1: the penultimate features of the training data are projected onto their
+  As in Padhy et al. 2020, Fig. S1: the penultimate features of the training data are projected onto their
   top two principal directions, together with the head's learned centres (distance-head
   prototypes) and the per-class means of the features. A centre that represents its class sits on
   its class mean.
@@ -598,7 +598,7 @@ def learned_centres(panels: Mapping[str, tuple[Any, Any, Any]]) -> Figure:
 
 
 # ----------------------------------------------------------------------------------------------
-# Embedding statistics (paper 003, Tables 1–2).
+# Embedding statistics (Regmi et al. 2024, Tables 1–2).
 
 
 def _mean_statistic(name: str, value) -> float:
@@ -612,7 +612,7 @@ def embedding_statistics(stats_by_method: Mapping[str, Mapping[str, Any]]) -> Fi
   """Bars of embedding statistics per method: one panel per statistic, one bar per method.
 
   A per-class statistic (e.g. `metrics.mes_radius`, `[K]`) is drawn as its mean over classes, the
-  "Mean" column of paper 003's Table 1; a scalar (e.g. `metrics.centroid_dispersion(...)['mean']`)
+  "Mean" column of Table 1 of Regmi et al. 2024; a scalar (e.g. `metrics.centroid_dispersion(...)['mean']`)
   as is. Each bar is labelled with its value.
 
   Args:

@@ -2,21 +2,21 @@
 
 Logit scores map `[..., K]` logits to `[...]` scores:
 
-* `max_softmax`: maximum softmax probability, MSP (Hendrycks & Gimpel 2017; "MPS" in paper 000).
-* `max_logit`: max_k z_k; on IsoMax distance logits this is the minimum distance score (MDS, paper 000).
-* `entropic_score`: negative entropy Σ_k p_k log p_k of softmax(z) (IsoMax, paper 000, eq. 7).
-* `energy`: negative free energy T·logsumexp(z / T) (Liu et al. 2020; paper 001).
-* `max_sigmoid`, `max_distance_sigmoid`: one-vs-all confidences σ(z) and 2σ(z) (paper 002).
-* `max_likelihood`: ICE confidence exp(max_k h_k) on Mahalanobis logits (paper 001).
+* `max_softmax`: maximum softmax probability, MSP (Hendrycks & Gimpel 2017; "MPS" in Macêdo et al. 2021).
+* `max_logit`: max_k z_k; on IsoMax distance logits this is the minimum distance score (MDS, Macêdo et al. 2021).
+* `entropic_score`: negative entropy Σ_k p_k log p_k of softmax(z) (IsoMax, Macêdo et al. 2021, eq. 7).
+* `energy`: negative free energy T·logsumexp(z / T) (Liu et al. 2020; Wu et al. 2022).
+* `max_sigmoid`, `max_distance_sigmoid`: one-vs-all confidences σ(z) and 2σ(z) (Padhy et al. 2020).
+* `max_likelihood`: ICE confidence exp(max_k h_k) on Mahalanobis logits (Wu et al. 2022).
 
 Scores that need more than logits, doors into the detector families that hold their math:
 
 * `odin`: temperature scaling plus one signed-gradient input perturbation (Liang et al. 2018;
   `ood_jax.detectors.gradient.odin`).
 * `fit_gaussian` / `mahalanobis`: class means and one shared covariance fitted by streaming over
-  training features, then −min_k Mahalanobis distance (Lee et al. 2018; paper 003;
+  training features, then −min_k Mahalanobis distance (Lee et al. 2018; Regmi et al. 2024;
   `ood_jax.detectors.gaussian`, the fit and kernel of `detectors.get('mahalanobis')`).
-* `knn`: −distance to the k-th nearest normalised training feature (Sun et al. 2022; paper 003),
+* `knn`: −distance to the k-th nearest normalised training feature (Sun et al. 2022; Regmi et al. 2024),
   computed in chunks so that the query × bank similarity matrix is never materialised
   (`ood_jax.detectors.neighbours.knn_scores`, the kernel of `detectors.get('knn')`).
 
@@ -64,7 +64,7 @@ Gaussian = gaussian_family.Gaussian
 
 
 def max_sigmoid(logits):
-  """One-vs-all confidence, max_k σ(z_k) (paper 002).
+  """One-vs-all confidence, max_k σ(z_k) (Padhy et al. 2020).
 
   σ is increasing, so max_k σ(z_k) = σ(max_k z_k): one sigmoid per example instead of K.
 
@@ -78,7 +78,7 @@ def max_sigmoid(logits):
 
 
 def max_distance_sigmoid(logits):
-  """Distance one-vs-all confidence, max_k 2σ(z_k) for distance logits z_k = −d_k ≤ 0 (paper 002).
+  """Distance one-vs-all confidence, max_k 2σ(z_k) for distance logits z_k = −d_k ≤ 0 (Padhy et al. 2020).
 
   p_k = 2σ(−d_k) ∈ (0, 1] is 1 on the prototype and decays to 0 far from it. Logits must be
   ≤ 0 (negative distances); positive logits would give values above 1 and are not clipped.
@@ -93,7 +93,7 @@ def max_distance_sigmoid(logits):
 
 
 def max_likelihood(logits):
-  """ICE confidence, exp(max_k h_k) for Mahalanobis logits h_k ≤ 0 (paper 001).
+  """ICE confidence, exp(max_k h_k) for Mahalanobis logits h_k ≤ 0 (Wu et al. 2022).
 
   exp(h_k) is the unnormalised Gaussian likelihood of class k; the maximum is 1 at a class mean.
   It ranks examples exactly as `max_logit` does, but in float32 it underflows to 0 once

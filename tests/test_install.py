@@ -1,10 +1,11 @@
 """Install layers: the bare core works without TensorFlow, extras are named when missing, Colab keeps its TF.
 
 setup.py: core `install_requires` = jax, flax, optax, chex, numpy; extras train, colab (train without
-tensorflow-cpu), plots, digits, all, test. `ood_jax._extras` maps each trainer-side module to the
-optional packages it needs. The one slow test (`test_bare_core_in_a_fresh_venv`, about a minute,
-marked `venv`) pip-installs the core from PyPI (pip's cache is reused) into a fresh venv and runs the
-README's Flax example there.
+tensorflow-cpu), plots, digits, all, docs, test. `ood_jax._extras` maps each trainer-side module to the
+optional packages it needs. The slow tests, marked `venv` (about a minute each), pip-install into fresh venvs
+from PyPI (pip's cache is reused): `test_bare_core_in_a_fresh_venv` runs the Flax example of
+docs/own_model.md on the core alone, and `test_wheel_and_sdist_build_pass_twine_and_install` builds the
+distributions as a release would, checks them with twine and installs them, core and extras.
 """
 
 import ast
@@ -45,7 +46,7 @@ OPTIONAL_MODULES = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections'
 
 def _setup():
   """INSTALL_REQUIRES, EXTRAS_REQUIRE and URL of setup.py, read without running setuptools."""
-  namespace = {'__name__': 'setup_under_test'}
+  namespace = {'__name__': 'setup_under_test', '__file__': str(REPO / 'setup.py')}
   source = (REPO / 'setup.py').read_text(encoding='utf-8').replace('setuptools.setup(', 'dict(')
   exec(compile(source, 'setup.py', 'exec'), namespace)  # pylint: disable=exec-used
   return namespace['INSTALL_REQUIRES'], namespace['EXTRAS_REQUIRE'], namespace['URL']
@@ -193,7 +194,7 @@ def test_download_prepares_a_missing_tfds_dataset(tmp_path):
   assert len(sources.read_tfds(name, 'test', data_dir=tmp_path)) == 20
 
 
-# Runs in the fresh venv: the README's Flax example and a few calls, then what is (not) imported.
+# Runs in the fresh venv: the Flax example of docs/own_model.md and a few calls, then what is (not) imported.
 _CORE_SCRIPT = r"""
 import importlib, importlib.util, json, re, sys
 import numpy as np
@@ -257,12 +258,12 @@ def test_bare_core_in_a_fresh_venv(tmp_path):
   _run([python, '-m', 'pip', 'install', '--quiet', str(source)], env=env, cwd=tmp_path)
 
   optional = ','.join(OPTIONAL_MODULES)
-  out = _run([python, '-c', _CORE_SCRIPT, str(REPO / 'README.md'), optional, ','.join(_TRAINER_MODULES)],
+  out = _run([python, '-c', _CORE_SCRIPT, str(REPO / 'docs' / 'own_model.md'), optional, ','.join(_TRAINER_MODULES)],
              env=env, cwd=tmp_path)
   report = json.loads(out.strip().splitlines()[-1])
   assert report['installed'] == [], report['installed']  # none of TF, TFDS, clu, ml_collections, ... is there
   assert report['imported'] == [], report['imported']  # nor orbax (a flax dependency) imported
-  assert report['values']['auroc'] > 0.95 and report['values']['loss'] < 0.5  # the README's example, as in CI
+  assert report['values']['auroc'] > 0.95 and report['values']['loss'] < 0.5  # the docs' example, as in CI
   assert report['values']['distance'] == [[0.0, 0.0, 0.0]] and report['values']['ece'] == pytest.approx(0.0)
   for module, extra in _TRAINER_MODULES.items():
     message = report['errors'][module]
@@ -292,3 +293,65 @@ def test_bare_core_in_a_fresh_venv(tmp_path):
   would_install = {canonicalize_name(item['metadata']['name']) for item in pip_report['install']}
   assert {'ood-jax', 'tensorflow-datasets', 'clu', 'matplotlib'} <= would_install
   assert not would_install & TENSORFLOW_DISTRIBUTIONS, would_install & TENSORFLOW_DISTRIBUTIONS
+
+
+_WHEEL_SCRIPT = r"""
+import importlib.util, json, sys
+import ood_jax
+from ood_jax import evaluation, layers_nnx  # noqa: F401  (the core's modules import without any extra)
+print(json.dumps({'version': ood_jax.__version__, 'file': ood_jax.__file__,
+                  'tensorflow': importlib.util.find_spec('tensorflow') is not None,
+                  'imported': sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'orbax', 'clu'))}))
+"""
+
+
+@pytest.mark.venv
+def test_wheel_and_sdist_build_pass_twine_and_install(tmp_path):
+  # The release: `python -m build` on a clean copy of what setup.py packages, `twine check` as PyPI's upload
+  # would, then each distribution installed into a fresh venv from PyPI: the wheel alone (the core, no
+  # TensorFlow), the sdist (built from source) and the wheel with extras.
+  source = tmp_path / 'src'
+  shutil.copytree(REPO / 'ood_jax', source / 'ood_jax', ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('setup.py', 'README.md', 'CHANGELOG.md'):
+    shutil.copy(REPO / name, source / name)
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+  env['PIP_DISABLE_PIP_VERSION_CHECK'] = '1'
+  dist = tmp_path / 'dist'
+  _run([sys.executable, '-m', 'build', '--sdist', '--wheel', '--outdir', str(dist), str(source)], env=env,
+       cwd=tmp_path)
+  version = _setup_version()
+  wheel, = dist.glob(f'ood_jax-{version}-py3-none-any.whl')
+  sdist, = dist.glob(f'ood_jax-{version}.tar.gz')
+  assert 'PASSED' in _run([sys.executable, '-m', 'twine', 'check', '--strict', str(wheel), str(sdist)], env=env)
+
+  env_dir = tmp_path / 'venv'
+  venv.create(env_dir, with_pip=True)
+  python = str(env_dir / 'bin' / 'python')
+  _run([python, '-m', 'pip', 'install', '--quiet', str(wheel)], env=env, cwd=tmp_path)
+  report = json.loads(_run([python, '-c', _WHEEL_SCRIPT], env=env, cwd=tmp_path).strip().splitlines()[-1])
+  assert report['version'] == version and str(env_dir) in report['file']
+  assert not report['tensorflow'] and not report['imported'], report
+  # The sdist builds and installs in place of the wheel (its dependencies are already there).
+  _run([python, '-m', 'pip', 'install', '--quiet', '--force-reinstall', '--no-deps', str(sdist)], env=env,
+       cwd=tmp_path)
+  assert json.loads(_run([python, '-c', _WHEEL_SCRIPT], env=env, cwd=tmp_path).strip().splitlines()[-1])[
+      'version'] == version
+  # Extras: plots installs matplotlib and ood_jax.plots imports; pip resolves 'all' (a dry run: no TensorFlow
+  # download) with the packages the trainer needs.
+  _run([python, '-m', 'pip', 'install', '--quiet', f'{wheel}[plots]'], env=env, cwd=tmp_path)
+  _run([python, '-c', 'import ood_jax.plots'], env=env, cwd=tmp_path)
+  report_path = tmp_path / 'all.json'
+  _run([python, '-m', 'pip', 'install', '--quiet', '--dry-run', '--report', str(report_path), f'{wheel}[all]'],
+       env=env, cwd=tmp_path)
+  plan = json.loads(report_path.read_text())['install']
+  would_install = {canonicalize_name(item['metadata']['name']) for item in plan}
+  assert {'tensorflow-cpu', 'tensorflow-datasets', 'clu', 'scikit-learn'} <= would_install  # orbax: with flax
+
+
+def _setup_version():
+  """ood_jax/__init__.py's __version__, as setup.py reads it."""
+  namespace = {'__name__': 'setup_under_test', '__file__': str(REPO / 'setup.py')}
+  source = (REPO / 'setup.py').read_text(encoding='utf-8').replace('setuptools.setup(', 'dict(')
+  exec(compile(source, 'setup.py', 'exec'), namespace)  # pylint: disable=exec-used
+  return namespace['VERSION']
+

@@ -6,7 +6,7 @@
   tuning       choose each detector's hyperparameters on validation OOD sets only
   leaderboard  the detector leaderboard tables (both FPR conventions, near/far means)
   report       results.json / results.md and the comparison tables across runs
-  embeddings   contrastive models: linear probe, embedding statistics (paper 003)
+  embeddings   contrastive models: linear probe, embedding statistics (Regmi et al. 2024)
 
 Needs only the core install (jax, flax, optax, chex, numpy).
 """

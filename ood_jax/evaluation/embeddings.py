@@ -1,7 +1,7 @@
-"""Evaluation of contrastive models (SupCon, ReweightOOD; paper 003) from their features.
+"""Evaluation of contrastive models (SupCon, ReweightOOD; Regmi et al. 2024) from their features.
 
 A contrastive model is backbone → features → projection head → unit embeddings, with no classifier,
-so it is evaluated the way paper 003 does:
+so it is evaluated the way Regmi et al. 2024 do:
 
 * accuracy with a linear probe: multinomial logistic regression trained on the frozen backbone
   features (`linear_probe`, `probe_probabilities`);
@@ -138,7 +138,7 @@ def _fit_probe(inputs, labels, weight_decay, max_steps, tolerance, *, num_classe
 
 def linear_probe(train_features, train_labels, *, num_classes: int, steps: int = 1000,
                  weight_decay: float = 1e-4, tolerance: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-  """Multinomial logistic regression on frozen, L2-normalised features (paper 003's linear evaluation).
+  """Multinomial logistic regression on frozen, L2-normalised features (the linear evaluation of Regmi et al. 2024).
 
   Minimises (1/N) Σ_i CE(softmax(W ᵀu_i + b), y_i) + (λ/2)‖W‖² over u_i = f_i / ‖f_i‖ with
   full-batch L-BFGS (`optax.lbfgs`, zoom line search) from W = 0, b = 0, jitted, until the gradient
@@ -276,7 +276,7 @@ def feature_scores(train_features, train_labels, test_features, *, num_classes: 
 
 
 def embedding_statistics(embeddings, labels, *, num_classes: int) -> dict[str, Any]:
-  """MES radius (paper 003, eq. 4) and centroid dispersion (eq. 5) of L2-normalised embeddings.
+  """MES radius (Regmi et al. 2024, eq. 4) and centroid dispersion (eq. 5) of L2-normalised embeddings.
 
   The embeddings are normalised first (a no-op for `ProjectionHead` outputs, which are unit
   vectors already), because both statistics are defined on the unit sphere.

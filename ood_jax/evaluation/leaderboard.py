@@ -149,7 +149,8 @@ def markdown(block: dict[str, Any]) -> str:
            + '; '.join(f'{g}-OOD = {", ".join(s)}' for g, s in groups.items())
            + (f"; tuned on {', '.join(block['validation'])}" if block['validation'] else '; untuned (defaults)')
            + (f'; ID accuracy {100 * accuracy:.2f} %' if accuracy is not None else '')
-           + '. AUROC and FPR@95 (OOD positive, as OpenOOD) in %, group = mean over its sets.')
+           + '. AUROC and FPR@95 in %; FPR@95 is fpr95_ood_positive (OOD positive, as OpenOOD v1.5; '
+           'docs/conventions.md); group = mean over its sets.')
   return '\n'.join([title, '', *lines]) + '\n'
 
 

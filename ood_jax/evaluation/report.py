@@ -47,7 +47,8 @@ def _detector_table(block: dict[str, Any]) -> list[str]:
   """One row per detector: AUROC / FPR@95 (%) on every OOD set and their mean."""
   sets = list(block['ood'])
   names = list(block.get('ood_mean', {}))
-  lines = ['Post-hoc detectors (fitted on the training features), AUROC % / FPR@95 % (OOD positive):', '',
+  lines = ['Post-hoc detectors (fitted on the training features), AUROC % / FPR@95 % (fpr95_ood_positive: OOD '
+           'positive; docs/conventions.md):', '',
            '| detector | ' + ' | '.join(sets) + ' | mean |', '|---|' + '---:|' * (len(sets) + 1)]
   for name in names:
     cells = [_pair(block['ood'][s][name]) for s in sets] + [_pair(block['ood_mean'][name])]
@@ -75,14 +76,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"Note: {results['calibration']['warning']}", '']
   if 'mes_radius_mean' in in_dist:
     lines += ['Accuracy and calibration of a linear probe on the frozen features. Embedding statistics '
-              '(paper 003): mean MES radius {:.4f}, mean centroid cosine similarity {:.4f}.'.format(
+              '(Regmi et al. 2024): mean MES radius {:.4f}, mean centroid cosine similarity {:.4f}.'.format(
                   in_dist['mes_radius_mean'], in_dist['dispersion_mean']), '']
   if results.get('benchmark'):
     lines += [leaderboard.markdown(results['benchmark'])]
   if results.get('ood'):
     lines += _ood_table(f"The method's scores per OOD set (default `{results['default_score']}`), %; FPR@95 and "
                         'TNR@95 with ID (ID+) or OOD (OOD+) as the positive class, AUPR-In / -Out with ID / OOD '
-                        'positive:',
+                        'positive (docs/conventions.md):',
                         results['ood'], results.get('ood_mean'), 'score')
   if results.get('detectors', {}).get('ood') and not results.get('benchmark'):
     lines += _detector_table(results['detectors'])  # the leaderboard holds them otherwise

@@ -33,7 +33,7 @@ def _check_features_and_centres(features, centres, centres_name):
 def negative_distances(features, prototypes):
   """Negative Euclidean (non-squared) distances to prototypes, the IsoMax logits.
 
-  logits_k = −‖f − p_k‖₂ (paper 000, eq. 5). The gradient is finite where f = p_k, which is the
+  logits_k = −‖f − p_k‖₂ (Macêdo et al. 2021, eq. 5). The gradient is finite where f = p_k, which is the
   state of every example at initialisation (zero prototypes, and zero features after a ReLU).
 
   The difference f − p_k is formed explicitly rather than through ‖f‖² − 2f·p + ‖p‖², which
@@ -61,7 +61,7 @@ def _negative_distances(features, prototypes):
 
 
 def mahalanobis_logits(features, means, cholesky):
-  """ICE Mahalanobis logits, h_k = −(f − m_k)ᵀ (LLᵀ)⁻¹ (f − m_k) (paper 001, eq. 0.11).
+  """ICE Mahalanobis logits, h_k = −(f − m_k)ᵀ (LLᵀ)⁻¹ (f − m_k) (Wu et al. 2022, eq. 0.11).
 
   With Σ = LLᵀ, (f − m)ᵀΣ⁻¹(f − m) = ‖L⁻¹f − L⁻¹m‖², so features and means are whitened by one
   triangular solve each (N + K solves, never an inverse) and compared by squared distance.
@@ -155,3 +155,33 @@ def l2_normalize(x, *, axis=-1, eps=1e-12):
   """x / max(‖x‖, eps): unit vectors with a finite value and gradient at x = 0."""
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def confidence_branch_logits(logits, confidence_logits):
+  """Inference logits of a ConfBranch model (DeVries & Taylor 2018): log softmax(z) + log σ(s).
+
+  One `[..., K]` array that carries both outputs: its softmax is the class prediction p = softmax(z)
+  (the constant log c cancels) and its logsumexp, the energy score, is log c, the paper's OOD score.
+  So accuracy, calibration (softmax(ℓ/T) = softmax(log p / T)) and every logit score work on it unchanged.
+
+  Args:
+    logits: `[..., K]` class logits z.
+    confidence_logits: `[...]` confidence logits s, c = σ(s).
+  """
+  z = _checks.floating('logits', logits, min_ndim=1)
+  s = _checks.floating('confidence_logits', confidence_logits)
+  dtype = _checks.compute_dtype(z, s)
+  return jax.nn.log_softmax(z.astype(dtype), axis=-1) - jax.nn.softplus(-s.astype(dtype))[..., None]
+
+
+def cosine_logits(features, kernel):
+  """Cosine similarities cos(f, w_k) `[..., K]` of features `[..., D]` and the columns of kernel `[D, K]`.
+
+  The dividend h_i of G-ODIN's cosine head h^C (Hsu et al. 2020, Sec. 3.2): both sides normalised, no
+  bias, so h_i ∈ [−1, 1].
+  """
+  features = _checks.floating('features', features, min_ndim=1)
+  kernel = _checks.floating('kernel', kernel, ndim=2)
+  if features.shape[-1] != kernel.shape[0]:
+    raise ValueError(f'features have dimension {features.shape[-1]} but kernel has {kernel.shape[0]} rows.')
+  return l2_normalize(features) @ l2_normalize(kernel, axis=0)

@@ -2,7 +2,7 @@
 
 The backbone is always restored. The head follows `config.init_head` (see
 `experiment.HEAD_POLICIES`): kept when it fits, re-initialised, or, for ICE's Mahalanobis head on
-a softmax-pretrained backbone (paper 001), set at the class means and shared covariance of the
+a softmax-pretrained backbone (Wu et al. 2022), set at the class means and shared covariance of the
 pretrained features (`class_statistics_head`).
 """
 
@@ -47,7 +47,7 @@ def merge_pretrained(fresh: dict, pretrained: dict, *, head_policy: str = 'auto'
   shapes; a mismatch raises ValueError naming the parameter. The head is kept with 'keep' (error if
   it does not fit), re-initialised with 'reinit' (or 'class_stats', which sets it afterwards), and
   with 'auto' kept exactly when it has the same structure and shapes (fine-tuning the same method)
-  and re-initialised otherwise (e.g. a Mahalanobis head on a softmax-pretrained backbone, paper 001).
+  and re-initialised otherwise (e.g. a Mahalanobis head on a softmax-pretrained backbone, Wu et al. 2022).
 
   Returns:
     (params, batch_stats).

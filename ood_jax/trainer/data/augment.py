@@ -14,8 +14,8 @@ level).
 
 Recipes:
   * `crop_and_flip`: zero padding 4, random crop back to H×W, random horizontal flip — the CIFAR
-    recipe of every paper here (e.g. paper 002's ResNet-20 setup).
-  * `contrastive_views`: SupCon's CIFAR recipe (Khosla et al. 2020), used by ReweightOOD (paper 003):
+    recipe of every paper here (e.g. the ResNet-20 setup of Padhy et al. 2020).
+  * `contrastive_views`: SupCon's CIFAR recipe (Khosla et al. 2020), used by ReweightOOD (Regmi et al. 2024):
     RandomResizedCrop(scale=(0.2, 1)), RandomHorizontalFlip, ColorJitter(0.4, 0.4, 0.4, 0.1) with
     p = 0.8, RandomGrayscale(p = 0.2), each view drawn independently.
 """
@@ -395,7 +395,7 @@ def _contrastive_one(noise, image):
 
 @functools.partial(jax.jit, static_argnames=('num_views',))
 def contrastive_views(key, images, *, num_views=2):
-  """`num_views` independent SupCon augmentations of every image (the two views of paper 003).
+  """`num_views` independent SupCon augmentations of every image (the two views of Regmi et al. 2024).
 
   Each view is RandomResizedCrop(scale=(0.2, 1), ratio=(3/4, 4/3)) → horizontal flip (p = 1/2) →
   ColorJitter(0.4, 0.4, 0.4, 0.1) applied with p = 0.8 in a random order → grayscale (p = 0.2), with

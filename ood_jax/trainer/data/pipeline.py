@@ -248,7 +248,7 @@ def outlier_stream(images, *, global_batch_size: int, seed: int, mesh: Mesh,
 
   Args:
     images: `[N, H, W, C]` uint8 outlier images.
-    global_batch_size: outliers per step (e.g. 256 next to 128 in-distribution images, paper 001).
+    global_batch_size: outliers per step (e.g. 256 next to 128 in-distribution images, Wu et al. 2022).
     seed: integer in [0, 2**32).
     mesh: the training mesh.
     augment: as for `TrainStream`.

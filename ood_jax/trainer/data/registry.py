@@ -1,7 +1,7 @@
 """The in-distribution datasets ood_jax knows: class count, image shape, normalisation statistics.
 
 Statistics are per-channel means and standard deviations of the training images on the [0, 1]
-pixel scale. Paper 002 instead rescales inputs to [−1, 1]; that is mean = std = 0.5, which a
+pixel scale. Padhy et al. 2020 instead rescale inputs to [−1, 1]; that is mean = std = 0.5, which a
 config can choose with `SYMMETRIC`.
 """
 
