@@ -7,8 +7,10 @@ Reads each run's results.json (written by experiments.train / experiments.evalua
 run, accuracy, ECE and AUROC / FPR@95 of its default score on every OOD set, as
 `ood_jax.evaluation.report.comparison_markdown`; when every run was evaluated on a benchmark protocol
 (--benchmark), also the methods × detectors leaderboard (`ood_jax.evaluation.leaderboard.compare_markdown`).
---output also writes the tables to a file.
+--output also writes the tables to a file. A missing results.json exits with status 2 and one line (`experiments.cli`).
 """
+
+from experiments import cli
 
 from absl import app
 from absl import flags
@@ -33,4 +35,4 @@ def main(argv):
 if __name__ == '__main__':
   # Defined here, not on import: importing two scripts must not define a flag twice.
   flags.DEFINE_string('output', None, 'Optional Markdown file for the table.')
-  app.run(main)
+  cli.run(main, load_quietly=())

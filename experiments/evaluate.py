@@ -7,15 +7,14 @@ Uses the config the run saved in <workdir>/config.json (or --config=<file>); --b
 --detectors override its eval.benchmark / eval.detectors. Each set's logits and features are cached
 in <workdir>/features, so adding a detector later does not run the model again. Writes
 <workdir>/results.json and results.md (with the leaderboard table for a benchmark) and prints a summary.
+--helpfull lists every flag and config field. A mistake in the command, the config or its data exits with
+status 2 and a line or two saying what (`experiments.cli`; --verbosity=1 adds the traceback).
 """
 
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from experiments import cli  # first: it sets TensorFlow's logging before anything loads it
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from ood_jax.trainer import checkpoint
@@ -26,9 +25,6 @@ from ood_jax.evaluation import report
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  # Orbax narrates every save at INFO; keep the progress lines readable.
-  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   workdir = flags.FLAGS.workdir
   config = flags.FLAGS.config or checkpoint.load_config(workdir)
   for field in ('benchmark', 'detectors'):
@@ -41,10 +37,10 @@ def main(argv):
 
 if __name__ == '__main__':
   # Defined here, not on import: importing two scripts must not define a flag twice.
-  config_flags.DEFINE_config_file('config', None, 'Optional config file (default: the saved one).')
+  config_flags.DEFINE_config_file('config', None, cli.config_help('Optional config file (default: the saved one).'))
   flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
   flags.DEFINE_string('benchmark', None, "Protocol of ood_jax.trainer.data.protocols, e.g. 'openood_v1_5' or 'digits'.")
   flags.DEFINE_string('detectors', None, "Post-hoc detectors: 'all', or comma-separated names.")
   flags.DEFINE_bool('download', None, 'Let TFDS download and prepare missing datasets (config.download).')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

@@ -4,15 +4,18 @@ Override any config field on the command line, e.g. --config.method=isomax --con
 Re-running the same command after an interruption resumes from the latest checkpoint in workdir.
 Prints a short summary at the end; the tables are in <workdir>/results.md, every metric in results.json.
 
-Exit status: 0 finished; 75 (`train.PREEMPTED_EXIT_CODE`, os.EX_TEMPFAIL) a preemption notice (SIGTERM)
-stopped training after saving the last completed step: run the same command again to resume;
-anything else is an error (docs/fault_tolerance.md).
+--helpfull lists every flag, and with the --config flag every config field and its default.
+
+Exit status: 0 finished; 2 (`cli.USAGE_EXIT_CODE`) a mistake in the command, the config or its data (an
+unknown flag, field or name, a bad value, a missing data set, checkpoints of another config): one or two
+lines say what, --verbosity=1 or OOD_JAX_TRACEBACK=1 adds the traceback; 75 (`train.PREEMPTED_EXIT_CODE`,
+os.EX_TEMPFAIL) a preemption notice (SIGTERM) stopped training after saving the last completed step: run the
+same command again to resume; anything else is an error, with its traceback (docs/fault_tolerance.md).
 """
 
-import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from experiments import cli  # first: it sets TensorFlow's logging before anything loads it
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
@@ -26,9 +29,6 @@ from ood_jax.trainer import train
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  # Orbax narrates every save at INFO; keep the progress lines readable.
-  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   try:
     results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except train.PreemptedError as e:
@@ -40,7 +40,8 @@ def main(argv):
 
 if __name__ == '__main__':
   # Defined here, not on import: importing two scripts must not define a flag twice.
-  config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, cli.config_help('Path to an ml_collections config file.'),
+                                 lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)
