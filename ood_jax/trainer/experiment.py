@@ -289,10 +289,10 @@ def _check_eval(eval_config, method, dataset: str) -> EvalSettings:
   if eval_config.batch_size % jax.device_count():
     raise ValueError(f'eval.batch_size ({eval_config.batch_size}) must be divisible by the number of devices '
                      f'({jax.device_count()}).')
+  for severity in eval_config.severities:  # checked even without corruptions: a typo must not wait for one
+    corruptions.check_corruption(corruptions.CORRUPTIONS[0], severity)
   for corruption in eval_config.corruptions:
     choice('corruption', corruption, corruptions.CORRUPTIONS)
-    for severity in eval_config.severities:
-      corruptions.check_corruption(corruption, severity)
   spec = (eval_config.detectors or '').strip()
   pinned = detector_kwargs(eval_config.detector_kwargs)
   chosen = ()

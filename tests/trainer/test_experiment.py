@@ -131,3 +131,10 @@ def test_trainer_reads_no_config_default_twice():
                for number, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1)
                if re.search(r'\b(config|cfg|eval_config)(\.\w+)*\.get\(', line)]
   assert not offending, '\n'.join(offending)
+
+
+def test_severities_are_checked_without_corruptions(no_data):
+  config = _smoke('softmax')
+  config.eval.corruptions, config.eval.severities = (), (1, 6)
+  with pytest.raises(ValueError, match='severity must be one of 1..5, got 6'):
+    experiment.check_config(config)
