@@ -28,7 +28,9 @@ check. Contrastive labels are class ids compared only for equality, so any integ
 a class there and needs no range.
 
 Papers: 000 IsoMax (Macêdo et al., "Entropic Out-of-Distribution Detection", 2021), 001 ICE (with OE and
-Energy), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD (Regmi et al. 2024, with SupCon), 004 SMOT.
+Energy), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD (Regmi et al. 2024, with SupCon), 004 SMOT; and
+training baselines of OpenOOD v1.5's leaderboard: LogitNorm (Wei et al. 2022), Mixup (Zhang et al. 2018),
+RegMixup (Pinto et al. 2022), ConfBranch (DeVries & Taylor 2018).
 """
 
 from __future__ import annotations
@@ -41,14 +43,18 @@ import numpy as np
 from ood_jax import _checks
 
 __all__ = [
+    'confidence_branch',
     'distance_one_vs_all',
     'energy_in_margin',
     'energy_out_margin',
     'ice_in',
     'ice_out',
     'isomax',
+    'logit_norm',
+    'mixup_cross_entropy',
     'one_vs_all',
     'outlier_exposure',
+    'regmixup',
     'reweighted_contrastive',
     'smooth_training',
     'smot_smoothing',
@@ -61,7 +67,7 @@ __all__ = [
 # Shared pieces.
 
 
-def _logits_and_labels(logits, labels, name='logits'):
+def _logits_and_labels(logits, labels, name='logits', labels_name='labels'):
   """(logits in the compute dtype, labels safe to index with, mask of the labels in [0, K)).
 
   Concrete labels out of range raise here. Traced ones cannot be read, so they are replaced by 0
@@ -72,13 +78,13 @@ def _logits_and_labels(logits, labels, name='logits'):
   if logits.shape[-1] < 1:
     raise ValueError(f'{name} must have at least one class, got shape {tuple(logits.shape)}.')
   num_classes = logits.shape[-1]
-  labels = _checks.labels('labels', labels, num_classes, shape=logits.shape[:-1])
+  labels = _checks.labels(labels_name, labels, num_classes, shape=logits.shape[:-1])
   info = jnp.iinfo(labels.dtype)
   valid = labels >= 0 if info.min < 0 else jnp.ones(labels.shape, dtype=bool)
   if num_classes <= info.max:  # e.g. int8 labels with K = 200 are always < K
     valid = valid & (labels < num_classes)
   if labels.size:
-    checkify.check(jnp.all(valid), f'labels must lie in [0, {num_classes}), got values in [{{lo}}, {{hi}}] '
+    checkify.check(jnp.all(valid), f'{labels_name} must lie in [0, {num_classes}), got values in [{{lo}}, {{hi}}] '
                    '(-1 is the outlier label: pass outliers to the outlier terms, not with labels).',
                    lo=jnp.min(labels), hi=jnp.max(labels), debug=True)
   safe = jnp.where(valid, labels, jnp.zeros((), labels.dtype))
@@ -151,11 +157,11 @@ def softmax_cross_entropy(logits, labels):
 
 
 def isomax(logits, labels, *, entropic_scale=10.0):
-  """IsoMax loss (paper 000, eq. 5): −log softmax(E_s · logits)_y.
+  """IsoMax loss (Macêdo et al. 2021, eq. 5): −log softmax(E_s · logits)_y.
 
   `logits` are negative distances −‖f − p_k‖ (`layers.negative_distances`). The entropic scale
   E_s is applied during training only; scores and predictions use the logits without it
-  (`scores.entropic_score`). `entropic_scale=1` is the DM loss of paper 002.
+  (`scores.entropic_score`). `entropic_scale=1` is the DM loss of Padhy et al. 2020.
 
   A drop-in for optax's cross-entropy behind a `layers.DistanceLogits` head:
 
@@ -185,7 +191,7 @@ def isomax(logits, labels, *, entropic_scale=10.0):
 
 
 def one_vs_all(logits, labels):
-  """One-vs-all loss (paper 002): −log σ(z_y) − Σ_{k≠y} log(1 − σ(z_k)).
+  """One-vs-all loss (Padhy et al. 2020): −log σ(z_y) − Σ_{k≠y} log(1 − σ(z_k)).
 
   Written as softplus(−z_y) + Σ_{k≠y} softplus(z_k), exact and finite for any logits.
 
@@ -205,7 +211,7 @@ def one_vs_all(logits, labels):
 
 
 def distance_one_vs_all(logits, labels, *, eps=1e-6):
-  """Distance one-vs-all loss, "OvA DM" (paper 002): p_k = 2σ(logits_k), −log p_y − Σ_{k≠y} log(1 − p_k).
+  """Distance one-vs-all loss, "OvA DM" (Padhy et al. 2020): p_k = 2σ(logits_k), −log p_y − Σ_{k≠y} log(1 − p_k).
 
   With d = −logits ≥ 0 (distances, `layers.negative_distances`): log p = log 2 − softplus(d) and
   log(1 − p) = log tanh(d/2) = log(−expm1(−d)) − softplus(−d). The second diverges as a
@@ -233,11 +239,11 @@ def distance_one_vs_all(logits, labels, *, eps=1e-6):
 
 
 # ----------------------------------------------------------------------------------------------
-# Outlier exposure family (paper 001): OE, Energy, ICE.
+# Outlier exposure family (Wu et al. 2022): OE, Energy, ICE.
 
 
 def outlier_exposure(outlier_logits):
-  """Outlier-exposure term (Hendrycks et al. 2019; paper 001 eq. 0.3): cross-entropy to uniform.
+  """Outlier-exposure term (Hendrycks et al. 2019; Wu et al. 2022 eq. 0.3): cross-entropy to uniform.
 
   −(1/K) Σ_k log softmax(z̃)_k = logsumexp(z̃) − mean_k z̃_k. The OE objective is
   CE(in) + λ·mean(outlier_exposure(outlier_logits)), λ = 0.5.
@@ -310,7 +316,7 @@ def energy_out_margin(logits, *, margin=-7.0):
 
 
 def ice_in(logits, labels):
-  """ICE in-distribution term (paper 001, eq. 0.14): −log exp(h_y) = −h_y.
+  """ICE in-distribution term (Wu et al. 2022, eq. 0.14): −log exp(h_y) = −h_y.
 
   ICE: CE(h) + λ·[mean ice_in(h, y) + mean ice_out(h̃)], λ = 1 (eq. 0.15), with h the
   `layers.mahalanobis_logits`.
@@ -337,7 +343,7 @@ def ice_in(logits, labels):
 
 
 def ice_out(outlier_logits, *, eps=1e-6):
-  """ICE outlier term (paper 001, eq. 0.13): −log(1 − exp(max_k h_k(z̃))).
+  """ICE outlier term (Wu et al. 2022, eq. 0.13): −log(1 − exp(max_k h_k(z̃))).
 
   Computed as −log(−expm1(a)), a = max_k h_k ≤ 0. It diverges as a → 0⁻ (an outlier on a class
   mean), so a is capped at −eps: exact for a ≤ −eps, at most −log(−expm1(−eps)) ≈ 13.8 above.
@@ -358,7 +364,7 @@ def ice_out(outlier_logits, *, eps=1e-6):
 
 
 # ----------------------------------------------------------------------------------------------
-# Contrastive family (paper 003): SupCon and ReweightOOD.
+# Contrastive family (Regmi et al. 2024): SupCon and ReweightOOD.
 
 
 def _contrastive_inputs(embeddings, labels):
@@ -379,7 +385,7 @@ def _contrastive_inputs(embeddings, labels):
 
 
 def supervised_contrastive(embeddings, labels, *, temperature=0.1):
-  """Supervised contrastive loss (Khosla et al. 2020, L_out; the SupCon baseline of paper 003).
+  """Supervised contrastive loss (Khosla et al. 2020, L_out; the SupCon baseline of Regmi et al. 2024).
 
   For anchor i with positives P(i) (other views/examples of its class) and all other entries A(i):
   L_i = −(1/|P(i)|) Σ_{p∈P(i)} [s_ip/τ − log Σ_{a∈A(i)} exp(s_ia/τ)], s = cosine similarity.
@@ -390,7 +396,7 @@ def supervised_contrastive(embeddings, labels, *, temperature=0.1):
     embeddings: `[N, V, D]` L2-normalised embeddings (`layers.ProjectionHead`), V views each.
     labels: `[N]` integer class ids, compared only for equality (any integer, −1 included, is a
       class of its own here; no range applies).
-    temperature: τ > 0 (0.1 in paper 003; 0.07 in SupCon); a traced τ ≤ 0 gives NaN losses.
+    temperature: τ > 0 (0.1 in Regmi et al. 2024; 0.07 in SupCon); a traced τ ≤ 0 gives NaN losses.
 
   Returns:
     `[N·V]` per-anchor losses, anchor index n·V + v (reshape to `[N, V]`).
@@ -417,7 +423,7 @@ def _reweighting(sim, between, within, stop_gradient):
 
 def reweighted_contrastive(embeddings, labels, *, temperature=0.1, between=(5.0, -4.0),
                            within=(2.0, 1.0), stop_gradient_weights=True, variant='paper'):
-  """ReweightOOD loss (paper 003, eq. 2–3).
+  """ReweightOOD loss (Regmi et al. 2024, eq. 2–3).
 
   variant='paper' (default), per anchor k with negatives (other classes) and positives (same
   class, excluding k itself):
@@ -468,11 +474,11 @@ def reweighted_contrastive(embeddings, labels, *, temperature=0.1, between=(5.0,
 
 
 # ----------------------------------------------------------------------------------------------
-# Smooth training (paper 004): SMOT.
+# Smooth training (the SMOT paper, an anonymous ICLR 2024 submission): SMOT.
 
 
 def smot_smoothing(threshold, *, temperature=10.0):
-  """SMOT soft-label strength ε(t) = 1 − exp((t − 255)/T) (paper 004, eq. 9), as −expm1(·).
+  """SMOT soft-label strength ε(t) = 1 − exp((t − 255)/T) (the SMOT paper, eq. 9), as −expm1(·).
 
   A threshold t near 255 masks only the most class-discriminative pixels, so little smoothing is
   needed (ε → 0); lower thresholds mask more and get softer labels.
@@ -495,7 +501,7 @@ def smot_smoothing(threshold, *, temperature=10.0):
 
 
 def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
-  """SMOT loss (paper 004, eq. 6/8): (1 − λ)·CE(f(x), y) + λ·CE(f(M ⊙ x), (1 − ε)·y + ε/K).
+  """SMOT loss (the SMOT paper, eq. 6/8): (1 − λ)·CE(f(x), y) + λ·CE(f(M ⊙ x), (1 − ε)·y + ε/K).
 
   Args:
     logits: `[..., K]` logits of the clean inputs.
@@ -538,3 +544,170 @@ def smooth_training(logits, masked_logits, labels, smoothing, *, weight=0.1):
     values = jnp.where(in_range, values, jnp.asarray(jnp.nan, values.dtype))
   values = _nan_where_invalid(valid, values)
   return _traced_hyperparameter(values, 'weight', weight, lambda w: (w >= 0) & (w <= 1), 'in [0, 1]')
+
+
+# ----------------------------------------------------------------------------------------------
+# Training baselines of OpenOOD v1.5's leaderboard: LogitNorm, Mixup, RegMixup, ConfBranch.
+
+
+def _fraction(name, value, shape):
+  """(value in [0, 1] as an array, in-range mask or None): ValueError when concrete and outside.
+
+  A scalar or an array of `shape`. Concrete values are checked here (mask None); for traced ones
+  the mask lets the caller turn the examples whose value is outside [0, 1] into NaN.
+  """
+  value = _checks.floating(name, value)
+  if value.ndim and value.shape != tuple(shape):
+    raise ValueError(f'{name} must be a scalar or have shape {tuple(shape)}, got {tuple(value.shape)}.')
+  host = _checks.host_value(value)
+  if host is not None:
+    if not np.all((host >= 0) & (host <= 1)):
+      raise ValueError(f'{name} must lie in [0, 1].')
+    return value, None
+  in_range = (value >= 0) & (value <= 1)
+  checkify.check(jnp.all(in_range), f'{name} must lie in [0, 1], got values in [{{lo}}, {{hi}}].',
+                 lo=jnp.min(value), hi=jnp.max(value), debug=True)
+  return value, in_range
+
+
+def logit_norm(logits, labels, *, temperature=0.04, eps=1e-7):
+  """LogitNorm loss (Wei et al. 2022, eq. 4): −log softmax(z / (τ·(‖z‖ + ε)))_y.
+
+  The cross-entropy of the logit vector rescaled to norm 1/τ: the loss can no longer be lowered by
+  inflating ‖z‖, which is how a softmax network becomes over-confident. The normalisation is a training
+  device only; predictions and scores use the raw logits z (MSP in the paper and in OpenOOD v1.5).
+
+  ε convention: ε is added to the norm, ‖z‖ + 1e-7, as in the authors' code and OpenOOD's
+  `LogitNormLoss`; it matters only for ‖z‖ below ~1e-5 (at z = 0 the loss is log K, not NaN, and the
+  gradient is finite). pytorch-ood's `LogitNorm` documents the same cross-entropy without ε (and a
+  default τ = 1); this function equals that formula to float32 rounding wherever ‖z‖ ≫ ε
+  (tests/test_losses.py; pytorch-ood's code itself applies `nll_loss` to the rescaled logits without a
+  log-softmax, −z_y/(τ‖z‖), which is not its documented loss, so the documented formula is the reference).
+
+  Args:
+    logits: `[..., K]` affine logits.
+    labels: `[...]` integer labels in [0, K); out of range: ValueError when concrete, NaN loss for
+      that example under jit (module docstring).
+    temperature: τ > 0: 0.04 for CIFAR-10 (the paper and OpenOOD); a traced τ ≤ 0 gives NaN losses.
+    eps: ε > 0 added to ‖z‖; a traced ε ≤ 0 gives NaN losses.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  _checks.positive('temperature', temperature)
+  _checks.positive('eps', eps)
+  logits, labels, valid = _logits_and_labels(logits, labels)
+  square = jnp.sum(jnp.square(logits), axis=-1, keepdims=True)
+  nonzero = square > 0
+  # The double `where` gives d‖z‖/dz = 0 at z = 0, where √ has an infinite slope (and 0·inf = NaN).
+  norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, square, 1.0)), 0.0)
+  scaled = logits / (temperature * (norm + eps))
+  values = _nan_where_invalid(valid, -_pick(jax.nn.log_softmax(scaled, axis=-1), labels))
+  values = _traced_hyperparameter(values, 'temperature', temperature, lambda t: t > 0, '> 0')
+  return _traced_hyperparameter(values, 'eps', eps, lambda e: e > 0, '> 0')
+
+
+def mixup_cross_entropy(logits, labels, partner_labels, mix):
+  """Mixup loss (Zhang et al. 2018, Sec. 2): λ·CE(z̃, y_i) + (1 − λ)·CE(z̃, y_j).
+
+  z̃ are the logits of the mixed input x̃ = λ·x_i + (1 − λ)·x_j, λ ~ Beta(α, α). Equal to the
+  cross-entropy to the mixed target λ·onehot(y_i) + (1 − λ)·onehot(y_j), as OpenOOD's MixupTrainer
+  computes it (`soft_cross_entropy`), and to RegMixup's `regmixup_criterion` on the mixed rows.
+
+  Args:
+    logits: `[..., K]` logits of the mixed inputs.
+    labels: `[...]` labels y_i of the inputs weighted λ, in [0, K) (ValueError when concrete and
+      outside, NaN loss for that example under jit, as every labelled loss here).
+    partner_labels: `[...]` labels y_j of the inputs mixed in with weight 1 − λ, same rules.
+    mix: λ in [0, 1], a scalar (one draw per batch, as Zhang et al. and OpenOOD) or `[...]` per
+      example; ValueError when concrete and outside [0, 1], NaN loss for those examples when traced.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  logits, labels, valid = _logits_and_labels(logits, labels)
+  _, partners, partner_valid = _logits_and_labels(logits, partner_labels, labels_name='partner_labels')
+  mix, in_range = _fraction('mix', mix, labels.shape)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  mix = mix.astype(logits.dtype)
+  values = mix * -_pick(log_p, labels) + (1.0 - mix) * -_pick(log_p, partners)
+  if in_range is not None:
+    values = jnp.where(in_range, values, jnp.asarray(jnp.nan, values.dtype))
+  return _nan_where_invalid(valid & partner_valid, values)
+
+
+def regmixup(logits, mixed_logits, labels, partner_labels, mix, *, weight=1.0):
+  """RegMixup loss (Pinto et al. 2022): CE(f(x_i), y_i) + η·mixup_cross_entropy(f(x̃_i), y_i, y_j, λ).
+
+  Mixup used as a regulariser of the clean cross-entropy rather than in its place: example i's clean
+  row and its mixed row x̃_i = λ·x_i + (1 − λ)·x_j, with a large α (λ ~ Beta(α, α), α = 20 for CIFAR-10
+  and 10 for CIFAR-100 in the authors' commands, so λ stays near 1/2). η = 1 in the paper.
+
+  The authors' code and OpenOOD take `F.cross_entropy` over the concatenated batch of 2B rows, i.e.
+  half of the mean of these losses with η = 1 (`methods.mixup` does the same).
+
+  Args:
+    logits: `[..., K]` logits of the clean inputs.
+    mixed_logits: `[..., K]` logits of the mixed inputs, row i mixing example i with its partner.
+    labels: `[...]` labels y_i in [0, K) (ValueError when concrete and outside, NaN under jit).
+    partner_labels: `[...]` labels y_j of the partners, same rules.
+    mix: λ in [0, 1], scalar or `[...]` (see `mixup_cross_entropy`).
+    weight: η ≥ 0, 1 in the paper; a traced η < 0 gives NaN losses.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  _checks.nonnegative('weight', weight)
+  mixed_logits = _checks.floating('mixed_logits', mixed_logits)
+  if mixed_logits.shape != np.shape(logits):
+    raise ValueError(f'mixed_logits must have the shape of logits {tuple(np.shape(logits))}, '
+                     f'got {tuple(mixed_logits.shape)}.')
+  values = softmax_cross_entropy(logits, labels) + weight * mixup_cross_entropy(mixed_logits, labels,
+                                                                                partner_labels, mix)
+  return _traced_hyperparameter(values, 'weight', weight, lambda w: w >= 0, '>= 0')
+
+
+def confidence_branch(logits, confidence_logits, labels, *, weight, hints=None):
+  """ConfBranch loss (DeVries & Taylor 2018, eqs. 2–5): −log p'_y + λ·(−log c).
+
+  A confidence branch c = σ(s) beside the class logits z, p = softmax(z). The prediction is pulled
+  towards the label in proportion to 1 − c, p' = c·p + (1 − c)·onehot(y) (eq. 2), so asking for
+  "hints" lowers the task loss −log p'_y = −log(c·p_y + 1 − c) (eq. 3) at the price of the confidence
+  loss −log c (eq. 4), weighted λ (eq. 5; the trainer adjusts λ towards a budget β, see
+  `layers.ConfidenceBranch`). Computed in log space,
+  log(c·p_y + (1 − c)) = logaddexp(log σ(s) + log p_y, log σ(−s)), which is exact where the reference
+  code (OpenOOD, pytorch-ood) clamps p and c to [ε, 1 − ε].
+
+  Hints are applied to a random half of the examples (the paper; b ~ Bernoulli(1/2) in OpenOOD): where
+  `hints` is False the prediction term uses c = 1, i.e. the plain cross-entropy −log p_y; the confidence
+  term applies to every example, as in the reference code.
+
+  Args:
+    logits: `[..., K]` class logits z.
+    confidence_logits: `[...]` confidence logits s, c = σ(s).
+    labels: `[...]` integer labels in [0, K) (ValueError when concrete and outside, NaN under jit).
+    weight: λ ≥ 0, the weight of −log c (may be traced: the trainer's λ changes every step); a traced
+      λ < 0 gives NaN losses.
+    hints: `[...]` booleans, True where the prediction is interpolated with the label; None: all.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  _checks.nonnegative('weight', weight)
+  logits, labels, valid = _logits_and_labels(logits, labels)
+  s = _checks.floating('confidence_logits', confidence_logits)
+  if s.shape != labels.shape:
+    raise ValueError(f'confidence_logits must have shape {tuple(labels.shape)} (one per example), '
+                     f'got {tuple(s.shape)}.')
+  s = s.astype(logits.dtype)
+  log_p_y = _pick(jax.nn.log_softmax(logits, axis=-1), labels)
+  log_c, log_not_c = -jax.nn.softplus(-s), -jax.nn.softplus(s)  # log σ(s), log σ(−s)
+  task = -jnp.logaddexp(log_c + log_p_y, log_not_c)
+  if hints is not None:
+    hints = jnp.asarray(hints)
+    if hints.dtype != jnp.bool_ or hints.shape != labels.shape:
+      raise TypeError(f'hints must be booleans of shape {tuple(labels.shape)}, got {hints.dtype} '
+                      f'{tuple(hints.shape)}.')
+    task = jnp.where(hints, task, -log_p_y)
+  values = _nan_where_invalid(valid, task + weight * -log_c)
+  return _traced_hyperparameter(values, 'weight', weight, lambda w: w >= 0, '>= 0')

@@ -361,3 +361,78 @@ def test_nnx_mnist_tutorial_pattern_with_ood_jax_head_loss_and_scores():
   s_in, s_out = np.asarray(scores.entropic_score(model(x))), np.asarray(scores.entropic_score(model(x_out)))
   want = roc_auc_score(np.r_[np.ones(60), np.zeros(60)], np.r_[s_in, s_out])
   np.testing.assert_allclose(metrics.auroc(s_in, s_out), want, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Heads of OpenOOD v1.5's training baselines: float64 references of their training and inference outputs.
+
+
+def _head_features(n=6, d=5, seed=40):
+  return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32) * 3
+
+
+def test_feature_norm_dense_normalises_in_training_only():
+  f = _head_features()
+  head = layers.FeatureNormDense(4, temperature=0.1)
+  variables = head.init(jax.random.key(0), f)
+  w, b = (np.asarray(variables['params'][k], np.float64) for k in ('kernel', 'bias'))
+  assert w.shape == (5, 4) and b.shape == (4,)  # nn.Dense's parameters: checkpoints interchange
+  f64 = f.astype(np.float64)
+  unit = f64 / np.linalg.norm(f64, axis=-1, keepdims=True)
+  np.testing.assert_allclose(jax.jit(lambda v, x: head.apply(v, x, train=True))(variables, f), unit / 0.1 @ w + b,
+                             rtol=1e-5, atol=1e-5)  # Regmi et al. 2023: W·(h/‖h‖)/τ + b in training
+  np.testing.assert_allclose(jax.jit(head.apply)(variables, f), f64 / 0.1 @ w + b, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match='temperature'):
+    layers.FeatureNormDense(4, temperature=0.0)
+
+
+def test_confidence_branch_inference_logits_carry_p_and_log_c():
+  rng = np.random.default_rng(41)
+  z, s = rng.normal(size=(5, 4)) * 4, rng.normal(size=5) * 3
+  out = np.asarray(jax.jit(layers.confidence_branch_logits)(z.astype(np.float32), s.astype(np.float32)), np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.exp(out) / np.exp(out).sum(-1, keepdims=True), p, rtol=1e-5)  # softmax → p
+  np.testing.assert_allclose(np.log(np.exp(out).sum(-1)), -np.log1p(np.exp(-s)), rtol=1e-5, atol=1e-6)  # → log c
+
+
+@pytest.mark.parametrize('budget', [0.01, 5.0])
+def test_confidence_branch_head_outputs_and_budget_controller(budget):
+  f = _head_features(seed=42)
+  head = layers.ConfidenceBranch(3, budget=budget, weight=0.1)
+  variables = head.init(jax.random.key(1), f)
+  params = {k: np.asarray(v, np.float64) for k, v in variables['params'].items()}
+  assert float(variables['batch_stats']['weight']) == np.float32(0.1)
+  z = f.astype(np.float64) @ params['kernel'] + params['bias']
+  s = (f.astype(np.float64) @ params['confidence_kernel'] + params['confidence_bias'])[:, 0]
+  step = jax.jit(lambda v, x: head.apply(v, x, train=True, mutable=['batch_stats']))
+  lam, state = 0.1, variables
+  for _ in range(3):
+    out, updates = step(state, f)
+    np.testing.assert_allclose(out[:, :3], z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 3], s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 4], lam, rtol=1e-6)  # the λ of this step, before its update
+    # DeVries & Taylor's budget β: λ shrinks while the confidence loss mean(−log c) is below β, else grows.
+    lam = lam / 1.01 if budget > np.mean(np.log1p(np.exp(-s))) else lam / 0.99
+    state = {'params': variables['params'], 'batch_stats': updates['batch_stats']}
+    np.testing.assert_allclose(float(state['batch_stats']['weight']), lam, rtol=1e-6)
+  assert (lam < 0.1) == (budget > 1.0)
+  np.testing.assert_allclose(jax.jit(head.apply)(variables, f), layers.confidence_branch_logits(z, s), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_godin_head_divides_cosine_dividends_by_a_batch_normalised_sigmoid():
+  f = _head_features(seed=43)
+  head = layers.GodinHead(4)
+  variables = head.init(jax.random.key(2), f)
+  w = np.asarray(variables['params']['kernel'], np.float64)
+  dense = {k: np.asarray(v, np.float64) for k, v in variables['params']['divisor'].items()}
+  f64 = f.astype(np.float64)
+  cosine = (f64 / np.linalg.norm(f64, axis=-1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0, keepdims=True))
+  np.testing.assert_allclose(jax.jit(layers.cosine_logits)(f, w.astype(np.float32)), cosine, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(head.apply)(variables, f), cosine, rtol=1e-5, atol=1e-6)  # inference: h
+  (train, updates) = jax.jit(lambda v, x: head.apply(v, x, train=True, mutable=['batch_stats']))(variables, f)
+  g = (f64 @ dense['kernel'] + dense['bias'])[:, 0]
+  normalised = (g - g.mean()) / np.sqrt(g.var() + 1e-5)  # BatchNorm in training: batch statistics, ε = 1e-5
+  np.testing.assert_allclose(train, cosine * (1 + np.exp(-normalised))[:, None], rtol=1e-4, atol=1e-5)  # h/σ(·)
+  np.testing.assert_allclose(updates['batch_stats']['divisor_bn']['mean'], [0.1 * g.mean()], rtol=1e-5)

@@ -52,6 +52,18 @@ def _data(shape=(6, 5), seed=0, scale=2.0, negative=False):
 # ------------------------------------------------------------------------------------------
 # Value tests against the paper formulas, under jit.
 
+
+def _np_logit_norm(z, y, tau=0.04, eps=1e-7):
+  # Wei et al. 2022 eq. 4, −log softmax(z / (τ·(‖z‖ + ε)))_y, one row at a time. ε = 1e-7: the authors' code and
+  # OpenOOD's LogitNormLoss; ε = 0: pytorch-ood's documented LogitNorm (not installed here, so written out).
+  rows = np.reshape(np.asarray(z, np.float64), (-1, np.shape(z)[-1]))
+  out = []
+  for zi, yi in zip(rows, np.ravel(y)):
+    scaled = zi / (tau * (np.sqrt(np.sum(zi**2)) + eps))
+    out.append(np.log(np.sum(np.exp(scaled))) - scaled[yi])
+  return np.array(out).reshape(np.shape(y))
+
+
 REFERENCES = {
     'softmax_cross_entropy': lambda z, y: -_pick(_np_log_softmax(z), y),
     # Paper 000 eq. 5: −log(exp(−E_s·D_y) / Σ_j exp(−E_s·D_j)) with logits = −D.
@@ -66,6 +78,7 @@ REFERENCES = {
         for zi, yi in zip(np.reshape(z, (-1, np.shape(z)[-1])), np.ravel(y))]).reshape(np.shape(y)),
     # Paper 001 eq. 0.14.
     'ice_in': lambda z, y: -_pick(np.asarray(z, np.float64), y),
+    'logit_norm': _np_logit_norm,
 }
 
 
@@ -297,7 +310,7 @@ def test_reweighted_contrastive_stop_gradient_weights():
 # ------------------------------------------------------------------------------------------
 # Gradients, extremes, dtypes.
 
-LABELLED = ['softmax_cross_entropy', 'isomax', 'one_vs_all', 'distance_one_vs_all', 'ice_in']
+LABELLED = ['softmax_cross_entropy', 'isomax', 'one_vs_all', 'distance_one_vs_all', 'ice_in', 'logit_norm']
 UNLABELLED = ['outlier_exposure', 'energy_in_margin', 'energy_out_margin', 'ice_out']
 
 
@@ -462,6 +475,9 @@ LABEL_LOSSES = {
     'distance_one_vs_all': losses.distance_one_vs_all,
     'ice_in': losses.ice_in,
     'smooth_training': lambda z, y: losses.smooth_training(z, z[::-1] * 0.5, y, _SMOOTHING),
+    'logit_norm': losses.logit_norm,
+    'mixup_cross_entropy': lambda z, y: losses.mixup_cross_entropy(z, y, np.roll(_GOOD, 1), 0.3),
+    'confidence_branch': lambda z, y: losses.confidence_branch(z, z[:, 0], y, weight=0.1),
 }
 _BAD = np.array([0, -1, 2, 4, 1, 9, -7, 3], np.int32)  # K = 4: −1 (the outlier label), 4, 9 and −7 are invalid
 _INVALID = (_BAD < 0) | (_BAD >= 4)
@@ -535,6 +551,10 @@ def _traced_cases():
        lambda v: losses.reweighted_contrastive(e, ye, temperature=v, variant='openood'), 0.1, 0.0),
       ('smot_smoothing', lambda v: losses.smot_smoothing(t, temperature=v), 10.0, -10.0),
       ('smooth_training', lambda v: losses.smooth_training(z, z * 0.5, y, 0.3, weight=v), 0.1, 1.5),
+      ('logit_norm', lambda v: losses.logit_norm(z, y, temperature=v), 0.04, 0.0),
+      ('mixup_cross_entropy', lambda v: losses.mixup_cross_entropy(z, y, y[::-1], v), 0.3, 1.5),
+      ('regmixup', lambda v: losses.regmixup(z, z * 0.5, y, y[::-1], 0.3, weight=v), 1.0, -1.0),
+      ('confidence_branch', lambda v: losses.confidence_branch(z, z[:, 1], y, weight=v), 0.1, -0.1),
   ]
 
 
@@ -598,3 +618,107 @@ def test_trainer_warns_about_energy_margins_from_scratch_and_unclipped_ice(metho
     warnings.simplefilter('always')
     experiment.check_config(config)
   assert not any(expected in str(w.message) for w in caught)
+
+
+# ------------------------------------------------------------------------------------------
+# Training baselines of OpenOOD v1.5: LogitNorm, Mixup, RegMixup, ConfBranch.
+
+
+@pytest.mark.parametrize('tau', [0.04, 0.5, 1.0])
+def test_logit_norm_follows_both_epsilon_conventions_and_ignores_the_logit_scale(tau):
+  z, y = _data((9, 10), seed=40, scale=3.0)
+  fn = jax.jit(functools.partial(losses.logit_norm, temperature=tau))
+  got = fn(z, y)
+  np.testing.assert_allclose(got, _np_logit_norm(z, y, tau, 1e-7), rtol=1e-5, atol=1e-6)  # authors' / OpenOOD's ε
+  np.testing.assert_allclose(got, _np_logit_norm(z, y, tau, 0.0), rtol=1e-5, atol=1e-6)  # pytorch-ood's formula
+  # The point of the loss: inflating the logits cannot lower it.
+  np.testing.assert_allclose(fn(z * 100.0, y), got, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_norm_at_zero_logits_is_log_k_with_a_finite_gradient():
+  z, y = np.zeros((2, 5), np.float32), np.array([0, 3], np.int32)
+  np.testing.assert_allclose(losses.logit_norm(z, y), np.log(5.0), rtol=1e-6)
+  assert np.all(np.isfinite(jax.grad(lambda x: losses.logit_norm(x, y).sum())(z)))
+
+
+def test_mixup_cross_entropy_is_the_cross_entropy_to_the_mixed_target():
+  z, y = _data((8, 5), seed=41, scale=3.0)
+  partners = np.roll(y, 3).astype(np.int32)
+  for mix in (np.float32(0.3), np.linspace(0.0, 1.0, 8).astype(np.float32)):
+    got = jax.jit(losses.mixup_cross_entropy)(z, y, partners, mix)
+    lam = np.broadcast_to(np.asarray(mix, np.float64), (8,))[:, None]
+    # OpenOOD's MixupTrainer: soft_cross_entropy to the mixed one-hot labels (Zhang et al. 2018, Sec. 2).
+    target = lam * np.eye(5)[y] + (1 - lam) * np.eye(5)[partners]
+    np.testing.assert_allclose(got, -np.sum(target * _np_log_softmax(z), axis=-1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(losses.mixup_cross_entropy(z, y, partners, 1.0), losses.softmax_cross_entropy(z, y),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('eta', [1.0, 0.5])
+def test_regmixup_matches_the_reference_criterion_on_the_concatenated_batch(eta):
+  z, y = _data((6, 4), seed=42)
+  mixed, _ = _data((6, 4), seed=43)
+  partners, lam = np.roll(y, 1).astype(np.int32), 0.37
+  got = np.asarray(jax.jit(functools.partial(losses.regmixup, weight=eta))(z, mixed, y, partners, np.float32(lam)))
+  ls, ls_mixed = _np_log_softmax(z), _np_log_softmax(mixed)
+  mix_term = lam * -_pick(ls_mixed, y) + (1 - lam) * -_pick(ls_mixed, partners)
+  np.testing.assert_allclose(got, -_pick(ls, y) + eta * mix_term, rtol=1e-5)
+  if eta == 1.0:
+    # Pinto et al.'s regmixup_criterion (copied by OpenOOD): F.cross_entropy over [x; x̃] with targets
+    # a = [y; y], b = [y; y_π], lam·CE(a) + (1 − lam)·CE(b), averaged over the 2B rows: half the mean here.
+    logits = _np_log_softmax(np.concatenate([z, mixed]))
+    a, b = np.concatenate([y, y]), np.concatenate([y, partners])
+    criterion = lam * np.mean(-_pick(logits, a)) + (1 - lam) * np.mean(-_pick(logits, b))
+    np.testing.assert_allclose(0.5 * got.mean(), criterion, rtol=1e-6)
+
+
+def _np_confidence_branch(z, s, y, lam, hints):
+  # DeVries & Taylor 2018, eqs. 2–5 literally: p' = c·p + (1 − c)·onehot(y), −log p'_y − λ·log c; c = 1 in the
+  # prediction term where no hint is given. pytorch-ood's ConfidenceLoss documents the same per-example formula
+  # (its code sums the first term over the batch); OpenOOD's trainer is this with hints on a random half.
+  z, s = np.asarray(z, np.float64), np.asarray(s, np.float64)
+  p, c = np.exp(_np_log_softmax(z)), _sigmoid(s)
+  c_used = np.where(hints, c, 1.0)[:, None]
+  p_new = c_used * p + (1 - c_used) * np.eye(z.shape[-1])[y]
+  return -np.log(_pick(p_new, y)) - lam * np.log(c)
+
+
+def test_confidence_branch_matches_the_paper_and_has_exact_gradients():
+  z, y = _data((8, 5), seed=44, scale=3.0)
+  s = (np.random.default_rng(45).normal(size=8) * 2).astype(np.float32)
+  hints = np.array([True, False] * 4)
+  for lam, h in ((0.1, None), (0.7, hints)):
+    got = jax.jit(functools.partial(losses.confidence_branch, weight=lam))(z, s, y, hints=h)
+    want = _np_confidence_branch(z, s, y, lam, np.ones(8, bool) if h is None else h)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The log-space form is the loss's own formula: its gradient against finite differences, in float64.
+  with jax.enable_x64(True):
+    z64, s64 = jnp.asarray(z, jnp.float64), jnp.asarray(s, jnp.float64)
+    check_grads(lambda a, b: losses.confidence_branch(a, b, y, weight=0.3, hints=hints), (z64, s64), order=2,
+                modes=['rev'])
+  # Saturated confidences and logits stay finite where the literal formula needs the reference code's clamps.
+  extreme_z = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]], np.float32)
+  extreme_s = np.array([-60.0, 60.0], np.float32)
+  out = losses.confidence_branch(extreme_z, extreme_s, np.array([1, 0], np.int32), weight=0.1)
+  grads = jax.grad(lambda a, b: losses.confidence_branch(a, b, np.array([1, 0]), weight=0.1).sum(), (0, 1))(
+      jnp.asarray(extreme_z), jnp.asarray(extreme_s))
+  assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads)
+  np.testing.assert_allclose(out[0], 0.1 * 60.0, rtol=1e-5)  # c → 0: p' → the label, only λ·(−log c) is left
+
+
+def test_openood_baseline_losses_reject_bad_arguments():
+  z, y = _data((4, 3))
+  with pytest.raises(ValueError, match='temperature must be > 0'):
+    losses.logit_norm(z, y, temperature=0.0)
+  with pytest.raises(ValueError, match=r'partner_labels must lie in \[0, 3\)'):
+    losses.mixup_cross_entropy(z, y, np.array([0, 1, 2, 3], np.int32), 0.5)
+  with pytest.raises(ValueError, match='mix must be a scalar or have shape'):
+    losses.mixup_cross_entropy(z, y, y, np.full(3, 0.5, np.float32))
+  with pytest.raises(ValueError, match='mixed_logits must have the shape'):
+    losses.regmixup(z, z[:2], y, y, 0.5)
+  with pytest.raises(ValueError, match='confidence_logits must have shape'):
+    losses.confidence_branch(z, z, y, weight=0.1)
+  with pytest.raises(TypeError, match='hints must be booleans'):
+    losses.confidence_branch(z, z[:, 0], y, weight=0.1, hints=np.ones(4, np.int32))
+  with pytest.raises(TypeError):
+    losses.logit_norm(z, y, 0.04)  # hyperparameters are keyword-only

@@ -1,17 +1,22 @@
 """Methods: their losses equal the papers' objectives composed by hand; outlier training and
 fine-tuning (`init_from`) run end to end on the offline digits benchmark."""
 
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import digits as digits_config
 from ood_jax import detectors
 from ood_jax.trainer import finetune
 from ood_jax import methods
+from ood_jax import models
+from ood_jax.methods import mixup as mixup_lib
+from ood_jax.trainer import step
 from ood_jax.trainer import train
 
 
@@ -39,7 +44,7 @@ def _batch(seed=0, n_in=6, n_out=10, k=4, negative=False):
 def test_registry_lists_names():
   assert {'softmax', 'isomax', 'dm', 'one_vs_all', 'distance_one_vs_all', 'oe', 'energy', 'ice'} <= set(methods.METHODS)
   with pytest.raises(ValueError, match='valid methods: .*oe'):
-    methods.get_method('mixup')
+    methods.get_method('no_such_method')
 
 
 def test_oe_objective():
@@ -216,3 +221,109 @@ def test_contrastive_method_needs_two_views(tmp_path):
     train.train_and_evaluate(_smoke('supcon'), str(tmp_path / 'run'))
 
 
+
+
+# ------------------------------------------------------------------------------------------
+# Training baselines of OpenOOD v1.5: the objectives composed by hand, and a few steps of each on a toy problem.
+
+OPENOOD_BASELINES = ('logitnorm', 't2fnorm', 'mixup', 'regmixup', 'confbranch', 'godin')
+
+
+def test_head_hyperparameters_are_method_hyperparameters():
+  assert methods.get_method('t2fnorm').head_hparams == ('temperature',)
+  with pytest.raises(ValueError, match=r"head_hparams \['tau'\]"):
+    methods.Method(name='bad', head='t2fnorm', loss=None, probabilities=None, scores=(), head_hparams=('tau',))
+
+
+def test_mix_batch_is_a_pure_function_of_the_key():
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(8, 2, 2, 3)).astype(np.float32)
+  labels = np.arange(8, dtype=np.int32)
+  mix_fn = jax.jit(lambda key: mixup_lib.mix_batch(images, labels, key, alpha=1.0))
+  mixed, partners, lam = mix_fn(jax.random.key(3))
+  again = mix_fn(jax.random.key(3))
+  for a, b in zip((mixed, partners, lam), again):
+    np.testing.assert_array_equal(a, b)  # what makes a resumed run mix as an uninterrupted one
+  assert not np.array_equal(mix_fn(jax.random.key(4))[1], partners)
+  assert sorted(np.asarray(partners)) == list(range(8)) and 0.0 <= float(lam) <= 1.0  # a permutation, one λ
+  np.testing.assert_allclose(mixed, float(lam) * images + (1 - float(lam)) * images[np.asarray(partners)],
+                             rtol=1e-5, atol=1e-6)
+  batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
+  inputs, extra = methods.get_method('regmixup').inputs(batch, jax.random.key(3), {'alpha': 1.0}, None)
+  np.testing.assert_array_equal(inputs[:8], images)  # [x; x̃] through one forward pass
+  np.testing.assert_allclose(inputs[8:], mixed, rtol=1e-6)
+  np.testing.assert_array_equal(extra['partner_label'], partners)
+
+
+def test_regmixup_and_mixup_objectives():
+  logits, batch, z_clean, z_mixed, y = _batch(seed=6, n_in=6, n_out=6)
+  partners = np.roll(y, 2)
+  batch = {**batch, 'partner_label': jnp.asarray(partners), 'mix': jnp.float32(0.4)}
+  regmixup = methods.get_method('regmixup')
+  loss, aux = jax.jit(lambda z, b: regmixup.loss(z, None, b, **regmixup.hparams))(logits, batch)
+  ce = lambda z, labels: -_np_log_softmax(z)[np.arange(len(labels)), labels]
+  # The reference code's F.cross_entropy over the 2B rows [x; x̃]: half of the mean of CE + mixup CE.
+  want = 0.5 * np.mean(ce(z_clean, y) + 0.4 * ce(z_mixed, y) + 0.6 * ce(z_mixed, partners))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(aux['accuracy']), np.mean(z_clean.argmax(-1) == y))
+  mixup = methods.get_method('mixup')
+  loss, _ = jax.jit(lambda z, b: mixup.loss(z, None, b, **mixup.hparams))(logits[:6], batch)
+  np.testing.assert_allclose(float(loss), np.mean(0.4 * ce(z_clean, y) + 0.6 * ce(z_clean, partners)), rtol=1e-5)
+
+
+def test_confbranch_objective_weighs_with_the_heads_lambda_and_draws_hints():
+  method = methods.get_method('confbranch')
+  assert method.head == 'confidence' and method.scores[0] == 'energy'  # energy of its logits = log c
+  rng = np.random.default_rng(7)
+  z, s, y = rng.normal(size=(8, 3)) * 2, rng.normal(size=8), rng.integers(0, 3, 8)
+  hints = np.array([True, False] * 4)
+  outputs = np.concatenate([z, s[:, None], np.full((8, 1), 0.25)], axis=1).astype(np.float32)
+  batch = {'label': jnp.asarray(y, jnp.int32), 'hints': jnp.asarray(hints)}
+  loss, aux = jax.jit(lambda o, b: method.loss(o, None, b, **method.hparams))(outputs, batch)
+  p, c = np.exp(_np_log_softmax(z)), 1 / (1 + np.exp(-s))
+  c_used = np.where(hints, c, 1.0)
+  p_y = c_used * p[np.arange(8), y] + (1 - c_used)  # DeVries & Taylor 2018: p' = c·p + (1 − c)·y
+  np.testing.assert_allclose(float(loss), np.mean(-np.log(p_y) - 0.25 * np.log(c)), rtol=1e-5)
+  assert float(aux['lambda']) == 0.25
+  _, extra = method.inputs({'image': jnp.zeros((4000, 1)), 'label': jnp.zeros(4000, jnp.int32)},
+                           jax.random.key(0), method.hparams, None)
+  assert 0.45 < float(jnp.mean(extra['hints'])) < 0.55  # hints on a random half
+
+
+def _toy_problem(n=64, k=4, seed=8):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, k, n)
+  x = rng.normal(size=(k, 8))[labels] * 2 + rng.normal(size=(n, 8))
+  return {'image': jnp.asarray(x.reshape(n, 2, 4, 1), jnp.float32), 'label': jnp.asarray(labels, jnp.int32)}
+
+
+@pytest.mark.parametrize('name', OPENOOD_BASELINES)
+def test_openood_baselines_train_on_a_toy_problem(name):
+  method = methods.get_method(name)
+  model = models.make_classifier('mlp', method.head, 4, hidden=(32,),
+                                 head_kwargs={k: method.hparams[k] for k in method.head_hparams})
+  optimizer = optax.adam(1e-2)
+  state = step.create_state(model, optimizer, (2, 4, 1), jax.random.key(0))
+  train_step = jax.jit(functools.partial(step.train_step, model=model, method=method, optimizer=optimizer,
+                                         schedule=lambda s: 1e-2, hparams=method.hparams, key=jax.random.key(1)))
+  batch, values = _toy_problem(), []
+  for _ in range(40):
+    state, logged = train_step(state, batch)
+    values.append(float(logged['loss']))
+  assert np.all(np.isfinite(values)) and int(state.bad_step) == -1
+  assert np.mean(values[-5:]) < 0.7 * np.mean(values[:5]), values
+  logits, _ = model.apply(step.model_variables(state.params, state.batch_stats), batch['image'])
+  assert logits.shape == (64, 4) and np.mean(np.argmax(logits, -1) == batch['label']) > 0.8
+
+
+def test_openood_baselines_train_and_evaluate_from_the_digits_config(tmp_path):
+  # The MLP: the trainer path under test (inputs, head, loss, evaluation of each method's outputs) does not
+  # depend on the backbone, and it compiles in a second where the CNN takes four.
+  for name in OPENOOD_BASELINES:
+    config = _smoke(name, backbone='mlp')
+    config.eval.ood_sets = ('digits/near',)
+    results = train.train_and_evaluate(config, str(tmp_path / name))
+    method = methods.get_method(name)
+    assert results['method'] == name and results['default_score'] == method.scores[0]
+    assert set(results['ood']['digits/near']) == set(method.scores)
+    assert 0.0 <= results['in_distribution']['accuracy'] <= 1.0 and results['in_distribution']['nll'] > 0

@@ -196,7 +196,7 @@ def test_classifier_projection_head(digits_batch):
   assert head['hidden']['kernel'].shape == (128, 128) and head['output']['kernel'].shape == (128, 128)
 
 
-@pytest.mark.parametrize('head', [h for h in models.HEADS if h != 'projection'])
+@pytest.mark.parametrize('head', ['dense', 'distance', 'mahalanobis'])  # the train-aware heads: below
 def test_classifier_heads(head, digits_batch):
   x, _ = digits_batch
   model = models.make_classifier('digits_cnn', head, 5)
@@ -341,3 +341,21 @@ def test_sgd_steps_reduce_isomax_loss(digits_batch):
   # Zero prototypes make every distance equal at initialisation: the loss starts at exactly log K.
   np.testing.assert_allclose(history[0], np.log(5), rtol=1e-5)
   assert history[-1] < 0.7 * history[0], history
+
+
+def test_classifier_passes_train_and_head_kwargs_to_the_openood_heads():
+  """T2FNorm, ConfBranch and G-ODIN heads compute other outputs in training; the classifier hands them `train`."""
+  x = _images((6, 3))
+  for head, kwargs, train_width in (('t2fnorm', {'temperature': 0.5}, 4), ('confidence', {'budget': 0.2}, 6),
+                                    ('godin', {}, 4)):
+    model = models.make_classifier('mlp', head, 4, hidden=(8,), head_kwargs=kwargs)
+    variables = _init(model, x)
+    (train_logits, features), _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    logits, same_features = model.apply(variables, x, train=False)
+    assert train_logits.shape == (6, train_width) and logits.shape == (6, 4), head
+    np.testing.assert_array_equal(features, same_features)  # the features stay the raw pooled ones
+    assert not np.allclose(train_logits[:, :4], logits), head
+  head = models.make_classifier('mlp', 't2fnorm', 4, hidden=(8,), head_kwargs={'temperature': 0.5})
+  assert dict(head.head_kwargs) == {'temperature': 0.5} and hash(head) == hash(head)  # inference caches by model
+  with pytest.raises(TypeError):
+    _init(models.make_classifier('mlp', 'godin', 4, hidden=(8,), head_kwargs={'temperature': 0.5}), x)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from ood_jax.methods.base import BaseModel
 from ood_jax.methods.base import Method
+from ood_jax.methods import confidence
 from ood_jax.methods import contrastive
 from ood_jax.methods import isomax
+from ood_jax.methods import mixup
+from ood_jax.methods import normalization
 from ood_jax.methods import outlier_exposure
 from ood_jax.methods import ova
 from ood_jax.methods import smot
@@ -30,6 +33,13 @@ METHODS: dict[str, Method] = {
     'supcon': contrastive.SUPCON,
     'reweightood': contrastive.REWEIGHTOOD,
     'smot': smot.SMOT,
+    # Training baselines of OpenOOD v1.5's leaderboard.
+    'logitnorm': normalization.LOGITNORM,
+    't2fnorm': normalization.T2FNORM,
+    'mixup': mixup.MIXUP,
+    'regmixup': mixup.REGMIXUP,
+    'confbranch': confidence.CONFBRANCH,
+    'godin': confidence.GODIN,
 }
 
 

@@ -25,7 +25,7 @@ class Method:
 
   Attributes:
     name: registry name.
-    head: logit layer the model needs: 'dense', 'distance' or 'mahalanobis'.
+    head: logit layer the model needs, a name of `ood_jax.models.HEADS` ('dense', 'distance', ...).
     loss: `loss(logits, features, batch, **hparams) -> (loss, metrics)`, mean over the batch.
       `hparams` come from `config.method_kwargs`.
     probabilities: logits `[B, K]` → predictive probabilities `[B, K]` used for accuracy, NLL
@@ -37,6 +37,8 @@ class Method:
       step, or `(images, extra)` where the dict `extra` is added to the batch the loss sees.
       `base` is `BaseModel` when `needs_base_model`, else None.
     hparams: default keyword arguments of `loss`; config values override them.
+    head_hparams: the names in `hparams` that configure the head (passed to its constructor, e.g.
+      T2FNorm's temperature); `loss` receives them too and ignores them.
     augment: the augmentation the method requires (e.g. 'two_views'), or None for any.
     needs_base_model: the trainer loads `config.base_model` (a workdir) and passes it to `inputs`.
     needs_outliers: the trainer adds `batch['outlier']`, a batch of auxiliary outliers
@@ -53,10 +55,16 @@ class Method:
   scores: tuple[str, ...]
   inputs: Callable[..., Any] = image_inputs
   hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+  head_hparams: tuple[str, ...] = ()
   augment: str | None = None
   needs_outliers: bool = False
   needs_base_model: bool = False
   calibration: str = 'temperature'
+
+  def __post_init__(self):
+    unknown = set(self.head_hparams) - set(self.hparams)
+    if unknown:  # the trainer builds the head from the config's values of these names
+      raise ValueError(f'Method {self.name!r}: head_hparams {sorted(unknown)} are not in its hparams.')
 
 
 @dataclasses.dataclass(frozen=True)

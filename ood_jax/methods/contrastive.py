@@ -1,4 +1,4 @@
-"""Contrastive training (paper 003): SupCon and ReweightOOD on two augmented views.
+"""Contrastive training (Regmi et al. 2024): SupCon and ReweightOOD on two augmented views.
 
 The model is backbone → projection head (128-d, unit norm); the batch holds V = 2 views per image
 (`augment='two_views'`), which go through the network as one batch of B·V images. There is no

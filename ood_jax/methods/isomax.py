@@ -1,4 +1,4 @@
-"""IsoMax (paper 000) and the DM loss of paper 002 (IsoMax with entropic scale 1).
+"""IsoMax (Macêdo et al. 2021) and the DM loss of Padhy et al. 2020 (IsoMax with entropic scale 1).
 
 Distance logits to zero-initialised prototypes; the entropic scale multiplies them in the loss
 only, and predictions and scores use the raw logits ("the entropy maximization trick").

@@ -1,4 +1,4 @@
-"""Training with auxiliary outliers (paper 001): OE, Energy and ICE.
+"""Training with auxiliary outliers (Wu et al. 2022): OE, Energy and ICE.
 
 The in-distribution images and the outliers go through the network in one forward pass (as the
 reference implementations concatenate them, so BatchNorm sees both), then the logits are split:

@@ -1,4 +1,4 @@
-"""One-vs-all and distance one-vs-all ("OvA DM") of paper 002.
+"""One-vs-all and distance one-vs-all ("OvA DM") of Padhy et al. 2020.
 
 Each class is a binary problem; OvA predicts p_k = σ(z_k) from affine logits, OvA DM predicts
 p_k = 2σ(−d_k) from distances to zero-initialised centres. The top-label confidence for ECE is

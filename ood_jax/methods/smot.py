@@ -1,4 +1,5 @@
-"""SMOT, smooth training (paper 004).
+"""SMOT, smooth training ("Out-of-Distribution Detection with Smooth Training", an anonymous ICLR 2024
+submission).
 
 Stage 1 is an ordinary softmax run (the base model). Stage 2 (`config.base_model=<its workdir>`)
 computes, inside the jitted step, the base model's class activation map of each image's label,

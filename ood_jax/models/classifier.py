@@ -3,14 +3,19 @@
 The head decides the method family: 'dense' (affine logits: softmax, OvA, outlier exposure,
 energy), 'distance' (IsoMax / distance-OvA, `ood_jax.layers.DistanceLogits`) or 'mahalanobis'
 (ICE, `ood_jax.layers.MahalanobisLogits`) or 'projection' (SupCon / ReweightOOD: the
-`ood_jax.layers.ProjectionHead` MLP to 128-d unit embeddings, returned in place of logits). Any
-other Linen module mapping `[B, D]` features to
-`[B, K]` logits can be passed instead of a name. The head's parameters live under 'head', so the
-class activation map of SMOT for a dense head is
+`ood_jax.layers.ProjectionHead` MLP to 128-d unit embeddings, returned in place of logits), or one of
+the heads of OpenOOD's training baselines, 't2fnorm', 'confidence' and 'godin'
+(`ood_jax.layers.FeatureNormDense`, `ConfidenceBranch`, `GodinHead`). Any other Linen module mapping
+`[B, D]` features to `[B, K]` logits can be passed instead of a name. A head whose `__call__` takes
+`train` gets the classifier's: those heads compute something else in training (normalised features,
+a confidence output, quotient logits) than at inference. The head's parameters live under 'head', so
+the class activation map of SMOT for a dense head is
 `feature_map @ params['params']['head']['kernel'][:, y]`.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -18,14 +23,22 @@ import jax.numpy as jnp
 from ood_jax import _checks
 from ood_jax import layers
 
-# name → factory(num_classes, feature_dim): the projection head's width follows the features (SupCon).
+# name → factory(num_classes, feature_dim, **head_kwargs): the projection head's width follows the
+# features (SupCon); head_kwargs are the method's head hyperparameters (`Method.head_hparams`).
 _HEAD_MODULES = {
     'dense': lambda k, d: nn.Dense(k, name='head'),
     'distance': lambda k, d: layers.DistanceLogits(k, name='head'),
     'mahalanobis': lambda k, d: layers.MahalanobisLogits(k, name='head'),
     'projection': lambda k, d: layers.ProjectionHead(hidden_dim=d, output_dim=128, name='head'),
+    't2fnorm': lambda k, d, **kw: layers.FeatureNormDense(k, name='head', **kw),
+    'confidence': lambda k, d, **kw: layers.ConfidenceBranch(k, name='head', **kw),
+    'godin': lambda k, d: layers.GodinHead(k, name='head'),
 }
 HEADS = tuple(_HEAD_MODULES)
+
+
+def _takes_train(head: nn.Module) -> bool:
+  return 'train' in inspect.signature(type(head).__call__).parameters
 
 
 def _check_head(head) -> None:
@@ -44,6 +57,7 @@ class Classifier(nn.Module):
     backbone: module called as `backbone(x, train=...)`, returning `[B, h, w, D]` or `[B, D]`.
     head: a name in `HEADS`, or a module mapping `[B, D]` float32 features to `[B, K]` logits.
     num_classes: K; used when `head` is a name.
+    head_kwargs: `((name, value), ...)` keyword arguments of a named head (e.g. T2FNorm's temperature).
 
   Raises:
     ValueError: on construction, for a head name outside `HEADS` or num_classes < 1.
@@ -52,6 +66,7 @@ class Classifier(nn.Module):
   backbone: nn.Module
   head: str | nn.Module
   num_classes: int
+  head_kwargs: tuple = ()  # pairs, not a dict: the module must stay hashable (inference caches by model)
 
   def __post_init__(self):
     # Checked on construction: at the first init the error would surface far from the config.
@@ -83,10 +98,10 @@ class Classifier(nn.Module):
       raise ValueError('the backbone must return a [B, h, w, D] feature map or [B, D] features, '
                        f'got shape {feature_map.shape}.')
     if isinstance(self.head, str):
-      head = _HEAD_MODULES[self.head](self.num_classes, features.shape[-1])
+      head = _HEAD_MODULES[self.head](self.num_classes, features.shape[-1], **dict(self.head_kwargs))
     else:
       head = self.head
-    logits = head(features)
+    logits = head(features, train=train) if _takes_train(head) else head(features)
     if return_feature_map:
       return logits, features, feature_map
     return logits, features

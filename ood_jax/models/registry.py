@@ -46,7 +46,7 @@ def get_backbone(name: str, **kwargs) -> nn.Module:
 
 
 def make_classifier(backbone_name: str, head: str | nn.Module, num_classes: int, *,
-                    dtype: jnp.dtype = jnp.float32, **backbone_kwargs) -> Classifier:
+                    dtype: jnp.dtype = jnp.float32, head_kwargs=None, **backbone_kwargs) -> Classifier:
   """`Classifier(get_backbone(backbone_name, dtype=dtype, **backbone_kwargs), head, num_classes)`.
 
   Args:
@@ -54,10 +54,12 @@ def make_classifier(backbone_name: str, head: str | nn.Module, num_classes: int,
     head: a name in `HEADS` or a Linen module.
     num_classes: K.
     dtype: computation dtype of the backbone; logits and features are float32 regardless.
+    head_kwargs: keyword arguments of a named head (e.g. {'temperature': 0.1} for 't2fnorm').
     **backbone_kwargs: attribute overrides, e.g. `dropout_rate=0.3` for a WRN.
 
   Raises:
     ValueError: for an unknown backbone or head name, or num_classes < 1.
     TypeError: for an attribute the backbone does not have.
   """
-  return Classifier(get_backbone(backbone_name, dtype=dtype, **backbone_kwargs), head, num_classes)
+  return Classifier(get_backbone(backbone_name, dtype=dtype, **backbone_kwargs), head, num_classes,
+                    head_kwargs=tuple(sorted((head_kwargs or {}).items())))

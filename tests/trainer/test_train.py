@@ -51,7 +51,7 @@ def _metrics(workdir):
 @pytest.mark.parametrize('field,value,valid', [
     ('dataset', 'imagenet21k', 'cifar10'),
     ('backbone', 'resnet1000', 'resnet18'),
-    ('method', 'mixup', 'isomax'),
+    ('method', 'no_such_method', 'isomax'),
     ('optimizer.name', 'lion', 'sgd'),
     ('dtype', 'float8', 'bfloat16'),
 ])
@@ -120,17 +120,29 @@ def test_rerun_of_finished_run_only_evaluates(tmp_path):
   assert second['in_distribution'] == first['in_distribution']
 
 
-def _train_command(workdir, num_steps):
+def _train_command(workdir, num_steps, *flags):
   return [sys.executable, '-m', 'experiments.train', '--config=configs/digits.py:smoke', f'--workdir={workdir}',
           f'--config.num_steps={num_steps}', '--config.checkpoint_every_steps=5', '--config.log_every_steps=5',
-          '--config.eval.batch_size=64']
+          '--config.eval.batch_size=64', *flags]
 
 
 def test_sigkill_resume_is_bitwise_identical(tmp_path):
-  num_steps = 80
+  _check_sigkill_resume(tmp_path, 80)
+
+
+# One method per way a method adds state or randomness to a step: a loss (LogitNorm), a head with state of its
+# own and random hints (ConfBranch's λ, kept in batch_stats), and inputs mixed on the device from the step's
+# key (RegMixup). The MLP keeps each of the three subprocess runs to seconds.
+@pytest.mark.parametrize('method', ['logitnorm', 'confbranch', 'regmixup'])
+def test_sigkill_resume_of_openood_baselines_is_bitwise_identical(tmp_path, method):
+  _check_sigkill_resume(tmp_path, 200, f'--config.method={method}', '--config.backbone=mlp')
+
+
+def _check_sigkill_resume(tmp_path, num_steps, *flags):
+  """SIGKILL a digits run after its first checkpoint, resume it, and compare with an uninterrupted run bit for bit."""
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
   interrupted = tmp_path / 'interrupted'
-  proc = subprocess.Popen(_train_command(interrupted, num_steps), cwd=REPO, env=env,
+  proc = subprocess.Popen(_train_command(interrupted, num_steps, *flags), cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   checkpoints = interrupted / 'checkpoints'
   deadline = time.time() + 240
@@ -144,10 +156,10 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
   killed_at = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
   assert killed_at < num_steps, 'the run finished before it could be killed'
 
-  subprocess.run(_train_command(interrupted, num_steps), cwd=REPO, env=env, check=True,
+  subprocess.run(_train_command(interrupted, num_steps, *flags), cwd=REPO, env=env, check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   uninterrupted = tmp_path / 'uninterrupted'
-  subprocess.run(_train_command(uninterrupted, num_steps), cwd=REPO, env=env, check=True,
+  subprocess.run(_train_command(uninterrupted, num_steps, *flags), cwd=REPO, env=env, check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
   step_a, state_a = _final_params(interrupted)
