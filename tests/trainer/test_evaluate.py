@@ -77,16 +77,21 @@ def test_corrupted_levels_hold_raw_and_calibrated_metrics(evaluated):
 def test_detector_rows_equal_the_metrics_of_their_scores(evaluated):
   exp, variables, results = evaluated
   block = results['detectors']
-  assert set(block['ood']['digits/near']) == {'msp', 'energy', 'knn'} and 'errors' not in block
+  # msp and energy compute the method's own max_softmax and energy: they are its rows, not second ones.
+  assert set(block['ood']['digits/near']) == {'knn'} and 'errors' not in block
+  method = results['ood']['digits/near']
   z_in, _ = _logits(exp, variables, digits.load_split('test').images)
   z_out, _ = _logits(exp, variables, digits.load_ood('near').images)
   msp_in, msp_out = scipy.special.softmax(z_in, 1).max(1), scipy.special.softmax(z_out, 1).max(1)
   truth = np.r_[np.ones(len(msp_in)), np.zeros(len(msp_out))]
-  np.testing.assert_allclose(block['ood']['digits/near']['msp']['auroc'],
+  np.testing.assert_allclose(method['max_softmax']['auroc'],
                              sk_metrics.roc_auc_score(truth, np.r_[msp_in, msp_out]), rtol=1e-6)
   energy = lambda z: scipy.special.logsumexp(z, axis=1)
-  np.testing.assert_allclose(block['ood']['digits/near']['energy']['auroc'],
+  np.testing.assert_allclose(method['energy']['auroc'],
                              sk_metrics.roc_auc_score(truth, np.r_[energy(z_in), energy(z_out)]), rtol=1e-6)
+  if 'benchmark' in results:
+    rows = {(row['name'], row['kind'], row['same_as']) for row in results['benchmark']['rows']}
+    assert ('max_softmax', 'method', 'msp') in rows
   assert block['ood_mean']['knn'] == block['ood']['digits/near']['knn']
 
 
@@ -95,8 +100,12 @@ def test_failing_detector_is_reported_not_fatal():
   train = {'features': rng.normal(size=(30, 4)).astype(np.float32), 'labels': np.arange(30, dtype=np.int32) % 3}
   test = {'features': rng.normal(size=(10, 4)).astype(np.float32)}
   ood = {'noise': {'features': rng.normal(size=(12, 4)).astype(np.float32) + 3}}
-  block = detection.evaluate_detectors(('knn',), train=train, test=test, ood=ood, num_classes=3)
+  # k = 5 pinned: a bank of 30 rows has no 50th neighbour (the default k), which is an error of its own.
+  block = detection.evaluate_detectors(('knn',), train=train, test=test, ood=ood, num_classes=3,
+                                       pinned={'knn': {'k': 5}})
   assert 0.0 <= block['ood']['noise']['knn']['auroc'] <= 1.0
+  too_few = detection.evaluate_detectors(('knn',), train=train, test=test, ood=ood, num_classes=3)
+  assert 'k=50 exceeds the bank of 30 training rows' in too_few['errors']['knn']
   train_bad = {**train, 'features': train['features'][:, :0]}  # no feature dimensions at all
   bad = detection.evaluate_detectors(('knn',), train=train_bad, test={'features': test['features'][:, :0]},
                                     ood={'noise': {'features': ood['noise']['features'][:, :0]}}, num_classes=3)

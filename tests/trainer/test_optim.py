@@ -24,7 +24,7 @@ def test_schedules_against_hand_values():
 
 def test_sgd_nesterov_with_weight_decay_on_prototypes():
   cfg = ml_collections.ConfigDict(dict(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=True,
-                                       weight_decay=1e-4, schedule='constant'))
+                                       weight_decay=1e-4, schedule='constant', grad_clip_norm=0.0))
   optimizer = optim.make_optimizer(cfg, lambda step: 0.1)
   params = {'prototypes': jnp.array([[1.0, -2.0]])}
   grads = {'prototypes': jnp.array([[0.5, 0.25]])}
