@@ -20,6 +20,10 @@ Every detector is a frozen `Detector` record with one calling convention, data a
   `det.pin(**hparams)` fixes values (they leave the grid).
 * Every score is "higher = more in-distribution" (the peers, OpenOOD and pytorch-ood, report the
   negation for several of them).
+* Each score checks its arguments on the host, then runs one `jax.jit` kernel: hyperparameters that set
+  shapes (KNN's k, GEN's M, ASH's variant) are static, the others traced, so a tuning grid over a traced
+  value compiles once per input shape (`ood_jax.evaluation.tuning.score_rows` scores host arrays in
+  fixed row blocks, so every set size shares that shape).
 
 `needs` says what a detector reads: 'logits', 'features', 'head' (given to fit), 'feature_maps',
 'model' (it runs the network: ODIN, MC-dropout, input-preprocessed Mahalanobis) and 'members'

@@ -4,6 +4,14 @@ Training batches are dicts with 'logits', 'features', 'labels' and optionally 'f
 iterate them (once, or twice for two-pass fits), convert them to float64 on the host (once: `host` is
 the only conversion), and check their shapes; scoring functions check the fitted state and their
 arguments.
+
+Scoring functions are split in two: the public function checks its arguments on concrete values (shapes,
+dtypes, hyperparameter ranges, with errors naming the argument) and calls one `jax.jit` kernel, whose
+shape-setting hyperparameters are static and whose other hyperparameters are traced (`as_float`), so a
+tuning grid over a traced value compiles once. Nothing on that path dispatches eager `jnp` operations,
+each of which compiles an XLA computation of its own per shape: argument checks keep host arrays in NumPy
+(`features_arg`), fits hand their float64 NumPy results to the device with `to_device`, and the kernel
+promotes the inputs to the compute dtype (`compute`).
 """
 
 from __future__ import annotations
@@ -31,8 +39,41 @@ class Head(NamedTuple):
   bias: jax.Array
 
 
+def to_device(x, dtype=None) -> jax.Array:
+  """A host array (a fit's float64 result) on the default device in `dtype` (default `out_dtype()`).
+
+  `jax.device_put` copies; `jnp.asarray` on a NumPy array would compile a staging computation per shape.
+  """
+  return jax.device_put(np.asarray(x, out_dtype() if dtype is None else jax.dtypes.canonicalize_dtype(dtype)))
+
+
+def as_float(value):
+  """A concrete hyperparameter as a Python float (90 and 90.0 then share one compiled kernel); a tracer as is."""
+  return float(value) if _checks.is_concrete(value) else value
+
+
+def as_int(value):
+  """A concrete integer hyperparameter as a Python int; a tracer as is."""
+  return int(value) if _checks.is_concrete(value) else value
+
+
+def compute(x):
+  """`x` in the compute dtype, at least float32 (inside a kernel: bfloat16 inputs are promoted there)."""
+  return x.astype(_checks.compute_dtype(x))
+
+
+def floating_arg(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None):
+  """Checks a floating array's dtype and rank; a JAX array (or a tracer) is returned as it is, anything else as
+  NumPy (a kernel takes either; `jnp.asarray` would compile a staging computation per shape)."""
+  if isinstance(x, jax.Array):
+    return _checks.floating(name, x, ndim=ndim, min_ndim=min_ndim)
+  x = _checks.host_array(name, x, ndim=ndim)
+  _checks._rank(name, x, min_ndim=min_ndim)  # pylint: disable=protected-access  (the checker's one rank message)
+  return x
+
+
 def as_head(head, *, detector: str) -> Head:
-  """Validates a `(kernel [D, K], bias [K])` pair; returns it as a float32 (or wider) `Head`."""
+  """Validates a `(kernel [D, K], bias [K])` pair; returns it as a float32 (or wider) `Head` of device arrays."""
   if head is None:
     raise ValueError(f'detector {detector!r} needs the final layer: pass head=(kernel [D, K], bias [K]) '
                      f'(e.g. from ood_jax.detectors.adapter.head_weights).')
@@ -40,13 +81,14 @@ def as_head(head, *, detector: str) -> Head:
     kernel, bias = head
   except (TypeError, ValueError):
     raise TypeError(f'head must be a (kernel [D, K], bias [K]) pair, got {type(head).__name__}.') from None
-  kernel = _checks.floating('head kernel', kernel, ndim=2)
-  bias = _checks.floating('head bias', bias, ndim=1)
+  kernel = floating_arg('head kernel', kernel, ndim=2)
+  bias = floating_arg('head bias', bias, ndim=1)
   if bias.shape[0] != kernel.shape[1]:
     raise ValueError(f'head bias has {bias.shape[0]} entries but the kernel {tuple(kernel.shape)} has '
                      f'{kernel.shape[1]} outputs (kernel must be [D, K], as flax.linen.Dense stores it).')
-  dtype = _checks.compute_dtype(kernel, bias)
-  return Head(kernel.astype(dtype), bias.astype(dtype))
+  dtype = jax.dtypes.canonicalize_dtype(_checks.compute_dtype(kernel, bias))
+  cast = lambda x: x.astype(dtype) if isinstance(x, jax.Array) else to_device(x, dtype)
+  return Head(cast(kernel), cast(bias))
 
 
 def batch_source(batches, *, detector: str, passes: int = 1) -> Callable[[], Iterator]:
@@ -101,9 +143,9 @@ def host(batch: Mapping, key: str, index: int, *, detector: str, ndim: int | Non
   if not jnp.issubdtype(value_dtype, want):
     raise TypeError(f'{key!r} (batch {index}) must have {"an integer" if want is jnp.integer else "a floating"}'
                     f' dtype, got {value_dtype}.')
-  # bfloat16 has no NumPy cast to float64 on every platform; go through float32.
-  value = np.asarray(jnp.asarray(value).astype(jnp.float32) if value_dtype == jnp.bfloat16 else value)
-  value = value.astype(dtype)
+  # bfloat16 (ml_dtypes) casts to float32 in NumPy; float32 to float64 is exact.
+  value = np.asarray(value)
+  value = (value.astype(np.float32) if value_dtype == jnp.bfloat16 else value).astype(dtype)
   if ndim is not None and value.ndim != ndim:
     raise ValueError(f'{key!r} (batch {index}) must have rank {ndim}, got shape {value.shape}.')
   if value.ndim >= 2 and 0 in value.shape[1:]:
@@ -162,20 +204,20 @@ def check_state(state, cls, *, detector: str):
 
 
 def features_arg(features, *, detector: str, dim: int | None = None, name: str = 'features'):
-  """Validates scoring-time `[N, D]` features; returns them in the compute dtype (≥ float32)."""
+  """Validates scoring-time `[N, D]` features (`floating_arg`: NumPy stays NumPy); the kernel casts (`compute`)."""
   if features is None:
     raise ValueError(f'detector {detector!r} needs {name} [N, D]; got None (logits alone are not enough).')
-  features = _checks.floating(name, features, ndim=2)
+  features = floating_arg(name, features, ndim=2)
   if features.shape[1] == 0:
     raise ValueError(f'{name} must have at least one dimension, got shape {features.shape}.')
   if dim is not None and features.shape[1] != dim:
     raise ValueError(f'{name} have dimension {features.shape[1]}, but detector {detector!r} was fitted '
                      f'on dimension {dim}.')
-  return features.astype(_checks.compute_dtype(features))
+  return features
 
 
 def any_logits(logits, name: str = 'logits'):
-  """Validates `[..., K]` logits with K >= 1 (any leading shape); returns them in the compute dtype."""
+  """Validates `[..., K]` logits with K >= 1 (any leading shape), as `floating_arg` returns them."""
   dtype = getattr(logits, 'dtype', None)
   if dtype is None:
     logits = np.asarray(logits)
@@ -184,9 +226,9 @@ def any_logits(logits, name: str = 'logits'):
     # Integer arrays are labels: the usual mistake is an argument order copied from elsewhere.
     raise TypeError(f'{name} must have a floating dtype, got {dtype}: integer arrays look like labels, '
                     f'and scores take floating [..., num_classes] logits (model outputs).')
-  logits = _checks.floating(name, logits, min_ndim=1)
+  logits = floating_arg(name, logits, min_ndim=1)
   _checks.nonempty(name, logits, axis=-1)
-  return logits.astype(_checks.compute_dtype(logits))
+  return logits
 
 
 def traced_hyperparameter(values, name, value, ok, requirement):
@@ -205,15 +247,15 @@ def traced_hyperparameter(values, name, value, ok, requirement):
 
 
 def logits_arg(logits, *, detector: str, num_classes: int | None = None):
-  """Validates scoring-time `[N, K]` logits; returns them in the compute dtype (≥ float32)."""
+  """Validates scoring-time `[N, K]` logits (`floating_arg`: NumPy stays NumPy); the kernel casts (`compute`)."""
   if logits is None:
     raise ValueError(f'detector {detector!r} needs logits [N, K]; got None.')
-  logits = _checks.floating('logits', logits, ndim=2)
+  logits = floating_arg('logits', logits, ndim=2)
   _checks.nonempty('logits', logits, axis=-1)
   if num_classes is not None and logits.shape[1] != num_classes:
     raise ValueError(f'logits have {logits.shape[1]} classes, but detector {detector!r} was fitted on '
                      f'{num_classes}.')
-  return logits.astype(_checks.compute_dtype(logits))
+  return logits
 
 
 def head_logits(features, head: Head):

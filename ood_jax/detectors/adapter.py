@@ -15,6 +15,12 @@ every submodule call with its path and passes it through unchanged), and for NNX
 swapped in for the named submodules of a merged copy inside the traced function (the user's module
 is not modified). `head_weights` reads W `[D, K]` and b `[K]` from the parameters.
 
+Extraction is evaluation, so it is deterministic: an NNX module is run in eval mode (its copy gets
+`.eval()`: dropout off, BatchNorm on its running averages) whatever mode the user's module was left in.
+Left in train mode, the jitted copy would otherwise apply one dropout mask frozen into its state to every
+batch, and normalise each batch by its own statistics. A Linen module takes its mode from the apply
+keyword arguments (`train=False`, `deterministic=True`), as `Module.apply` always does.
+
 Paths are '/'-separated names ('head', 'backbone/fc') or tuples; NNX paths are attribute names, with
 integers for list entries ('blocks/3/fc' or ('blocks', 3, 'fc')). A submodule called several times in
 one forward pass is recorded at its last call.
@@ -174,6 +180,7 @@ def _nnx_extractor(module, head_path, features_path, map_paths, call):
 
   def run(state, x):
     model = nnx.merge(graphdef, state)
+    model.eval()  # the traced copy only: the user's module keeps its mode
     record = {}
     for p in paths:
       try:
@@ -207,8 +214,9 @@ def feature_extractor(module, variables=None, *, head='head', features=None, map
     features: optional path of a submodule whose output is the feature vector instead (rarely needed).
     maps: paths of submodules whose outputs are returned under 'feature_maps' (e.g. ('backbone',) for
       the map before global pooling of `ood_jax.models.Classifier`).
-    call: NNX only: `(model, x) -> anything` that runs the forward pass (default `model(x)`); use it to
-      pass flags, e.g. `lambda m, x: m(x, train=False)`.
+    call: NNX only: `(model, x) -> anything` that runs the forward pass (default `model(x)`) on a copy in
+      eval mode (`.eval()`: dropout off, BatchNorm on running averages, even for a module left in train
+      mode); use it to pass flags, e.g. `lambda m, x: m(x, train=False)` for a model with its own flag.
     **apply_kwargs: Linen only: extra keyword arguments of `module.apply`, e.g. `train=False`.
 
   Returns:

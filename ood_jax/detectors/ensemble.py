@@ -43,13 +43,14 @@ def _members(member_logits, detector):
   if member_logits is None:
     raise ValueError(f'detector {detector!r} needs member_logits [M, N, K] (one set of logits per '
                      f'ensemble member or dropout sample).')
-  z = _checks.floating('member_logits', member_logits, ndim=3)
+  z = base.floating_arg('member_logits', member_logits, ndim=3)
   _checks.nonempty('member_logits', z, axis=0)
   _checks.nonempty('member_logits', z, axis=-1)
-  return z.astype(_checks.compute_dtype(z))
+  return z
 
 
 def _log_mean_probs(z):
+  z = base.compute(z)
   log_p = jax.nn.log_softmax(z, axis=-1)
   return log_p, jax.nn.logsumexp(log_p, axis=0) - jnp.log(jnp.asarray(z.shape[0], z.dtype))
 
@@ -61,19 +62,33 @@ def _neg_entropy(log_p):
 
 def mean_msp(member_logits):
   """max_k p̄_k over M members `[M, N, K]` → `[N]`."""
-  _, log_mean = _log_mean_probs(_members(member_logits, 'ensemble'))
+  return _mean_msp(_members(member_logits, 'ensemble'))
+
+
+@jax.jit
+def _mean_msp(z):
+  _, log_mean = _log_mean_probs(z)
   return jnp.exp(jnp.max(log_mean, axis=-1))
 
 
 def predictive_entropy(member_logits):
   """−H(p̄) = Σ_k p̄_k log p̄_k over M members `[M, N, K]` → `[N]` in [−log K, 0]."""
-  _, log_mean = _log_mean_probs(_members(member_logits, 'ensemble_entropy'))
-  return _neg_entropy(log_mean)
+  return _predictive_entropy(_members(member_logits, 'ensemble_entropy'))
+
+
+@jax.jit
+def _predictive_entropy(z):
+  return _neg_entropy(_log_mean_probs(z)[1])
 
 
 def mutual_information(member_logits):
   """Negated mutual information −(H(p̄) − mean_m H(p^(m))) `[M, N, K]` → `[N]`, ≤ 0 (0 when members agree)."""
-  log_p, log_mean = _log_mean_probs(_members(member_logits, 'ensemble_mi'))
+  return _mutual_information(_members(member_logits, 'ensemble_mi'))
+
+
+@jax.jit
+def _mutual_information(z):
+  log_p, log_mean = _log_mean_probs(z)
   # I ≥ 0 by Jensen; clip the round-off so agreeing members score exactly 0, not +1e-8.
   info = jnp.mean(_neg_entropy(log_p), axis=0) - _neg_entropy(log_mean)
   return -jnp.maximum(info, 0.0)
@@ -121,11 +136,23 @@ def mc_dropout_logits(apply_fn: Callable, inputs, rng, *, num_samples=10):
 def feature_dropout_logits(state: shaping.HeadState, features, rng, *, rate=0.5, num_samples=5):
   """OpenOOD's `dropout` postprocessor: dropout (rate p, inverted scaling) on the penultimate features,
   then the head, T times → `[T, N, K]` (defaults p = 0.5, T = 5 as OpenOOD). Needs no model."""
+  state, h, rate, num_samples = _dropout_args(state, features, rate, num_samples)
+  return _feature_dropout_logits(state, h, rng, rate, num_samples=num_samples)
+
+
+def _dropout_args(state, features, rate, num_samples):
   state = base.check_state(state, shaping.HeadState, detector='mc_dropout_features')
   h = base.features_arg(features, detector='mc_dropout_features', dim=state.head.kernel.shape[0])
   if not 0 <= float(rate) < 1:
     raise ValueError(f'rate must lie in [0, 1), got {rate}.')
-  num_samples = _checks.positive_int('num_samples', num_samples)
+  return state, h, float(rate), _checks.positive_int('num_samples', num_samples)
+
+
+@functools.partial(jax.jit, static_argnames='num_samples')
+def _feature_dropout_logits(state, h, rng, rate, *, num_samples):
+  h = base.compute(h)
+  # A None rng is key 0, made here so that no eager PRNG computation runs outside the kernel.
+  rng = jax.random.PRNGKey(0) if rng is None else rng
   keys = jax.vmap(lambda t: jax.random.fold_in(rng, t))(jnp.arange(num_samples))
 
   def one(key):
@@ -137,8 +164,13 @@ def feature_dropout_logits(state: shaping.HeadState, features, rng, *, rate=0.5,
 
 def mc_dropout_features(state: shaping.HeadState, features, rng=None, *, rate=0.5, num_samples=5):
   """MSP of the mean softmax over `feature_dropout_logits` samples (OpenOOD's `dropout`); rng 0 if None."""
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  return mean_msp(feature_dropout_logits(state, features, rng, rate=rate, num_samples=num_samples))
+  state, h, rate, num_samples = _dropout_args(state, features, rate, num_samples)
+  return _mc_dropout_features(state, h, rng, rate, num_samples=num_samples)
+
+
+@functools.partial(jax.jit, static_argnames='num_samples')
+def _mc_dropout_features(state, h, rng, rate, *, num_samples):
+  return _mean_msp(_feature_dropout_logits(state, h, rng, rate, num_samples=num_samples))
 
 
 registry.register('mc_dropout_features', needs={'features', 'head'}, fit=shaping.fit_head, score=mc_dropout_features,

@@ -205,7 +205,7 @@ def fit_gaussian(batches, *, num_classes, ridge=0.0, detector='mahalanobis') -> 
     is computed in float64 before the cast.
   """
   gaussian, dtype = _fit(batches, num_classes, ridge, detector)
-  return Gaussian(*(jnp.asarray(x, dtype) for x in gaussian))
+  return Gaussian(*(base.to_device(x, dtype) for x in gaussian))
 
 
 def whiten(gaussian: Gaussian, offset=None, *, dtype=None) -> GaussianState:
@@ -221,7 +221,9 @@ def whiten(gaussian: Gaussian, offset=None, *, dtype=None) -> GaussianState:
   means = xp.asarray(gaussian.means)
   offset = means.mean(axis=0) if offset is None else xp.asarray(offset, means.dtype)
   white = solve(xp.asarray(gaussian.cholesky, means.dtype), (means - offset).T).T
-  cast = lambda x: None if x is None else jnp.asarray(x, means.dtype if dtype is None else dtype)
+  dtype = means.dtype if dtype is None else dtype
+  cast = lambda x: (None if x is None else base.to_device(x, dtype) if isinstance(x, np.ndarray)
+                    else jnp.asarray(x, dtype))
   return GaussianState(Gaussian(*map(cast, gaussian)), cast(white), cast(offset))
 
 
@@ -273,8 +275,12 @@ def mahalanobis(state: GaussianState, features):
   `ood_jax.scores.mahalanobis(features, state.gaussian)` gives the same numbers.
   """
   state = base.check_state(state, GaussianState, detector='mahalanobis')
-  h = base.features_arg(features, detector='mahalanobis', dim=state.gaussian.means.shape[1])
-  return jnp.max(class_scores(state, h), axis=-1)
+  return _mahalanobis(state, base.features_arg(features, detector='mahalanobis', dim=state.gaussian.means.shape[1]))
+
+
+@jax.jit
+def _mahalanobis(state, h):
+  return jnp.max(class_scores(state, base.compute(h)), axis=-1)
 
 
 # ridge = 1e-6 keeps Σ invertible where ReLU features have dead units; it moves distances by ~1e-6.
@@ -332,7 +338,12 @@ def rmds(state: RMDSState, features):
   the background covariance for MD_0.
   """
   state = base.check_state(state, RMDSState, detector='rmds')
-  h = base.features_arg(features, detector='rmds', dim=state.classes.gaussian.cholesky.shape[0])
+  return _rmds(state, base.features_arg(features, detector='rmds', dim=state.classes.gaussian.cholesky.shape[0]))
+
+
+@jax.jit
+def _rmds(state, h):
+  h = base.compute(h)
   return jnp.max(class_scores(state.classes, h), axis=-1) - class_scores(state.background, h)[:, 0]
 
 

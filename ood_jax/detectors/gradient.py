@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ood_jax import _checks
 from ood_jax.detectors import _base as base
@@ -55,6 +57,15 @@ def gradnorm(state: shaping.HeadState, features, *, temperature=1.0, include_bia
   h = base.features_arg(features, detector='gradnorm', dim=state.head.kernel.shape[0])
   _checks.positive('temperature', temperature)
   chunk_size = _checks.positive_int('chunk_size', chunk_size)
+  if h.shape[0] == 0:
+    return base.to_device(np.zeros((0,)), _checks.compute_dtype(h))
+  return _gradnorm(state, h, base.as_float(temperature), include_bias=bool(include_bias),
+                   chunk=min(chunk_size, h.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=('include_bias', 'chunk'))
+def _gradnorm(state, h, temperature, *, include_bias, chunk):
+  h = base.compute(h)
   params = (state.head.kernel.astype(h.dtype), state.head.bias.astype(h.dtype))
   num_classes = params[1].shape[0]
   t = jnp.asarray(temperature, h.dtype)
@@ -70,9 +81,6 @@ def gradnorm(state: shaping.HeadState, features, *, temperature=1.0, include_bia
     return out + jnp.sum(jnp.abs(g_bias)) if include_bias else out
 
   n = h.shape[0]
-  if n == 0:
-    return jnp.zeros((0,), h.dtype)
-  chunk = min(chunk_size, n)
   num_chunks = -(-n // chunk)
   # Zero-padded rows are valid inputs (finite gradients) and are sliced off.
   padded = jnp.pad(h, ((0, num_chunks * chunk - n), (0, 0))).reshape(num_chunks, chunk, -1)

@@ -69,7 +69,12 @@ def max_softmax(logits):
   Returns:
     `[...]` scores in (0, 1], in at least float32.
   """
-  return jnp.exp(jnp.max(jax.nn.log_softmax(base.any_logits(logits), axis=-1), axis=-1))
+  return _max_softmax(base.any_logits(logits))
+
+
+@jax.jit
+def _max_softmax(z):
+  return jnp.exp(jnp.max(jax.nn.log_softmax(base.compute(z), axis=-1), axis=-1))
 
 
 def max_logit(logits):
@@ -84,7 +89,12 @@ def max_logit(logits):
   Returns:
     `[...]` scores, in at least float32.
   """
-  return jnp.max(base.any_logits(logits), axis=-1)
+  return _max_logit(base.any_logits(logits))
+
+
+@jax.jit
+def _max_logit(z):
+  return jnp.max(base.compute(z), axis=-1)
 
 
 def entropic_score(logits):
@@ -103,7 +113,12 @@ def entropic_score(logits):
   Returns:
     `[...]` scores in [−log K, 0], in at least float32; 0 for a one-hot prediction.
   """
-  log_p = jax.nn.log_softmax(base.any_logits(logits), axis=-1)
+  return _entropic_score(base.any_logits(logits))
+
+
+@jax.jit
+def _entropic_score(z):
+  log_p = jax.nn.log_softmax(base.compute(z), axis=-1)
   p = jnp.exp(log_p)
   # Mask log p itself (not only the product) so that the cotangent reaching a −inf log p is an
   # exact 0 rather than 0·inf.
@@ -127,6 +142,12 @@ def energy(logits, *, temperature=1.0):
   """
   z = base.any_logits(logits)
   _checks.positive('temperature', temperature)
+  return _energy(z, base.as_float(temperature))
+
+
+@jax.jit
+def _energy(z, temperature):
+  z = base.compute(z)
   t = jnp.asarray(temperature, dtype=z.dtype)
   out = t * jax.nn.logsumexp(z / t, axis=-1)
   return base.traced_hyperparameter(out, 'temperature', temperature, lambda v: v > 0, '> 0')
@@ -210,8 +231,13 @@ def fit_temperature_msp(batches, *, head=None, num_classes=None, min_temperature
 def temperature_msp(state: calibration.TemperatureState, logits):
   """max_k softmax(z / T)_k with the fitted T (Guo et al. 2017; MSP of the calibrated model)."""
   state = base.check_state(state, calibration.TemperatureState, detector='temperature_msp')
-  z = base.logits_arg(logits, detector='temperature_msp')
-  return max_softmax(z / jnp.asarray(state.temperature, z.dtype))
+  return _temperature_msp(state, base.logits_arg(logits, detector='temperature_msp'))
+
+
+@jax.jit
+def _temperature_msp(state, z):
+  z = base.compute(z)
+  return _max_softmax(z / jnp.asarray(state.temperature, z.dtype))
 
 
 registry.register('temperature_msp', needs={'logits'}, fit=fit_temperature_msp, score=temperature_msp,
@@ -232,9 +258,11 @@ def gen(logits, *, gamma=0.1, top_m=100):
   where p_(1) ≥ p_(2) ≥ … are the sorted softmax probabilities. Defaults γ = 0.1 and M = 100 are the
   paper's ImageNet setting (also OpenOOD's); M is clipped to K, so CIFAR-10 uses all 10 classes.
 
-  p^γ is computed as exp(γ·log p) from `log_softmax` and (1 − p)^γ as exp(γ·log1p(−p)), so a
-  probability that underflows to 0 contributes exactly 0 and one that rounds to 1 contributes 0, with
-  no NaN.
+  Each term is exp(γ·(log p + log(1 − p))) in log space. log p comes from `log_softmax`. 1 − p_(1) of a
+  confident prediction is below float32's resolution at 1 (for logits [30, 13, 0, …] it is 4e-8, and
+  1 − p rounds to 0, which would drop the top term, a quarter of the score), so log(1 − p_(1)) is
+  logsumexp of the other logits minus logsumexp of all of them; every other class has p ≤ ½, where
+  log1p(−p) is exact to rounding. A probability that underflows to 0 contributes exactly 0, with no NaN.
 
   Args:
     logits: `[N, K]` floating logits.
@@ -247,11 +275,18 @@ def gen(logits, *, gamma=0.1, top_m=100):
   z = base.logits_arg(logits, detector='gen')
   _checks.positive('gamma', gamma)
   top_m = min(_checks.positive_int('top_m', top_m), z.shape[-1])
-  log_p = jax.lax.top_k(jax.nn.log_softmax(z, axis=-1), top_m)[0]
-  g = jnp.asarray(gamma, z.dtype)
-  p = jnp.exp(log_p)
-  terms = jnp.exp(g * log_p) * jnp.where(p < 1, jnp.exp(g * jnp.log1p(-jnp.minimum(p, 1.0))), 0.0)
-  return -jnp.sum(terms, axis=-1)
+  return _gen(z, base.as_float(gamma), top_m=top_m)
+
+
+@functools.partial(jax.jit, static_argnames='top_m')
+def _gen(z, gamma, *, top_m):
+  z = base.compute(z)
+  log_p, index = jax.lax.top_k(jax.nn.log_softmax(z, axis=-1), top_m)
+  # log(1 − p_(1)) = logsumexp_{j ≠ top} z_j − logsumexp_j z_j, exact where 1 − p_(1) rounds to 0.
+  others = jnp.where(jnp.arange(z.shape[-1]) == index[:, :1], -jnp.inf, z)
+  log_rest_top = jax.nn.logsumexp(others, axis=-1) - jax.nn.logsumexp(z, axis=-1)
+  log_rest = jnp.log1p(-jnp.exp(log_p)).at[:, 0].set(log_rest_top)
+  return -jnp.sum(jnp.exp(jnp.asarray(gamma, z.dtype) * (log_p + log_rest)), axis=-1)
 
 
 registry.register('gen', needs={'logits'}, score=gen, defaults={'gamma': 0.1, 'top_m': 100},
@@ -312,7 +347,7 @@ def fit_kl_matching(batches, *, num_classes, head=None, use_labels=False):
     raise ValueError(f'detector {name!r}: batches yielded no examples.')
   templates = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], np.eye(num_classes))
   tiny = np.finfo(np.float32).tiny
-  return KLMatchingState(jnp.asarray(np.log(np.maximum(templates, tiny)), base.out_dtype()))
+  return KLMatchingState(base.to_device(np.log(np.maximum(templates, tiny))))
 
 
 def kl_matching(state: KLMatchingState, logits):
@@ -327,7 +362,12 @@ def kl_matching(state: KLMatchingState, logits):
     `[N]` scores ≤ 0 (up to round-off), in at least float32.
   """
   state = base.check_state(state, KLMatchingState, detector='kl_matching')
-  z = base.logits_arg(logits, detector='kl_matching', num_classes=state.log_templates.shape[0])
+  return _kl_matching(state, base.logits_arg(logits, detector='kl_matching', num_classes=state.log_templates.shape[0]))
+
+
+@jax.jit
+def _kl_matching(state, z):
+  z = base.compute(z)
   log_p = jax.nn.log_softmax(z, axis=-1)
   p = jnp.exp(log_p)
   neg_entropy = jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)

@@ -102,22 +102,30 @@ def fit_multilayer(batches, *, num_classes, ridge=0.0):
     fitted = gaussian.factor(m.within_covariance(), float(ridge), what=f'layer-{layer}', count=int(m.counts.sum()))
     states.append(gaussian.whiten(gaussian.Gaussian(m.means, *fitted), dtype=dtype))
   num_layers = len(states)
-  return MultiLayerState(tuple(states), jnp.full((num_layers,), 1.0 / num_layers, dtype), jnp.zeros((), dtype))
+  return MultiLayerState(tuple(states), base.to_device(np.full((num_layers,), 1.0 / num_layers), dtype),
+                         base.to_device(np.zeros(()), dtype))
 
 
 def layer_scores(state: MultiLayerState, feature_maps):
   """Per-layer Mahalanobis confidences −min_k MD_k, `[N, L]`, without input preprocessing."""
+  return _layer_scores(*_checked_maps(state, feature_maps))
+
+
+def _checked_maps(state, feature_maps):
   state = base.check_state(state, MultiLayerState, detector='mahalanobis_multilayer')
   maps = _maps_list(feature_maps, 'mahalanobis_multilayer', len(state.layers))
-  out = []
+  maps = tuple(base.floating_arg('feature_maps', m, min_ndim=2) for m in maps)
   for m, layer in zip(maps, state.layers):
-    pooled = _pool(_checks.floating('feature_maps', m, min_ndim=2))
-    pooled = pooled.astype(_checks.compute_dtype(pooled))
     channels = layer.gaussian.cholesky.shape[0]
-    if pooled.shape[1] != channels:
-      raise ValueError(f'a feature map has {pooled.shape[1]} channels; the fitted layer has {channels}.')
-    out.append(jnp.max(gaussian.class_scores(layer, pooled), axis=-1))
-  return jnp.stack(out, axis=-1)
+    if m.shape[-1] != channels:
+      raise ValueError(f'a feature map has {m.shape[-1]} channels; the fitted layer has {channels}.')
+  return state, maps
+
+
+@jax.jit
+def _layer_scores(state, maps):
+  return jnp.stack([jnp.max(gaussian.class_scores(layer, base.compute(_pool(m))), axis=-1)
+                    for m, layer in zip(maps, state.layers)], axis=-1)
 
 
 def perturbed_layer_scores(state: MultiLayerState, apply_fn: Callable, inputs, *, noise=0.0014):
@@ -209,8 +217,7 @@ def fit_layer_weights(state: MultiLayerState, id_scores, ood_scores, *, l2=1e-4,
       break
   weights = theta[:-1] / sigma
   bias = theta[-1] - np.sum(theta[:-1] * mu / sigma)
-  dtype = base.out_dtype()
-  return state._replace(weights=jnp.asarray(weights, dtype), bias=jnp.asarray(bias, dtype))
+  return state._replace(weights=base.to_device(weights), bias=base.to_device(bias))
 
 
 def _combine(state: MultiLayerState, s):
@@ -219,7 +226,12 @@ def _combine(state: MultiLayerState, s):
 
 def multilayer_mahalanobis(state: MultiLayerState, feature_maps):
   """Σ_l w_l·score_l + b on the feature maps, no preprocessing (the 'mahalanobis_multilayer' score)."""
-  return _combine(state, layer_scores(state, feature_maps))
+  return _multilayer(*_checked_maps(state, feature_maps))
+
+
+@jax.jit
+def _multilayer(state, maps):
+  return _combine(state, _layer_scores(state, maps))
 
 
 registry.register('mahalanobis_multilayer', needs={'feature_maps'}, fit=fit_multilayer, score=multilayer_mahalanobis,

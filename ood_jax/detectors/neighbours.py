@@ -48,14 +48,16 @@ __all__ = [
 _KNN_SPARE_CANDIDATES = 8
 
 
-def _knn_normalize(x):
-  """x / max(‖x‖, 1e-12) row by row, bitwise the same for equal rows whatever the array's shape.
+@functools.partial(jax.jit, static_argnames='dtype')
+def _knn_normalize(x, *, dtype):
+  """x / max(‖x‖, 1e-12) row by row in `dtype`, bitwise the same for equal rows whatever the array's shape.
 
   XLA sums a row in an order that depends on the row count (vectorised blocks of rows, remainders),
   so `layers.l2_normalize` can give a query and its copy in the bank norms one ulp apart, and the pair
   a distance of ~1e-7 instead of 0. A fixed pairwise tree of elementwise adds over a zero-padded,
   power-of-two width, then a correctly rounded sqrt and division, computes every row the same way.
   """
+  x = x.astype(dtype)
   sq = jnp.square(x)
   width = 1 << max(int(x.shape[1]) - 1, 0).bit_length()
   sq = jnp.pad(sq, ((0, 0), (0, width - x.shape[1])))
@@ -173,8 +175,8 @@ def knn_scores(features, bank, *, k: int, query_chunk_size: int = 256, bank_chun
   Returns:
     `[num_queries]` scores in [−2, 0], in at least float32.
   """
-  features = _checks.floating('features', features, ndim=2)
-  bank = _checks.floating('bank', bank, ndim=2)
+  features = base.floating_arg('features', features, ndim=2)
+  bank = base.floating_arg('bank', bank, ndim=2)
   if features.shape[1] != bank.shape[1]:
     raise ValueError(f'features have dimension {features.shape[1]} but bank has dimension '
                      f'{bank.shape[1]} (shape {tuple(bank.shape)}).')
@@ -185,16 +187,27 @@ def knn_scores(features, bank, *, k: int, query_chunk_size: int = 256, bank_chun
   query_chunk_size = _checks.positive_int('query_chunk_size', query_chunk_size)
   bank_chunk_size = _checks.positive_int('bank_chunk_size', bank_chunk_size)
 
-  dtype = _checks.compute_dtype(features, bank)
+  dtype = jax.dtypes.canonicalize_dtype(_checks.compute_dtype(features, bank))
+  return _unit_bank_scores(features, _knn_normalize(bank, dtype=dtype), k=k, query_chunk_size=query_chunk_size,
+                           bank_chunk_size=bank_chunk_size)
+
+
+def _unit_bank_scores(features, unit_bank, *, k, query_chunk_size=256, bank_chunk_size=65536):
+  """`knn_scores` against a bank normalised already (the detector's, normalised once when fitted)."""
+  dtype = jax.dtypes.canonicalize_dtype(_checks.compute_dtype(features, unit_bank))
   if features.shape[0] == 0:
-    return jnp.zeros((0,), dtype=dtype)
-  queries = _knn_normalize(features.astype(dtype))
-  bank = _knn_normalize(bank.astype(dtype))
-  kth = _kth_squared_distance(
-      queries, bank, k=k,
-      query_chunk_size=min(query_chunk_size, features.shape[0]),
-      bank_chunk_size=min(bank_chunk_size, bank.shape[0]))
-  return -jnp.sqrt(kth)
+    return base.to_device(np.zeros((0,)), dtype)
+  # Normalised by its own kernel: fused into the distance kernel, XLA recomputes the normalisation inside its
+  # consumers with other arithmetic, and a query in the bank is no longer at exactly 0.
+  return _knn(_knn_normalize(features, dtype=dtype), unit_bank, k=k,
+              query_chunk_size=min(query_chunk_size, features.shape[0]),
+              bank_chunk_size=min(bank_chunk_size, unit_bank.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'query_chunk_size', 'bank_chunk_size'))
+def _knn(queries, unit_bank, *, k, query_chunk_size, bank_chunk_size):
+  return -jnp.sqrt(_kth_squared_distance(queries, unit_bank.astype(queries.dtype), k=k,
+                                         query_chunk_size=query_chunk_size, bank_chunk_size=bank_chunk_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +216,8 @@ def knn_scores(features, bank, *, k: int, query_chunk_size: int = 256, bank_chun
 
 
 class KNNState(NamedTuple):
-  """The training bank `[M, D]` of (unnormalised) features."""
+  """The training bank `[M, D]`, float32, its rows normalised to unit length when fitted (zero rows stay zero),
+  as `knn_scores` normalises its bank on every call: scoring in blocks does not normalise it again per block."""
 
   bank: jax.Array
 
@@ -226,21 +240,32 @@ def _bernoulli_bank(batches, fraction, seed, detector, transform):
 
 def fit_knn(batches, *, fraction=1.0, seed=0):
   """The KNN bank: every training feature, or a Bernoulli(`fraction`) random subset (Sun et al. 2022
-  use 1 % of ImageNet), stored float32."""
+  use 1 % of ImageNet), normalised to unit rows and stored float32."""
   bank = _bernoulli_bank(batches, fraction, seed, 'knn', lambda b, i, f: f)
-  return KNNState(jnp.asarray(bank))
+  return KNNState(_knn_normalize(base.to_device(bank, np.float32), dtype=np.dtype(np.float32)))
+
+
+def _bank_k(detector: str, k, bank_size: int) -> int:
+  """k, checked against the bank: a k-th neighbour beyond the bank does not exist, and clipping it silently
+  would score with another k than the one asked for (and reported)."""
+  k = _checks.positive_int('k', k)
+  if k > bank_size:
+    raise ValueError(f'detector {detector!r}: k={k} exceeds the bank of {bank_size} training rows; pass a k of at '
+                     f'most {bank_size} (detectors.get({detector!r}, k=...)) or fit the bank on more rows (a larger '
+                     f'fraction, or more training data).')
+  return k
 
 
 def knn(state: KNNState, features, *, k=50):
   """−‖ĥ − b̂_(k)‖, the k-th nearest normalised bank feature (Sun et al. 2022), by `knn_scores`.
 
   k = 50 is the paper's CIFAR-10 setting and OpenOOD's default (ImageNet: 1 000 with 1 % of the
-  training set). k is clipped to the bank size, so small smoke runs still score.
+  training set). k larger than the bank raises a ValueError naming both (`Detector.grid_for(num_train=)`
+  drops such grid values before tuning).
   """
   state = base.check_state(state, KNNState, detector='knn')
   h = base.features_arg(features, detector='knn', dim=state.bank.shape[1])
-  k = min(_checks.positive_int('k', k), state.bank.shape[0])
-  return knn_scores(h, state.bank, k=k)
+  return _unit_bank_scores(h, state.bank, k=_bank_k('knn', k, state.bank.shape[0]))
 
 
 # The paper's / OpenOOD's k grid.
@@ -275,7 +300,7 @@ def fit_nnguide(batches, *, head, fraction=0.01, seed=0):
     norm = np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     return features / norm * conf
 
-  return NNGuideState(jnp.asarray(_bernoulli_bank(batches, fraction, seed, name, guide)), head)
+  return NNGuideState(base.to_device(_bernoulli_bank(batches, fraction, seed, name, guide), np.float32), head)
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'chunk'))
@@ -300,13 +325,13 @@ def nnguide(state: NNGuideState, features, *, k=100, logits=None, chunk=2048):
   """NNGuide: E(x)·mean of the k largest ⟨ĥ(x), bank_i⟩ (Park et al. 2023, eq. 5).
 
   E(x) = logsumexp(z) is the energy confidence; k = 100 is OpenOOD's default (the paper's ImageNet
-  setting), clipped to the bank size. The inner products against the confidence-scaled bank are
-  computed in chunks of `chunk` bank rows.
+  setting); k larger than the bank (a `fraction` of the training set) raises a ValueError. The inner
+  products against the confidence-scaled bank are computed in chunks of `chunk` bank rows.
 
   Args:
     state: from `fit_nnguide`.
     features: `[N, D]`.
-    k: neighbours.
+    k: neighbours, at most the bank size.
     logits: optional `[N, K]` logits (default: the head applied to the features).
     chunk: bank rows per chunk.
 
@@ -315,10 +340,16 @@ def nnguide(state: NNGuideState, features, *, k=100, logits=None, chunk=2048):
   """
   state = base.check_state(state, NNGuideState, detector='nnguide')
   h = base.features_arg(features, detector='nnguide', dim=state.bank.shape[1])
-  k = min(_checks.positive_int('k', k), state.bank.shape[0])
-  z = base.head_logits(h, state.head) if logits is None else base.logits_arg(logits, detector='nnguide')
-  guidance = _topk_mean_inner(layers.l2_normalize(h), state.bank.astype(h.dtype), k=k,
-                              chunk=min(_checks.positive_int('chunk', chunk), state.bank.shape[0]))
+  k = _bank_k('nnguide', k, state.bank.shape[0])
+  logits = None if logits is None else base.logits_arg(logits, detector='nnguide')
+  return _nnguide(state, h, logits, k=k, chunk=min(_checks.positive_int('chunk', chunk), state.bank.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'chunk'))
+def _nnguide(state, h, logits, *, k, chunk):
+  h = base.compute(h)
+  z = base.head_logits(h, state.head) if logits is None else base.compute(logits)
+  guidance = _topk_mean_inner(layers.l2_normalize(h), state.bank.astype(h.dtype), k=k, chunk=chunk)
   return jax.nn.logsumexp(z, axis=-1) * guidance
 
 

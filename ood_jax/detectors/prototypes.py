@@ -72,14 +72,20 @@ def fit_she(batches, *, head, num_classes=None):
     raise ValueError(f'detector {name!r}: batches yielded no examples.')
   patterns = np.where(counts[0][:, None] > 0, sums[0] / np.maximum(counts[0], 1)[:, None],
                       sums[1] / np.maximum(counts[1], 1)[:, None])
-  return SHEState(jnp.asarray(patterns, base.out_dtype()), head)
+  return SHEState(base.to_device(patterns), head)
 
 
 def she(state: SHEState, features, *, logits=None):
   """SHE: ⟨h, S_ŷ⟩ with ŷ = argmax z (Zhang et al. 2023, eq. 6; OpenOOD's default inner-product metric)."""
   state = base.check_state(state, SHEState, detector='she')
   h = base.features_arg(features, detector='she', dim=state.patterns.shape[1])
-  z = base.head_logits(h, state.head) if logits is None else base.logits_arg(logits, detector='she')
+  return _she(state, h, None if logits is None else base.logits_arg(logits, detector='she'))
+
+
+@jax.jit
+def _she(state, h, logits):
+  h = base.compute(h)
+  z = base.head_logits(h, state.head) if logits is None else base.compute(logits)
   pattern = state.patterns.astype(h.dtype)[jnp.argmax(z, axis=-1)]
   return jnp.sum(h * pattern, axis=-1)
 
@@ -125,8 +131,7 @@ def fit_fdbd(batches, *, head, num_classes=None):
   sq = np.sum(w * w, axis=1)
   distances = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * w @ w.T, 0.0))
   np.fill_diagonal(distances, 1.0)
-  dtype = base.out_dtype()
-  return FeatureStatsState(head, jnp.asarray(total / count, dtype), jnp.asarray(distances, dtype))
+  return FeatureStatsState(head, base.to_device(total / count), base.to_device(distances))
 
 
 def fdbd(state: FeatureStatsState, features, *, normalizer='distance'):
@@ -143,12 +148,19 @@ def fdbd(state: FeatureStatsState, features, *, normalizer='distance'):
   h = base.features_arg(features, detector='fdbd', dim=state.mean.shape[0])
   if normalizer not in ('distance', 'norm'):
     raise ValueError(f"normalizer must be 'distance' or 'norm', got {normalizer!r}.")
+  return _fdbd(state, h, normalizer == 'distance')
+
+
+@jax.jit
+def _fdbd(state, h, centred):
+  # `centred` is traced (a select between two norms), so the tuning grid over the normalizer compiles once.
+  h = base.compute(h)
   z = base.head_logits(h, state.head)
   k = z.shape[1]
   pred = jnp.argmax(z, axis=-1)
   gaps = jnp.abs(jnp.max(z, axis=-1, keepdims=True) - z)  # 0 at the predicted class.
   boundary = jnp.sum(gaps / state.weight_distances.astype(h.dtype)[pred], axis=-1) / max(k - 1, 1)
-  ref = h - state.mean.astype(h.dtype) if normalizer == 'distance' else h
+  ref = jnp.where(centred, h - state.mean.astype(h.dtype), h)
   return boundary / jnp.maximum(jnp.linalg.norm(ref, axis=-1), 1e-12)
 
 
@@ -168,6 +180,12 @@ def nci(state: FeatureStatsState, features, *, alpha=1e-4):
   """
   state = base.check_state(state, FeatureStatsState, detector='nci')
   h = base.features_arg(features, detector='nci', dim=state.mean.shape[0])
+  return _nci(state, h, base.as_float(alpha))
+
+
+@jax.jit
+def _nci(state, h, alpha):
+  h = base.compute(h)
   z = base.head_logits(h, state.head)
   w = state.head.kernel.astype(h.dtype).T[jnp.argmax(z, axis=-1)]  # [N, D]
   centred = h - state.mean.astype(h.dtype)

@@ -127,15 +127,28 @@ class Detector:
       args['state'] = state
     return self.score_fn(**args, **{k: v for k, v in hp.items() if k not in self.fit_params})
 
-  def grid_for(self, *, feature_dim: int | None = None, num_classes: int | None = None) -> dict:
-    """`grid` without values that do not apply at this size (dimensions ≥ D, top-M > K)."""
+  def grid_for(self, *, feature_dim: int | None = None, num_classes: int | None = None,
+               num_train: int | None = None) -> dict:
+    """`grid` without the values that do not apply at this size.
+
+    * 'dim' ≥ D (ViM, Residual, NECO): the principal subspace is then everything, so the residual is zero
+      (ViM equals energy) and NECO's ratio is 1. None (the default rule) is kept.
+    * 'top_m' > K beyond the first (GEN clips M to K, so larger values repeat it).
+    * 'k' (KNN, NNGuide) beyond the bank: more than `num_train` × the bank's `fraction` training rows,
+      a neighbour that does not exist (the detectors raise for it).
+
+    A hyperparameter whose values are all dropped gets an empty tuple (tuning then tries its default alone).
+    """
+    bank = None if num_train is None else num_train * float(self.defaults.get('fraction', 1.0))
     out = {}
     for key, values in self.grid.items():
       keep = []
       for v in values:
-        if key == 'dim' and v is not None and feature_dim is not None and v > feature_dim:
+        if key == 'dim' and v is not None and feature_dim is not None and v >= feature_dim:
           continue
         if key == 'top_m' and num_classes is not None and v > num_classes and keep:
+          continue
+        if key == 'k' and bank is not None and v > bank:
           continue
         keep.append(v)
       out[key] = tuple(keep)

@@ -137,13 +137,12 @@ def fit_activations(batches, *, head, num_classes=None, max_rows=10_000, seed=0)
   if not count:
     raise ValueError(f'detector {name!r}: batches yielded no examples.')
   kept = kept.astype(np.float64)
-  dtype = base.out_dtype()
   return ActivationState(
       head=head,
-      mean=jnp.asarray(total / count, dtype),
-      quantiles=jnp.asarray(np.percentile(kept, _GLOBAL_LEVELS), dtype),
-      unit_quantiles=jnp.asarray(np.percentile(kept, _UNIT_LEVELS, axis=0), dtype),
-      num_rows=jnp.asarray(kept.shape[0]))
+      mean=base.to_device(total / count),
+      quantiles=base.to_device(np.percentile(kept, _GLOBAL_LEVELS)),
+      unit_quantiles=base.to_device(np.percentile(kept, _UNIT_LEVELS, axis=0)),
+      num_rows=base.to_device(kept.shape[0], np.int32))
 
 
 def _percentile_value(name, percentile):
@@ -160,6 +159,7 @@ def _features_and_head(state, features, cls, detector):
 
 
 def _energy(features, head, temperature=1.0):
+  """T·logsumexp((Wᵀh + b) / T), traced inside each detector's kernel."""
   t = jnp.asarray(temperature, features.dtype)
   return t * jax.nn.logsumexp(base.head_logits(features, head) / t, axis=-1)
 
@@ -189,6 +189,12 @@ def react(state: ActivationState, features, *, percentile=90.0, temperature=1.0)
   """
   state, h = _features_and_head(state, features, ActivationState, 'react')
   _percentile_value('percentile', percentile)
+  return _react(state, h, base.as_float(percentile), base.as_float(temperature))
+
+
+@jax.jit
+def _react(state, h, percentile, temperature):
+  h = base.compute(h)
   c = jnp.interp(jnp.asarray(percentile, h.dtype), jnp.asarray(_GLOBAL_LEVELS, h.dtype),
                  state.quantiles.astype(h.dtype))
   return _energy(jnp.minimum(h, c), state.head, temperature)
@@ -207,20 +213,40 @@ registry.register('react', needs={'features', 'head'}, fit=fit_activations, scor
 # ------------------------------------------------------------------------------------------------
 
 
-def _top_mask(h, percentile):
-  """A 0/1 mask of each row's k = D − round(D·p / 100) largest entries (k ≥ 1), and k."""
+def _kept(dim, percentile):
+  """k = D − round(D·p / 100), the number of activations ASH / SCALE keep (k ≥ 1), from a concrete p."""
   if not _checks.is_concrete(percentile):
     raise TypeError('percentile of ASH / SCALE sets the number of kept activations and must be a '
                     'Python number, not a traced value.')
   _percentile_value('percentile', percentile)
-  dim = h.shape[-1]
   # The peers' rounding: k = n − round(n·p/100); at least one activation survives.
-  k = max(dim - int(np.round(dim * float(percentile) / 100.0)), 1)
-  _, index = jax.lax.top_k(h, k)
-  rows = jnp.arange(h.shape[0])[:, None]
-  # Scatter by index, not `h >= kth value`: ReLU features tie at 0, and ASH-B must spread s₁ over
-  # exactly k positions.
-  return jnp.zeros_like(h).at[rows, index].set(1.0), k
+  return max(dim - int(np.round(dim * float(percentile) / 100.0)), 1)
+
+
+def _top_mask(h, k):
+  """A 0/1 mask of each row's k largest entries, ties to the lower index (`lax.top_k`'s choice); k traced.
+
+  Not `h >= kth value`: ReLU features tie at 0, and ASH-B must spread s₁ over exactly k positions. Every
+  entry above the k-th largest value is kept, and of the entries equal to it the first ones in index order
+  until k are kept. The k-th largest value is found by a radix select on order-preserving unsigned keys
+  (one compare-and-count per bit, far cheaper than sorting every row on XLA:CPU), with k traced, so one
+  kernel serves every percentile.
+  """
+  bits = jnp.finfo(h.dtype).bits
+  uint = jnp.dtype(f'uint{bits}')
+  u = jax.lax.bitcast_convert_type(h, uint)
+  sign = jnp.asarray(1 << (bits - 1), uint)
+  u = jnp.where(u & sign, ~u, u | sign)  # IEEE order → unsigned order: negatives flipped, positives above them
+
+  def bit(i, kth):  # the largest key with at least k entries ≥ it, built from the top bit down
+    candidate = kth | jnp.left_shift(jnp.asarray(1, uint), (bits - 1 - i).astype(uint))
+    return jnp.where(jnp.sum(u >= candidate[:, None], axis=-1) >= k, candidate, kth)
+
+  kth = jax.lax.fori_loop(0, bits, bit, jnp.zeros(h.shape[0], uint))[:, None]
+  above = u > kth
+  tied = u == kth
+  room = k - jnp.sum(above, axis=-1, keepdims=True)
+  return (above | (tied & (jnp.cumsum(tied, axis=-1) <= room))).astype(h.dtype)
 
 
 def ash(state: HeadState, features, *, percentile=90.0, variant='s'):
@@ -246,12 +272,18 @@ def ash(state: HeadState, features, *, percentile=90.0, variant='s'):
   state, h = _features_and_head(state, features, HeadState, 'ash')
   if variant not in ('p', 'b', 's'):
     raise ValueError(f"variant must be 'p', 'b' or 's', got {variant!r}.")
-  mask, k = _top_mask(h, percentile)
+  return _ash(state, h, _kept(h.shape[1], percentile), variant=variant)
+
+
+@functools.partial(jax.jit, static_argnames='variant')
+def _ash(state, h, k, *, variant):
+  h = base.compute(h)
+  mask = _top_mask(h, k)
   s1 = jnp.sum(h, axis=-1, keepdims=True)
   if variant == 'p':
     shaped = mask * h
   elif variant == 'b':
-    shaped = mask * (s1 / k)
+    shaped = mask * (s1 / jnp.asarray(k, h.dtype))
   else:
     s2 = jnp.sum(mask * h, axis=-1, keepdims=True)
     ratio = jnp.where(s2 > 0, s1 / jnp.where(s2 > 0, s2, 1.0), 1.0)
@@ -277,7 +309,13 @@ def scale(state: HeadState, features, *, percentile=85.0):
     `[N]` scores.
   """
   state, h = _features_and_head(state, features, HeadState, 'scale')
-  mask, _ = _top_mask(h, percentile)
+  return _scale(state, h, _kept(h.shape[1], percentile))
+
+
+@jax.jit
+def _scale(state, h, k):
+  h = base.compute(h)
+  mask = _top_mask(h, k)
   s1 = jnp.sum(h, axis=-1, keepdims=True)
   s2 = jnp.sum(mask * h, axis=-1, keepdims=True)
   ratio = jnp.where(s2 > 0, s1 / jnp.where(s2 > 0, s2, 1.0), 1.0)
@@ -316,9 +354,15 @@ def dice(state: ActivationState, features, *, sparsity=0.9):
     raise TypeError('sparsity of DICE must be a Python number, not a traced value.')
   if not 0 <= float(sparsity) < 1:
     raise ValueError(f'sparsity must lie in [0, 1), got {sparsity}.')
+  keep = max(int(np.ceil((1.0 - float(sparsity)) * state.head.kernel.size)), 1)
+  return _dice(state, h, keep)
+
+
+@jax.jit
+def _dice(state, h, keep):
+  h = base.compute(h)
   kernel = state.head.kernel.astype(h.dtype)
   contrib = state.mean.astype(h.dtype)[:, None] * kernel
-  keep = max(int(np.ceil((1.0 - float(sparsity)) * contrib.size)), 1)
   # A full sort is cheaper than top_k with k in the hundreds of thousands (ImageNet: 2 M entries).
   threshold = jnp.sort(contrib.reshape(-1))[contrib.size - keep]
   masked = base.Head(jnp.where(contrib >= threshold, kernel, 0.0), state.head.bias)
@@ -366,6 +410,13 @@ def vra(state: ActivationState, features, *, low=60.0, high=90.0, gamma=0.0, per
     raise ValueError(f'low must be <= high, got low={low}, high={high}.')
   if below not in ('zero', 'clip'):
     raise ValueError(f"below must be 'zero' or 'clip', got {below!r}.")
+  return _vra(state, h, base.as_float(low), base.as_float(high), base.as_float(gamma), per_unit=bool(per_unit),
+              below=below)
+
+
+@functools.partial(jax.jit, static_argnames=('per_unit', 'below'))
+def _vra(state, h, low, high, gamma, *, per_unit, below):
+  h = base.compute(h)
   if per_unit:
     levels = jnp.asarray(_UNIT_LEVELS, h.dtype)
     table = state.unit_quantiles.astype(h.dtype)
@@ -428,12 +479,17 @@ def rankfeat(state: HeadState, feature_maps, *, temperature=1.0, map_name=None):
                        f'pass map_name= to choose the one before global pooling.')
   if feature_maps is None:
     raise ValueError("detector 'rankfeat' needs feature_maps [N, H, W, C] (the map before pooling).")
-  x = _checks.floating('feature_maps', feature_maps, ndim=4)
-  x = x.astype(_checks.compute_dtype(x))
-  n, hgt, wid, c = x.shape
-  if c != state.head.kernel.shape[0]:
-    raise ValueError(f'feature_maps have {c} channels but the head takes {state.head.kernel.shape[0]} '
+  x = base.floating_arg('feature_maps', feature_maps, ndim=4)
+  if x.shape[3] != state.head.kernel.shape[0]:
+    raise ValueError(f'feature_maps have {x.shape[3]} channels but the head takes {state.head.kernel.shape[0]} '
                      f'features.')
+  return _rankfeat(state, x, base.as_float(temperature))
+
+
+@jax.jit
+def _rankfeat(state, x, temperature):
+  x = base.compute(x)
+  n, hgt, wid, c = x.shape
   flat = x.reshape(n, hgt * wid, c)
   u, s, vt = jnp.linalg.svd(flat, full_matrices=False)
   rank1 = s[:, 0, None, None] * u[:, :, :1] * vt[:, :1, :]

@@ -14,6 +14,7 @@ eigenvectors come from `eigh`.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -113,21 +114,26 @@ def fit_subspace(batches, *, head):
   with np.errstate(divide='ignore'):
     alpha = np.where(mean_residual > 0, (max_logit_sum / count) / np.where(mean_residual > 0, mean_residual, 1),
                      0.0)
-  dtype = base.out_dtype()
-  return SubspaceState(head, jnp.asarray(origin, dtype), jnp.asarray(vectors, dtype),
-                       jnp.asarray(eigenvalues, dtype), jnp.asarray(alpha, dtype))
+  return SubspaceState(head, base.to_device(origin), base.to_device(vectors), base.to_device(eigenvalues),
+                       base.to_device(alpha))
 
 
-def _residual_norm(state, h, dim, detector):
+def _principal_dim(h, dim, detector):
+  """The principal dimension checked on the host: `vim_default_dim(D)` for None, an int in [0, D] (or a tracer)."""
   dim = vim_default_dim(h.shape[1]) if dim is None else dim
   if isinstance(dim, (bool, np.bool_, float, np.floating)):
     raise TypeError(f'dim must be an integer, got {type(dim).__name__}.')
   if _checks.is_concrete(dim) and not 0 <= int(dim) <= h.shape[1]:
     raise ValueError(f'dim must lie in [0, {h.shape[1]}] for detector {detector!r}, got {dim}.')
+  return base.as_int(dim)
+
+
+def _residual_norm(state, h, dim):
+  """‖(h − u)ᵀ V_{dim:}‖, with `dim` traced (a mask, not a slice: one kernel for every dimension)."""
   coords = jnp.dot(h - state.origin.astype(h.dtype), state.basis.astype(h.dtype),
                    precision=jax.lax.Precision.HIGHEST)
   outside = jnp.arange(h.shape[1]) >= dim
-  return jnp.sqrt(jnp.sum(jnp.where(outside, jnp.square(coords), 0.0), axis=-1)), dim
+  return jnp.sqrt(jnp.sum(jnp.where(outside, jnp.square(coords), 0.0), axis=-1))
 
 
 def vim(state: SubspaceState, features, *, dim=None):
@@ -149,9 +155,14 @@ def vim(state: SubspaceState, features, *, dim=None):
   """
   state = base.check_state(state, SubspaceState, detector='vim')
   h = base.features_arg(features, detector='vim', dim=state.origin.shape[0])
-  norm, dim = _residual_norm(state, h, dim, 'vim')
+  return _vim(state, h, _principal_dim(h, dim, 'vim'))
+
+
+@jax.jit
+def _vim(state, h, dim):
+  h = base.compute(h)
   energy = jax.nn.logsumexp(base.head_logits(h, state.head), axis=-1)
-  return energy - state.alpha.astype(h.dtype)[dim] * norm
+  return energy - state.alpha.astype(h.dtype)[dim] * _residual_norm(state, h, dim)
 
 
 # The principal dimension is a scoring-time choice (α is stored for every d); OpenOOD's grid.
@@ -163,7 +174,12 @@ def residual(state: SubspaceState, features, *, dim=None):
   """Residual: −‖(h − u)ᵀ V_{⊥}‖, the norm outside the `dim` leading components (Wang et al. 2022)."""
   state = base.check_state(state, SubspaceState, detector='residual')
   h = base.features_arg(features, detector='residual', dim=state.origin.shape[0])
-  return -_residual_norm(state, h, dim, 'residual')[0]
+  return _residual(state, h, _principal_dim(h, dim, 'residual'))
+
+
+@jax.jit
+def _residual(state, h, dim):
+  return -_residual_norm(state, base.compute(h), dim)
 
 
 registry.register('residual', needs={'features', 'head'}, fit=fit_subspace, score=residual, defaults={'dim': None},
@@ -210,9 +226,8 @@ def fit_neco(batches, *, head):
   std = np.where(std > 0, std, 1.0)
   vectors = np.linalg.eigh(cov)[1][:, ::-1]
   std_vectors = np.linalg.eigh(cov / std[:, None] / std[None, :])[1][:, ::-1]
-  dtype = base.out_dtype()
-  return PCAState(head, jnp.asarray(moments.means[0], dtype), jnp.asarray(std, dtype),
-                  jnp.asarray(vectors, dtype), jnp.asarray(std_vectors, dtype))
+  return PCAState(head, base.to_device(moments.means[0]), base.to_device(std), base.to_device(vectors),
+                  base.to_device(std_vectors))
 
 
 def neco(state: PCAState, features, *, dim=None, standardize=False, use_max_logit=False):
@@ -230,13 +245,17 @@ def neco(state: PCAState, features, *, dim=None, standardize=False, use_max_logi
   state = base.check_state(state, PCAState, detector='neco')
   h = base.features_arg(features, detector='neco', dim=state.mean.shape[0])
   d = state.head.bias.shape[0] if dim is None else _checks.positive_int('dim', dim)
-  d = min(d, h.shape[1])
-  if standardize:
-    x = (h - state.mean.astype(h.dtype)) / state.scale.astype(h.dtype)
-    basis = state.standardized_basis
-  else:
-    x, basis = h, state.basis
-  proj = jnp.dot(x, basis.astype(h.dtype)[:, :d], precision=jax.lax.Precision.HIGHEST)
+  return _neco(state, h, min(d, h.shape[1]), bool(standardize), use_max_logit=bool(use_max_logit))
+
+
+@functools.partial(jax.jit, static_argnames='use_max_logit')
+def _neco(state, h, d, standardize, *, use_max_logit):
+  # d and standardize are traced (a mask and a select), so NECO's tuning grid compiles once.
+  h = base.compute(h)
+  x = jnp.where(standardize, (h - state.mean.astype(h.dtype)) / state.scale.astype(h.dtype), h)
+  basis = jnp.where(standardize, state.standardized_basis, state.basis).astype(h.dtype)
+  coords = jnp.dot(x, basis, precision=jax.lax.Precision.HIGHEST)
+  proj = jnp.where(jnp.arange(h.shape[1]) < d, coords, 0.0)
   out = jnp.linalg.norm(proj, axis=-1) / jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-12)
   if use_max_logit:
     out = out * jnp.max(base.head_logits(h, state.head), axis=-1)

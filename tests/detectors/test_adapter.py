@@ -87,6 +87,44 @@ def test_nnx_module():
   assert isinstance(model.fc, nnx.Linear) and isinstance(model.blocks[0], nnx.Linear)
 
 
+class DropoutNNX(nnx.Module):
+  """Dropout and BatchNorm before the head: a module left in train mode must still extract deterministically."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(64, 16, rngs=rngs)
+    self.norm = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.fc = nnx.Linear(16, 3, rngs=rngs)
+
+  def features(self, x):
+    return self.drop(nnx.relu(self.norm(self.hidden(x.reshape(x.shape[0], -1)))))
+
+  def __call__(self, x):
+    return self.fc(self.features(x))
+
+
+def test_nnx_module_left_in_train_mode_is_extracted_in_eval_mode():
+  x = _images(n=6)
+  model = DropoutNNX(nnx.Rngs(0))
+  model.norm.mean[...] = 0.3  # running averages unlike any batch's statistics, so train mode would differ
+  model.norm.var[...] = 2.0
+  assert not model.drop.deterministic  # nnx modules start in train mode
+  out = adapter.feature_extractor(model, head='fc')(x)
+  again = adapter.feature_extractor(model, head='fc')(x)
+  assert not model.drop.deterministic and not model.norm.use_running_average  # the user's module keeps its mode
+  reference = nnx.clone(model)
+  reference.eval()
+  np.testing.assert_allclose(out['features'], reference.features(x), rtol=1e-6)
+  np.testing.assert_allclose(out['logits'], reference(x), rtol=1e-6)
+  np.testing.assert_array_equal(out['features'], again['features'])
+  model.eval()
+  evaluated = adapter.feature_extractor(model, head='fc')(x)
+  np.testing.assert_array_equal(evaluated['features'], out['features'])
+  # In train mode the model itself would drop half the units and use batch statistics: not what is extracted.
+  model.train()
+  assert not np.allclose(model.features(x), out['features'])
+
+
 def test_errors(random_variables):
   model = UserCNN()
   x = _images()

@@ -65,6 +65,26 @@ def test_gen_hyperparameters(gamma, top_m):
   np.testing.assert_allclose(sharp, [0.0], atol=1e-6)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_gen_keeps_the_top_class_term_of_confident_predictions(dtype):
+  """1 − p_(1) below float32's resolution at 1 (4e-8 for [30, 13, 0, …]) must not round the top term away."""
+  z = np.zeros((4, 10), np.float32)
+  z[0, :2] = [30, 13]  # the paper's equation in float64 gives −0.764; 1 − p rounded to 0 gave −0.581
+  z[1, :3] = [40, 20, 5]
+  z[2, :2] = [20, 18]
+  z[3] = np.linspace(-3, 3, 10)
+  logits = jnp.asarray(z, dtype)
+  exact = np.asarray(logits.astype(jnp.float32), np.float64)
+  p = np.sort(_softmax(exact), axis=-1)[:, ::-1]
+  # 1 − p_j as the sum of the other probabilities: no cancellation, so exact in float64 however confident.
+  rest = np.stack([np.delete(p, j, axis=1).sum(axis=1) for j in range(10)], axis=1)
+  ref = -np.sum(p ** 0.1 * rest ** 0.1, axis=-1)
+  out = jax.jit(lambda z: detectors.get('gen').score((), {'logits': z}))(logits)
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+  np.testing.assert_allclose(out[0], -0.764, atol=1e-3)
+  np.testing.assert_allclose(out, _ref_gen(exact, 0.1, 10), rtol=1e-5)  # the equation as written, float64
+
+
 def test_energy_temperature():
   z, _ = _problem(seed=2)
   out = detectors.get('energy').score((), {'logits': z}, temperature=3.0)

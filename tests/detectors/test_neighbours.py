@@ -135,8 +135,27 @@ def test_knn_detector_matches_brute_force():
   for k in (1, 5):
     np.testing.assert_allclose(problems.jit_score(det, state, test, k=k), -np.sort(dist, 1)[:, k - 1], rtol=1e-4,
                                atol=1e-5)
-  # k beyond the bank is clipped to it: the farthest entry.
-  np.testing.assert_allclose(det.score(state, {'features': test}, k=10_000), -dist.max(1), rtol=1e-4, atol=1e-5)
+  # k = the bank size is the farthest entry.
+  np.testing.assert_allclose(det.score(state, {'features': test}, k=len(h)), -dist.max(1), rtol=1e-4, atol=1e-5)
+
+
+def test_k_beyond_the_bank_raises_and_the_grid_drops_it():
+  """A k-th neighbour beyond the bank does not exist: a ValueError naming k and the bank, never a silent clip."""
+  h, labels, w, b, test = problems.problem(seed=6)
+  for name, hp, size in (('knn', {}, len(h)), ('nnguide', {'fraction': 0.25, 'seed': 1}, None)):
+    det, state = problems.fit(name, h, labels, w, b, **hp)
+    size = size or state.bank.shape[0]
+    assert det.score(state, {'features': test}, k=size).shape == (len(test),)
+    with pytest.raises(ValueError, match=rf"'{name}': k={size + 1} exceeds the bank of {size} training rows.*fraction"):
+      det.score(state, {'features': test}, k=size + 1)
+  # The default k = 50 of KNN scores on a digits-sized training set (652 rows in configs/digits' runs).
+  det, state = problems.fit('knn', *problems.problem(seed=6, n=652)[:4])
+  assert np.all(np.isfinite(np.asarray(det.score(state, {'features': test}))))
+  # grid_for drops the k values the bank cannot hold: all of the training rows for KNN, a fraction for NNGuide.
+  assert detectors.get('knn').grid_for(num_train=240)['k'] == (50, 100, 200)
+  assert detectors.get('knn').grid_for()['k'] == (50, 100, 200, 500, 1000)
+  assert detectors.get('nnguide').grid_for(num_train=2000)['k'] == (10,)  # a bank of 1 % of 2 000 rows
+  assert detectors.get('nnguide', fraction=1.0).grid_for(num_train=60)['k'] == (10, 50)
 
 
 def test_scores_knn_is_the_detector_kernel():

@@ -104,6 +104,22 @@ def test_ash_b_spreads_the_sum_over_exactly_k_positions_with_ties():
   np.testing.assert_allclose(out, [2.0 + np.log(2.0)], rtol=1e-6)
 
 
+def test_top_mask_selects_what_top_k_selects_for_every_k():
+  """The radix-select mask (k traced, one kernel for every percentile) keeps exactly `lax.top_k`'s entries: the
+  largest k, ties to the lower index, with zeros, signed zeros, negatives and repeated values."""
+  rng = np.random.default_rng(9)
+  h = np.round(rng.standard_normal((64, 12)), 1).astype(np.float32)  # many repeated values
+  h[:20] = np.maximum(h[:20], 0.0)  # ReLU rows: ties at zero
+  h[20:24, :6] = -0.0
+  h[24] = 1.5
+  mask = jax.jit(shaping._top_mask)  # pylint: disable=protected-access
+  for k in range(1, 13):
+    index = np.asarray(jax.lax.top_k(h, k)[1])
+    want = np.zeros_like(h)
+    np.put_along_axis(want, index, 1.0, axis=1)
+    np.testing.assert_array_equal(mask(h, k), want, err_msg=f'k={k}')
+
+
 def test_scale_matches_reference():
   h, w, b, test = _problem(seed=3)
   test = test + 0.01 * np.arange(D)

@@ -58,6 +58,20 @@ def test_vim_residual_is_zero_inside_the_principal_subspace():
                 special.logsumexp(test.astype(np.float64) @ w + b, axis=1))
 
 
+def test_grid_drops_principal_dimensions_of_d_and_more():
+  """dim ≥ D leaves no residual (ViM = energy, Residual = 0, NECO = 1): the tuning grid must not offer it."""
+  h, labels, w, b, test = problems.problem(seed=7)
+  det, state = problems.fit('vim', h, labels, w, b)
+  energy = special.logsumexp(test.astype(np.float64) @ w + b, axis=1)
+  np.testing.assert_allclose(problems.jit_score(det, state, test, dim=D), energy, rtol=1e-5, atol=1e-5)
+  for name in ('vim', 'residual', 'neco'):
+    grid = detectors.get(name).grid_for(feature_dim=64)['dim']
+    assert grid[0] is None and all(d < 64 for d in grid[1:]), (name, grid)
+  assert detectors.get('vim').grid_for(feature_dim=64)['dim'] == (None,)  # OpenOOD's grid starts at 64
+  assert detectors.get('neco').grid_for(feature_dim=64)['dim'] == (None, 16, 32)
+  assert detectors.get('vim').grid_for(feature_dim=8)['dim'] == (None,)
+
+
 def test_neco_matches_reference():
   h, labels, w, b, test = problems.problem(seed=12)
   det, state = problems.fit('neco', h, labels, w, b)

@@ -61,7 +61,7 @@ def test_tuning_never_sees_test_sets():
   clean = detection.evaluate_detectors(ood=clean_ood, **kwargs)
   poisoned = detection.evaluate_detectors(ood=poisoned_ood, **kwargs)
   assert clean['tuning'] == poisoned['tuning']
-  assert clean['tuning']['knn']['candidates'] == 5
+  assert clean['tuning']['knn']['candidates'] == 3  # k = 500 and 1000 exceed the 300 training rows
   # The choice does follow the validation sets (so the test above could fail).
   chosen = {detection.evaluate_detectors(ood=clean_ood, **{**kwargs, 'validation_ood': {'val': v}})['tuning']['knn']
             ['hparams']['k'] for v in (validation_ood['val'], near_class0)}
