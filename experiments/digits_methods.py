@@ -5,7 +5,7 @@ r"""Every training method of the five papers × every post-hoc detector on digit
 
 Trains, on the digits benchmark (`configs/digits.py`, real data), the softmax baseline, IsoMax
 (Macêdo et al. 2021), DM, one-vs-all and distance one-vs-all (Padhy et al. 2020), OE, Energy, ICE from scratch
-and ICE fine-tuned from the softmax run (Wu et al. 2023), SMOT with the softmax run as its base model (the
+and ICE fine-tuned from the softmax run (Wu et al. 2022), SMOT with the softmax run as its base model (the
 anonymous "Out-of-Distribution Detection with Smooth Training"), SupCon and ReweightOOD (Regmi et al. 2024), and
 the training baselines of OpenOOD v1.5's leaderboard (LogitNorm, T2FNorm, Mixup, RegMixup, ConfBranch,
 G-ODIN). Each run is evaluated on the 'digits' protocol (`ood_jax.trainer.data.protocols`: near = test digits

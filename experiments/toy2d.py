@@ -1,4 +1,4 @@
-r"""Paper 002's 2-D toy example (Appendix E.1, Figs. 1 and S1): python -m experiments.toy2d.
+r"""The 2-D toy example of Padhy et al. 2020 (Appendix E.1, Figs. 1 and S1): python -m experiments.toy2d.
 
 Ten Gaussian classes on a circle, class j ~ N₂((20 cos(2πj/10), 20 sin(2πj/10)), 2I), 1 000 points
 each; a fully connected network with 2 hidden layers of 16 units, trained on batches of 128 with

@@ -27,8 +27,9 @@ as a jit argument) that breaks its range turns the returned losses into NaN and 
 check. Contrastive labels are class ids compared only for equality, so any integer (−1 included) is
 a class there and needs no range.
 
-Papers: 000 IsoMax (Macêdo et al., "Entropic Out-of-Distribution Detection", 2021), 001 ICE (with OE and
-Energy), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD (Regmi et al. 2024, with SupCon), 004 SMOT; and
+Papers: IsoMax (Macêdo et al., "Entropic Out-of-Distribution Detection", 2021), ICE (Wu et al. 2022, with OE and
+Energy), one-vs-all (Padhy et al. 2020), ReweightOOD (Regmi et al. 2024, with SupCon), SMOT ("Out-of-Distribution
+Detection with Smooth Training"); and
 training baselines of OpenOOD v1.5's leaderboard: LogitNorm (Wei et al. 2022), Mixup (Zhang et al. 2018),
 RegMixup (Pinto et al. 2022), ConfBranch (DeVries & Taylor 2018).
 """

@@ -22,8 +22,7 @@ exactly the numbers their figure draws, so tests and tables can use them without
 * `embedding_statistics`: mean MES radius and centroid dispersion per method (Regmi et al. 2024,
   Tables 1–2).
 
-Paper numbers: 000 IsoMax (Macêdo et al. 2021), 002 one-vs-all (Padhy et al. 2020), 003 ReweightOOD
-(Regmi et al. 2024).
+Papers: IsoMax (Macêdo et al. 2021), one-vs-all (Padhy et al. 2020), ReweightOOD (Regmi et al. 2024).
 """
 
 from __future__ import annotations

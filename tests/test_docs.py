@@ -141,8 +141,12 @@ def test_conventions_are_stated_once_and_every_fpr_table_links_to_them():
 
 
 def test_docs_cite_papers_by_author_and_year_not_file_numbers():
-  pattern = re.compile(r'paper 00\d|issue[ -]\d|stop \d|papers/README|/work/', flags=re.I)
-  paths = [*_pages(), REPO / 'README.md', REPO / 'CHANGELOG.md', *(REPO / 'configs').glob('*.py')]
+  pattern = re.compile(r'papers? 00\d|issue[ -]\d|stop \d|papers/README|/work/', flags=re.I)
+  # Docs, configs, and code and tests too: a docstring is documentation (the two tests holding the pattern excepted).
+  code = [path for folder in ('ood_jax', 'experiments', 'tests') for path in (REPO / folder).rglob('*.py')
+          if path.name not in ('test_docs.py', 'test_readme.py')]
+  paths = [*_pages(), REPO / 'README.md', REPO / 'CHANGELOG.md', *(REPO / 'configs').glob('*.py'), *code,
+           *(REPO / 'colab').glob('*.ipynb')]
   hits = [f'{path.relative_to(REPO)}:{n}' for path in paths
           for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1) if pattern.search(line)]
   assert not hits, hits

@@ -1,4 +1,4 @@
-"""The official Flax MNIST examples, adapted to ood_jax the way a new user would (issue 15).
+"""The official Flax MNIST examples, adapted to ood_jax the way a new user would.
 
 Two tests, each a scaled-down copy of an official example with its last layer swapped for ood_jax's
 IsoMax distance head and its loss for `ood_jax.losses.isomax`, trained on the real 8×8 handwritten

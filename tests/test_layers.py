@@ -150,7 +150,7 @@ def test_linen_distance_logits():
   variables = module.init(jax.random.key(0), f)
   protos = variables['params']['prototypes']
   assert protos.shape == (5, 4)
-  np.testing.assert_array_equal(protos, 0.0)  # zero-initialised, paper 000
+  np.testing.assert_array_equal(protos, 0.0)  # zero-initialised, as Macêdo et al. 2021
   got = jax.jit(module.apply)(variables, f)
   np.testing.assert_allclose(got, np.repeat(-np.linalg.norm(f, axis=-1, keepdims=True), 5, axis=1), rtol=1e-6)
   # The IsoMax start: gradient w.r.t. the zero prototypes is finite and non-zero.

@@ -66,17 +66,17 @@ def _np_logit_norm(z, y, tau=0.04, eps=1e-7):
 
 REFERENCES = {
     'softmax_cross_entropy': lambda z, y: -_pick(_np_log_softmax(z), y),
-    # Paper 000 eq. 5: −log(exp(−E_s·D_y) / Σ_j exp(−E_s·D_j)) with logits = −D.
+    # Macêdo et al. 2021, eq. 5: −log(exp(−E_s·D_y) / Σ_j exp(−E_s·D_j)) with logits = −D.
     'isomax': lambda z, y: -_pick(_np_log_softmax(10.0 * np.asarray(z, np.float64)), y),
-    # Paper 002: −log σ(z_y) − Σ_{k≠y} log(1 − σ(z_k)).
+    # Padhy et al. 2020: −log σ(z_y) − Σ_{k≠y} log(1 − σ(z_k)).
     'one_vs_all': lambda z, y: np.array([
         -np.log(_sigmoid(zi[yi])) - sum(np.log(1 - _sigmoid(zi[k])) for k in range(len(zi)) if k != yi)
         for zi, yi in zip(np.reshape(z, (-1, np.shape(z)[-1])), np.ravel(y))]).reshape(np.shape(y)),
-    # Paper 002: p = 2σ(−d), −log p_y − Σ_{k≠y} log(1 − p_k).
+    # Padhy et al. 2020: p = 2σ(−d), −log p_y − Σ_{k≠y} log(1 − p_k).
     'distance_one_vs_all': lambda z, y: np.array([
         -np.log(2 * _sigmoid(zi[yi])) - sum(np.log(1 - 2 * _sigmoid(zi[k])) for k in range(len(zi)) if k != yi)
         for zi, yi in zip(np.reshape(z, (-1, np.shape(z)[-1])), np.ravel(y))]).reshape(np.shape(y)),
-    # Paper 001 eq. 0.14.
+    # Wu et al. 2022, eq. 0.14.
     'ice_in': lambda z, y: -_pick(np.asarray(z, np.float64), y),
     'logit_norm': _np_logit_norm,
 }
@@ -156,7 +156,7 @@ def test_energy_margins(m_in, m_out):
 def test_ice_out_matches_paper():
   h, _ = _data((8, 5), seed=6, negative=True)
   got = jax.jit(losses.ice_out)(h)
-  want = -np.log(1 - np.exp(h.astype(np.float64).max(axis=-1)))  # paper 001 eq. 0.13
+  want = -np.log(1 - np.exp(h.astype(np.float64).max(axis=-1)))  # Wu et al. 2022, eq. 0.13
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -171,7 +171,7 @@ def test_smot_smoothing_and_loss():
   zm, _ = _data((4, 3), seed=8)
   eps = np.asarray(got)
   loss = jax.jit(functools.partial(losses.smooth_training, weight=0.1))(z, zm, y, eps)
-  soft = (1 - eps[:, None]) * np.eye(3)[y] + eps[:, None] / 3  # paper 004 eq. 5
+  soft = (1 - eps[:, None]) * np.eye(3)[y] + eps[:, None] / 3  # SMOT, eq. 5
   want = 0.9 * -_pick(_np_log_softmax(z), y) + 0.1 * -np.sum(soft * _np_log_softmax(zm), axis=-1)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   # A scalar ε broadcasts.
@@ -214,7 +214,7 @@ def _np_reweight_paper(e, y, tau, mb, cb, mw, cw):
     if not neg or not pos:
       out.append(0.0)
       continue
-    # Paper 003 eq. 3, literally.
+    # ReweightOOD (Regmi et al. 2024) eq. 3, literally.
     between = np.log(sum(np.exp(1 / (1 + np.exp(-s * mb - cb)) * s / tau) for s in neg))
     within = np.log(sum(np.exp(1 / (1 + np.exp(s * mw + cw)) * s / tau) for s in pos))
     out.append(between - within)

@@ -52,7 +52,7 @@ def test_oe_objective():
   method = methods.get_method('oe')
   loss, aux = jax.jit(lambda z, b: method.loss(z, None, b, **method.hparams))(logits, batch)
   ce = -np.mean(_np_log_softmax(z_in)[np.arange(len(y)), y])
-  uniform = np.mean(-np.mean(_np_log_softmax(z_out), axis=-1))  # paper 001 eq. 0.16
+  uniform = np.mean(-np.mean(_np_log_softmax(z_out), axis=-1))  # Wu et al. 2022, eq. 0.16
   np.testing.assert_allclose(float(loss), ce + 0.5 * uniform, rtol=1e-5)
   np.testing.assert_allclose(float(aux['accuracy']), np.mean(z_in.argmax(-1) == y))
 

@@ -81,7 +81,7 @@ def max_logit(logits):
   """Maximum logit, max_k z_k.
 
   For IsoMax / distance logits z_k = −‖f − p_k‖ this is the minimum distance score (MDS,
-  paper 000): minus the distance to the nearest prototype.
+  Macêdo et al. 2021): minus the distance to the nearest prototype.
 
   Args:
     logits: `[..., num_classes]` floating logits.
@@ -98,10 +98,10 @@ def _max_logit(z):
 
 
 def entropic_score(logits):
-  """Entropic score: negative entropy of softmax(z), Σ_k p_k log p_k (paper 000, eq. 7).
+  """Entropic score: negative entropy of softmax(z), Σ_k p_k log p_k (Macêdo et al. 2021, eq. 7).
 
   Pass the raw distance logits: the entropic scale E_s multiplies them in the IsoMax loss only and
-  is removed at inference (paper 000, Section 3).
+  is removed at inference (Macêdo et al. 2021, Section 3).
 
   log p comes from `log_softmax`, so log p stays finite (≈ −2e4 for logits [1e4, −1e4]) while
   p = exp(log p) underflows to exactly 0, and p·log p = 0 as in the limit p → 0. Terms whose p is

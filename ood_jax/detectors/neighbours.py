@@ -167,7 +167,7 @@ def knn_scores(features, bank, *, k: int, query_chunk_size: int = 256, bank_chun
   Args:
     features: `[num_queries, dim]` floating query features.
     bank: `[bank_size, dim]` floating training features (the memory bank).
-    k: which neighbour, 1 ≤ k ≤ bank_size. Paper 003 / KNN use k = 100 for CIFAR-10 and 300 for
+    k: which neighbour, 1 ≤ k ≤ bank_size. ReweightOOD (Regmi et al. 2024) and KNN (Sun et al. 2022) use k = 100 for CIFAR-10 and 300 for
       CIFAR-100 (50 for KNN+).
     query_chunk_size: queries per chunk (clipped to num_queries).
     bank_chunk_size: bank rows per chunk (clipped to bank_size; the bank is split into equal chunks).

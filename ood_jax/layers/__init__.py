@@ -136,7 +136,7 @@ class ProjectionHead(nn.Module):
 
   Attributes:
     hidden_dim: width of the hidden layer (the backbone's feature width in SupCon).
-    output_dim: embedding dimension, 128 in papers 003 and SupCon.
+    output_dim: embedding dimension, 128 in ReweightOOD (Regmi et al. 2024) and SupCon (Khosla et al. 2020).
     dtype: computation dtype of the Dense layers (e.g. bfloat16); normalisation runs in float32.
   """
 

@@ -1,4 +1,4 @@
-"""Tests for ood_jax.detectors.neighbours: KNN (its chunked exact kernel, issue 15 item 4) and NNGuide
+"""Tests for ood_jax.detectors.neighbours: KNN (its chunked exact kernel) and NNGuide
 against float64 NumPy references, scikit-learn and faiss.
 
 The KNN reference normalises in float64 (zero vectors stay zero) and sorts the full distance matrix, so

@@ -294,7 +294,7 @@ def test_energy_config_trains_from_scratch_on_mock_cifar(tmp_path):
 
 
 def test_oe_config_trains_from_scratch_and_the_ice_config_fine_tunes_from_its_run(tmp_path):
-  """Paper 001's fine-tune protocol on mock CIFAR-10: a WRN-40-2 with a softmax head, then ICE from its checkpoint.
+  """ICE's fine-tune protocol (Wu et al. 2022) on mock CIFAR-10: a WRN-40-2 with a softmax head, then ICE from its checkpoint.
 
   The pretrained run is the OE config's (softmax head and cross-entropy, plus the outlier loss) so that
   one WRN-40-2 training serves both configs; the suite's time is spent on such smoke runs.

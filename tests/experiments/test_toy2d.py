@@ -1,4 +1,4 @@
-"""Tests for experiments/toy2d.py: paper 002's 2-D toy example, trained briefly."""
+"""Tests for experiments/toy2d.py: the 2-D toy example of Padhy et al. 2020, trained briefly."""
 
 from __future__ import annotations
 
