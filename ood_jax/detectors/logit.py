@@ -15,6 +15,9 @@ Scores (higher = more in-distribution), on logits z `[N, K]`, p = softmax(z):
 * KL-matching: −min_k KL(p ‖ d_k) with templates d_k = mean softmax of the fitting examples predicted
   as class k (Hendrycks et al. 2022, Section 4).
 
+* Weighted energy: log Σ_k w_k exp(z_k) with class weights w learned in training (Du et al. 2022, VOS, eq. 6);
+  all-ones weights give the energy score.
+
 `max_softmax`, `max_logit`, `entropic_score` and `energy` take `[..., K]` logits (they are
 `ood_jax.scores`' logit scores); the registered detectors check `[N, K]` logits and name themselves in
 their errors.
@@ -37,17 +40,20 @@ from ood_jax.detectors import registry
 
 __all__ = [
     'KLMatchingState',
+    'WeightedEnergyState',
     'energy',
     'entropic_score',
     'entropy',
     'fit_kl_matching',
     'fit_temperature_msp',
+    'fit_weighted_energy',
     'gen',
     'kl_matching',
     'max_logit',
     'max_softmax',
     'msp',
     'temperature_msp',
+    'weighted_energy',
 ]
 
 
@@ -378,3 +384,83 @@ def _kl_matching(state, z):
 registry.register('kl_matching', needs={'logits'}, fit=fit_kl_matching, score=kl_matching,
                   defaults={'use_labels': False}, fit_params=('use_labels',), paper='Hendrycks et al. 2022',
                   year=2022)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weighted energy (VOS).
+# ------------------------------------------------------------------------------------------------
+
+
+class WeightedEnergyState(NamedTuple):
+  """The class weights of the weighted energy.
+
+  Attributes:
+    log_weights: `[K]` log max(w_k, 0) (−inf for a class whose weight is clipped to zero).
+  """
+
+  log_weights: jax.Array
+
+
+def fit_weighted_energy(batches=None, *, num_classes=None, weights=None):
+  """The weighted energy's state from its class weights; `batches` are unused (the weights are learned in training).
+
+  Args:
+    batches: unused.
+    num_classes: K; with `weights=None` the weights are K ones (the plain energy score).
+    weights: `[K]` class weights w (or a `[K, 1]` / `[1, K]` kernel, such as VOS's `Dense(1)` on the logits),
+      e.g. from a VOS run; ReLU-clipped as VOS and pytorch-ood's `WeightedEBO` do. At least one must be > 0.
+
+  Returns:
+    `WeightedEnergyState(log_weights [K])`.
+  """
+  del batches
+  name = 'weighted_energy'
+  if weights is None:
+    if num_classes is None:
+      raise ValueError(f'detector {name!r} needs num_classes (for the default all-ones weights) or weights=[K].')
+    w = np.ones(_checks.positive_int('num_classes', num_classes))
+  else:
+    w = _checks.host_float64('weights', weights, ndim=np.ndim(weights), allow_integer=True)
+    if w.ndim == 2 and 1 in w.shape:
+      w = w.reshape(-1)
+    if w.ndim != 1 or w.size == 0:
+      raise ValueError(f'weights must be [K] (or a [K, 1] kernel), got shape {np.shape(weights)}.')
+    if num_classes is not None and w.size != num_classes:
+      raise ValueError(f'weights have {w.size} entries but num_classes={num_classes}.')
+  w = np.maximum(w, 0.0)
+  if not np.any(w > 0):
+    raise ValueError(f'detector {name!r}: every weight is <= 0 after the ReLU, so Σ_k w_k e^z_k = 0 and the '
+                     f'score is -inf; got weights {w}.')
+  with np.errstate(divide='ignore'):
+    return WeightedEnergyState(base.to_device(np.log(w)))
+
+
+def weighted_energy(state: WeightedEnergyState, logits):
+  """Weighted energy score, log Σ_k max(w_k, 0)·exp(z_k) (Du et al. 2022, "VOS: Learning what you don't know by
+  virtual outlier synthesis", eq. 6).
+
+  VOS learns w (a `Dense(1)` on the exponentiated logits, ReLU-clipped) jointly with its uncertainty loss; a
+  VOS run pins them, `detectors.get('weighted_energy', weights=w)`. With the default all-ones weights the score
+  is the energy score exactly. Computed as logsumexp(z + log w), so large logits do not overflow. pytorch-ood's
+  `WeightedEBO` returns the negation (an outlier score).
+
+  Args:
+    state: from `fit_weighted_energy`.
+    logits: `[N, K]`.
+
+  Returns:
+    `[N]` scores.
+  """
+  state = base.check_state(state, WeightedEnergyState, detector='weighted_energy')
+  return _weighted_energy(state, base.logits_arg(logits, detector='weighted_energy',
+                                                 num_classes=state.log_weights.shape[0]))
+
+
+@jax.jit
+def _weighted_energy(state, z):
+  z = base.compute(z)
+  return jax.nn.logsumexp(z + state.log_weights.astype(z.dtype), axis=-1)
+
+
+registry.register('weighted_energy', needs={'logits'}, fit=fit_weighted_energy, score=weighted_energy,
+                  defaults={'weights': None}, fit_params=('weights',), paper='Du et al. 2022', year=2022)

@@ -1,4 +1,4 @@
-"""Prototype detectors: SHE, fDBD and NCI, scores against per-class or mean training features and the head.
+"""Prototype detectors: SHE, fDBD, NCI and OpenMax, scores against per-class or mean training vectors.
 
 On penultimate features h `[N, D]`, the final layer (W `[D, K]`, b `[K]`) and ŷ = argmax z (higher = more
 in-distribution):
@@ -10,8 +10,11 @@ in-distribution):
   feature-space distance to the decision boundaries, divided by ‖h − μ_train‖.
 * NCI (Liu & Qin 2025, "Detecting out-of-distribution through the lens of neural collapse"):
   w_ŷ·(h − μ)/‖h − μ‖ + α‖h‖₁, following the authors' OpenOOD implementation.
+* OpenMax (Bendale & Boult 2016, "Towards open set deep networks", Algorithms 1–2): −P(unknown) after
+  recalibrating the top classes' logits by a Weibull model of their distance to the class's mean activation
+  vector (libMR's FitHigh convention, `fit_weibull` the maximum-likelihood fit).
 
-Each fit is one streamed float64 pass.
+Each fit is one streamed float64 pass (OpenMax's two: means, then distance tails).
 """
 
 from __future__ import annotations
@@ -22,16 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ood_jax import _checks
 from ood_jax.detectors import _base as base
 from ood_jax.detectors import registry
 
 __all__ = [
     'FeatureStatsState',
+    'OpenMaxState',
     'SHEState',
     'fdbd',
     'fit_fdbd',
+    'fit_openmax',
     'fit_she',
+    'fit_weibull',
     'nci',
+    'openmax',
     'she',
 ]
 
@@ -196,3 +204,218 @@ def _nci(state, h, alpha):
 # α grid of the authors' OpenOOD configuration.
 registry.register('nci', needs={'features', 'head'}, fit=fit_fdbd, score=nci, defaults={'alpha': 1e-4},
                   grid={'alpha': (1e-4, 1e-3, 1e-2, 1e-1)}, paper='Liu & Qin 2025', year=2025)
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenMax.
+# ------------------------------------------------------------------------------------------------
+
+
+# libMR's FitHigh translation: the tail is shifted to start at this value before the Weibull fit.
+_LIBMR_TRANSLATE = 10000.0
+# Distance weights (Euclidean, cosine): OSDN's 'eucos' is ‖v − μ‖/200 + cos-distance.
+_OPENMAX_DISTANCES = {'euclidean': (1.0, 0.0), 'eucos': (1.0 / 200.0, 1.0), 'cosine': (0.0, 1.0)}
+# Shape of a tail whose values are all equal (the likelihood grows without bound): the CDF is a step.
+_WEIBULL_MAX_SHAPE = 1e12
+
+
+def fit_weibull(x, mask=None) -> tuple[np.ndarray, np.ndarray]:
+  """Maximum-likelihood two-parameter Weibull (location 0) of each row of `x` `[R, T]` > 0, in float64.
+
+  The shape k solves the likelihood equation Σ x^k ln x / Σ x^k − 1/k − mean(ln x) = 0, whose left side
+  increases from −∞ to −mean(ln(x / max x)) ≥ 0; it is bracketed by doubling and bisected in log k to
+  machine precision (on x / max x, so x^k cannot overflow however large k is). Then the scale is
+  λ = (mean x^k)^{1/k}. Rows whose values are all equal get k = 1e12 (a step at that value).
+
+  Args:
+    x: `[R, T]` positive values (a 1-D array is one row).
+    mask: `[R, T]` booleans, the valid entries (default all); every row needs one.
+
+  Returns:
+    (shape `[R]`, scale `[R]`), float64.
+  """
+  x = np.atleast_2d(np.asarray(x, np.float64))
+  mask = np.ones(x.shape, bool) if mask is None else np.atleast_2d(np.asarray(mask, bool))
+  if not np.all(x[mask] > 0) or not np.all(mask.any(axis=1)):
+    raise ValueError('fit_weibull needs positive values and at least one per row.')
+  top = np.where(mask, x, -np.inf).max(axis=1)
+  ly = np.where(mask, np.log(np.where(mask, x, 1.0) / top[:, None]), 0.0)  # ≤ 0, 0 at the maximum
+  count = mask.sum(axis=1)
+  mean_ly = ly.sum(axis=1) / count
+
+  def equation(k):
+    e = np.where(mask, np.exp(k[:, None] * ly), 0.0)
+    return (e * ly).sum(axis=1) / e.sum(axis=1) - 1.0 / k - mean_ly
+
+  spread = -ly.min(axis=1)
+  lo = 0.5 / np.maximum(spread, 1e-300)  # f(lo) ≤ spread − 1/lo < 0
+  hi = np.maximum(lo, 1.0)
+  for _ in range(200):
+    grow = (equation(hi) <= 0) & (hi < _WEIBULL_MAX_SHAPE)
+    if not grow.any():
+      break
+    lo = np.where(grow, hi, lo)
+    hi = np.where(grow, np.minimum(2 * hi, _WEIBULL_MAX_SHAPE), hi)
+  step = equation(hi) <= 0  # no sign change below the cap: all values (numerically) equal
+  log_lo, log_hi = np.log(lo), np.log(hi)
+  for _ in range(200):
+    mid = 0.5 * (log_lo + log_hi)
+    below = equation(np.exp(mid)) <= 0
+    log_lo, log_hi = np.where(below, mid, log_lo), np.where(below, log_hi, mid)
+  shape = np.where(step, _WEIBULL_MAX_SHAPE, np.exp(0.5 * (log_lo + log_hi)))
+  mean_pow = np.where(mask, np.exp(shape[:, None] * ly), 0.0).sum(axis=1) / count
+  scale = top * np.exp(np.log(mean_pow) / shape)
+  return shape, scale
+
+
+class OpenMaxState(NamedTuple):
+  """OpenMax's per-class mean activation vectors and Weibull models of their distance tails.
+
+  Attributes:
+    means: `[K, K]` mean activation vector (logits) of each class.
+    shape: `[K]` Weibull shape k of each class's tail.
+    scale: `[K]` Weibull scale λ (of the translated distances, as libMR fits them).
+    center: `[K]` the distance d at which the translated distance equals λ: w(d) = 1 − exp(−(1 + (d −
+      center)/λ)^k), the libMR CDF written so that float32 keeps the precision its 10 000 shift would cost.
+    distance_weights: `[2]` weights of the Euclidean and the cosine distance.
+  """
+
+  means: jax.Array
+  shape: jax.Array
+  scale: jax.Array
+  center: jax.Array
+  distance_weights: jax.Array
+
+
+def _openmax_distances(v, means, weights):
+  """weights[0]·‖v − μ_k‖ + weights[1]·(1 − cos(v, μ_k)) for every class, float64 NumPy `[B, K]`."""
+  sq = np.sum(np.square(v[:, None, :] - means[None]), axis=-1)
+  cos = (v @ means.T) / np.maximum(np.linalg.norm(v, axis=1, keepdims=True) * np.linalg.norm(means, axis=1), 1e-12)
+  return weights[0] * np.sqrt(sq) + weights[1] * (1.0 - cos)
+
+
+def fit_openmax(batches, *, num_classes=None, head=None, tailsize=20, distance='euclidean'):
+  """Per class the mean activation vector and a Weibull fit of its largest distances (Bendale & Boult 2016,
+  Algorithm 1), in two streamed float64 passes.
+
+  Pass 1: the MAV μ_k, the mean logits of the training examples of class k that are classified correctly
+  (all of its examples when none is, where OpenOOD would fail). Pass 2: the distances of those examples to
+  μ_k, of which only the `tailsize` largest per class are kept (a running top-`tailsize`). The tail is
+  fitted as libMR's `FitHigh` does it (OpenOOD and pytorch-ood's `LibNotMR` follow it): shifted by
+  10 000 − (its smallest value), then a two-parameter maximum-likelihood Weibull (`fit_weibull`). The
+  batches must be re-iterable (a list or a callable).
+
+  Args:
+    batches: batches with 'logits' `[B, K]` (or 'features' and `head`) and 'labels'.
+    num_classes: K, checked against the logits when given.
+    head: the final layer, used only for batches without logits.
+    tailsize: distances per class in the fit (the paper's 20; pytorch-ood 25).
+    distance: 'euclidean' (OpenOOD's and pytorch-ood's default), 'eucos' (the authors' code:
+      ‖v − μ‖/200 + cosine distance) or 'cosine'.
+
+  Returns:
+    `OpenMaxState`.
+  """
+  name = 'openmax'
+  tailsize = _checks.positive_int('tailsize', tailsize)
+  if distance not in _OPENMAX_DISTANCES:
+    raise ValueError(f'distance must be one of {sorted(_OPENMAX_DISTANCES)}, got {distance!r}.')
+  weights = _OPENMAX_DISTANCES[distance]
+  head = None if head is None else base.as_head(head, detector=name)
+  source = base.batch_source(batches, detector=name, passes=2)
+
+  def labelled_logits():
+    k = num_classes
+    for index, batch in enumerate(source()):
+      z = base.host_logits(batch, index, head, detector=name)
+      k = base.check_dim('logits', z, k, index)
+      labels = base.host_labels(batch, index, k, z.shape[0], detector=name)
+      yield z, labels, np.argmax(z, axis=1) == labels
+
+  sums = counts = None
+  for z, labels, correct in labelled_logits():
+    if sums is None:
+      k = z.shape[1]
+      sums, counts = np.zeros((2, k, k)), np.zeros((2, k))
+    for row, keep in enumerate((correct, np.ones_like(correct))):
+      np.add.at(sums[row], labels[keep], z[keep])
+      counts[row] += np.bincount(labels[keep], minlength=k)
+  if counts is None or not counts[1].sum():
+    raise ValueError(f'detector {name!r}: batches yielded no examples.')
+  missing = np.flatnonzero(counts[1] == 0)
+  if missing.size:
+    raise ValueError(f'detector {name!r}: class {missing[0]} has no examples; every class in [0, {k}) needs '
+                     f'some to estimate its mean activation vector.')
+  use_correct = counts[0] > 0
+  means = np.where(use_correct[:, None], sums[0] / np.maximum(counts[0], 1)[:, None],
+                   sums[1] / np.maximum(counts[1], 1)[:, None])
+  tails = np.full((k, tailsize), -np.inf)
+  for z, labels, correct in labelled_logits():
+    keep = np.where(use_correct[labels], correct, True)
+    z, labels = z[keep], labels[keep]
+    d = _openmax_distances(z, means, weights)[np.arange(len(labels)), labels]
+    for c in np.unique(labels):
+      merged = np.concatenate([tails[c], d[labels == c]])
+      tails[c] = merged[np.argpartition(merged, -tailsize)[-tailsize:]] if merged.size > tailsize else merged
+  valid = np.isfinite(tails)
+  small = np.where(valid, tails, np.inf).min(axis=1)
+  shape, scale = fit_weibull(np.where(valid, tails - small[:, None] + _LIBMR_TRANSLATE, 1.0), valid)
+  center = small + (scale - _LIBMR_TRANSLATE)
+  return OpenMaxState(base.to_device(means), base.to_device(shape), base.to_device(scale), base.to_device(center),
+                      base.to_device(np.asarray(weights)))
+
+
+def openmax(state: OpenMaxState, logits, *, alpha=10):
+  """−P(unknown) of the OpenMax layer (Bendale & Boult 2016, Algorithm 2), higher = in-distribution.
+
+  For the top-α classes by activation (rank r = 0, 1, …), the activation v_k is shrunk by its weight
+  ω_k = (α − r)/α times the Weibull CDF w_k of its distance to μ_k: v̂_k = v_k(1 − ω_k w_k); the unknown
+  class gets v̂_0 = Σ_k v_k ω_k w_k, and P(unknown) = softmax(v̂_0, v̂_1, …, v̂_K)_0. pytorch-ood returns
+  P(unknown) as its outlier score; OpenOOD returns the whole OpenMax distribution. α = 10 is the paper's
+  (pytorch-ood's default; OpenOOD uses 3), clipped to K; it is traced, so its grid compiles once.
+  Distances to every class's MAV use ‖v‖² − 2v·μ + ‖μ‖² (no `[N, K, K]` difference).
+
+  Args:
+    state: from `fit_openmax`.
+    logits: `[N, K]`.
+    alpha: how many top classes are recalibrated, ≥ 1.
+
+  Returns:
+    `[N]` scores in [−1, 0].
+  """
+  state = base.check_state(state, OpenMaxState, detector='openmax')
+  num_classes = state.means.shape[0]
+  logits = base.logits_arg(logits, detector='openmax', num_classes=num_classes)
+  if isinstance(alpha, (bool, np.bool_)) or (_checks.is_concrete(alpha) and not float(alpha) >= 1):
+    raise ValueError(f'alpha must be a number >= 1, got {alpha!r}.')
+  alpha = min(base.as_float(alpha), float(num_classes)) if _checks.is_concrete(alpha) else alpha
+  return _openmax(state, logits, alpha)
+
+
+@jax.jit
+def _openmax(state, logits, alpha):
+  v = base.compute(logits)
+  mu = state.means.astype(v.dtype)
+  sq = (jnp.sum(jnp.square(v), axis=-1, keepdims=True)
+        - 2.0 * jnp.dot(v, mu.T, precision=jax.lax.Precision.HIGHEST) + jnp.sum(jnp.square(mu), axis=-1))
+  norms = jnp.linalg.norm(v, axis=-1, keepdims=True) * jnp.linalg.norm(mu, axis=-1)
+  cos = jnp.dot(v, mu.T, precision=jax.lax.Precision.HIGHEST) / jnp.maximum(norms, 1e-12)
+  weights = state.distance_weights.astype(v.dtype)
+  d = weights[0] * jnp.sqrt(jnp.maximum(sq, 0.0)) + weights[1] * (1.0 - cos)
+  # libMR's CDF 1 − exp(−((d + 10⁴ − small)/λ)^k), with (d + 10⁴ − small)/λ = 1 + (d − center)/λ.
+  power = jnp.exp(state.shape.astype(v.dtype) * jnp.log1p((d - state.center.astype(v.dtype))
+                                                          / state.scale.astype(v.dtype)))
+  w = -jnp.expm1(-power)
+  alpha = jnp.asarray(alpha, v.dtype)
+  rank = jnp.argsort(jnp.argsort(-v, axis=-1, stable=True), axis=-1, stable=True).astype(v.dtype)
+  omega = jnp.maximum(alpha - rank, 0.0) / alpha
+  shrink = omega * w
+  unknown = jnp.sum(v * shrink, axis=-1, keepdims=True)
+  revised = jnp.concatenate([unknown, v * (1.0 - shrink)], axis=-1)
+  return -jnp.exp(unknown[:, 0] - jax.nn.logsumexp(revised, axis=-1))
+
+
+registry.register('openmax', needs={'logits'}, fit=fit_openmax, score=openmax,
+                  defaults={'tailsize': 20, 'distance': 'euclidean', 'alpha': 10},
+                  fit_params=('tailsize', 'distance'), grid={'alpha': (1, 2, 3, 5, 10)},
+                  paper='Bendale & Boult 2016', year=2016)

@@ -10,6 +10,11 @@ weights W'. Features are the penultimate activations h `[N, D]` that feed the fi
   exp(s₁/s₂) (S), where s₁ = Σ h and s₂ = Σ of the kept activations.
 * SCALE (Xu et al. 2024, "Scaling for training time and post-hoc out-of-distribution detection
   enhancement", eq. 4): h' = h·exp(s₁/s₂) with s₂ from the top (100 − p) % (p = 85); nothing pruned.
+* LTS (Djurisic, Liu & Nikolić 2024, "Logit scaling for out-of-distribution detection"): logits × S² with
+  S = Σ r / Σ of the top (100 − p) % of r, r = max(h, 0) (p = 95); the features are left alone.
+* AdaScale-A / -L (Regmi 2025, "AdaSCALE: Adaptive scaling for OOD detection"): SCALE (A) or LTS (L) with a
+  per-example percentile in [75, 85] set by the ECDF of how strongly the largest activations react to a small
+  input perturbation; without the model (the registered detectors) the perturbation is zero.
 * DICE (Sun & Li 2022, eq. 3): W' = M ⊙ W keeping the top (1 − p) of the contributions
   V = h̄ ⊙ W (h̄ the mean training activation), p = 0.9.
 * VRA (Xu et al. 2023, "VRA: Variational rectified activation", VRA-P): h' = 0 below the α-quantile,
@@ -20,7 +25,8 @@ weights W'. Features are the penultimate activations h `[N, D]` that feed the fi
 
 Percentile statistics come from one streamed pass that keeps a bounded uniform random subsample of
 training rows (bottom-k random keys), so ReAct's and VRA's quantiles are exact for that subsample and
-the fit never holds more than `max_rows` examples. ASH, SCALE and RankFeat need only the head.
+the fit never holds more than `max_rows` examples. ASH, SCALE, LTS and RankFeat need only the head;
+AdaScale keeps a bounded subsample of one scalar per row.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ from ood_jax.detectors import registry
 
 __all__ = [
     'ActivationState',
+    'AdaScaleState',
     'HeadState',
+    'adascale',
+    'adascale_perturbed_features',
     'ash',
     'dice',
     'fit_activations',
+    'fit_adascale',
     'fit_head',
+    'lts',
     'rankfeat',
     'react',
     'scale',
@@ -224,7 +235,8 @@ def _kept(dim, percentile):
 
 
 def _top_mask(h, k):
-  """A 0/1 mask of each row's k largest entries, ties to the lower index (`lax.top_k`'s choice); k traced.
+  """A 0/1 mask of each row's k largest entries, ties to the lower index (`lax.top_k`'s choice); k traced, a
+  scalar or `[N]` (one count per row, as AdaScale's per-example percentile needs).
 
   Not `h >= kth value`: ReLU features tie at 0, and ASH-B must spread s₁ over exactly k positions. Every
   entry above the k-th largest value is kept, and of the entries equal to it the first ones in index order
@@ -245,7 +257,7 @@ def _top_mask(h, k):
   kth = jax.lax.fori_loop(0, bits, bit, jnp.zeros(h.shape[0], uint))[:, None]
   above = u > kth
   tied = u == kth
-  room = k - jnp.sum(above, axis=-1, keepdims=True)
+  room = jnp.reshape(k, (-1, 1)) - jnp.sum(above, axis=-1, keepdims=True)  # k: a scalar or one per row
   return (above | (tied & (jnp.cumsum(tied, axis=-1) <= room))).astype(h.dtype)
 
 
@@ -324,6 +336,253 @@ def _scale(state, h, k):
 
 registry.register('scale', needs={'features', 'head'}, fit=fit_head, score=scale, defaults={'percentile': 85.0},
                   grid={'percentile': _PERCENTILES}, paper='Xu et al. 2024', year=2024)
+
+
+# ------------------------------------------------------------------------------------------------
+# LTS and AdaScale: the SCALE ratio of ReLU features, per example.
+# ------------------------------------------------------------------------------------------------
+
+
+def _relu_ratio(h, k):
+  """s₁/s₂ of r = max(h, 0): s₁ = Σ r, s₂ = the sum of each row's k largest r (k a scalar or `[N]`); 1 where
+  s₂ = 0 (a row of dead units has nothing to scale)."""
+  r = jnp.maximum(h, 0.0)
+  s1 = jnp.sum(r, axis=-1)
+  s2 = jnp.sum(_top_mask(r, k) * r, axis=-1)
+  return jnp.where(s2 > 0, s1 / jnp.where(s2 > 0, s2, 1.0), 1.0)
+
+
+def lts(state: HeadState, features, *, percentile=95.0):
+  """LTS, logit scaling: energy of the logits multiplied by a per-example factor from the features.
+
+    r = max(h, 0),  k = D − round(D·p/100),  S = (Σ_j r_j / Σ_{k largest} r_j)²,
+    score = logsumexp(S·(Wᵀh + b))           (Djurisic, Liu & Nikolić 2024, "Logit scaling for OOD detection")
+
+  The ratio is SCALE's (Xu et al. 2024) on ReLU features; LTS leaves the features alone and scales the
+  logits by its square instead, as the authors' code does. Nothing is fitted but the head. p = 95 (the top 5 %)
+  is pytorch-ood's default (`p=0.05`). pytorch-ood divides the logits by S ("temperature"); the paper and the
+  authors' code multiply, as here (the rankings differ).
+
+  Args:
+    state: `HeadState` (from `fit_head`).
+    features: `[N, D]` penultimate features.
+    percentile: p in [0, 100], a Python number (it sets k; one compiled kernel serves every p).
+
+  Returns:
+    `[N]` scores.
+  """
+  state, h = _features_and_head(state, features, HeadState, 'lts')
+  return _lts(state, h, _kept(h.shape[1], percentile))
+
+
+@jax.jit
+def _lts(state, h, k):
+  h = base.compute(h)
+  factor = _relu_ratio(h, k) ** 2
+  return jax.nn.logsumexp(base.head_logits(h, state.head) * factor[:, None], axis=-1)
+
+
+registry.register('lts', needs={'features', 'head'}, fit=fit_head, score=lts, defaults={'percentile': 95.0},
+                  grid={'percentile': (*_PERCENTILES, 99)}, paper='Djurisic, Liu & Nikolić 2024', year=2024)
+
+
+class AdaScaleState(NamedTuple):
+  """AdaScale's fitted state.
+
+  Attributes:
+    head: the final layer.
+    reference: `[n]` sorted Q′ of the fitting rows (a bounded uniform subsample), the ECDF's sample.
+    k1: how many of the largest activations the correction term C_o sums (int32 scalar).
+    k2: how many of the largest activations the shift term sums (int32 scalar).
+    lmbda: λ, the shift term's weight.
+  """
+
+  head: base.Head
+  reference: jax.Array
+  k1: jax.Array
+  k2: jax.Array
+  lmbda: jax.Array
+
+
+def _adascale_counts(dim, k1, k2):
+  """k1 %, k2 % of D as counts: OpenOOD's int(D·k/100), at least one unit (a small D would otherwise sum none)."""
+  counts = []
+  for name, value in (('k1', k1), ('k2', k2)):
+    _checks.positive(name, value)
+    if float(value) > 100:
+      raise ValueError(f'{name} is a percentage of the features and must be <= 100, got {value}.')
+    counts.append(max(int(dim * float(value) / 100.0), 1))
+  return counts
+
+
+def _host_q(h, perturbed, c1, c2, lmbda):
+  """Q′ = Σ_{c1 largest h} max(h̃, 0) + λ·Σ_{c2 largest h} |h − h̃| per row, float64 (ties to the lower index)."""
+  order = np.argsort(-h, axis=1, kind='stable')
+  top1, top2 = order[:, :c1], order[:, :c2]
+  correction = np.take_along_axis(np.maximum(perturbed, 0.0), top1, axis=1).sum(1)
+  shift = np.take_along_axis(np.abs(h - perturbed), top2, axis=1).sum(1)
+  return correction + lmbda * shift
+
+
+def fit_adascale(batches, *, head, num_classes=None, max_rows=5000, seed=0, k1=5.0, k2=1.0, lmbda=10.0):
+  """AdaScale's reference sample: Q′ of in-distribution rows, whose ECDF sets each test example's percentile.
+
+    Q′ = Σ_{j ∈ top-k1 % of h} max(h̃_j, 0) + λ Σ_{j ∈ top-k2 % of h} |h_j − h̃_j|      (Regmi 2025, eq. 5–7)
+
+  h̃ are the features of the input perturbed by `adascale_perturbed_features` (the model's input gradient),
+  read from each batch's 'perturbed_features' `[B, D]`. Batches without them use h̃ = h (no perturbation:
+  Q′ is then the mass of the largest activations alone, the post-hoc variant the registry runs, since the
+  evaluator holds features, not inputs); fit and score must agree on which. One streamed pass keeps a bounded
+  uniform subsample of `max_rows` Q′ values (OpenOOD draws 5000 rows of the ID validation split).
+
+  Args:
+    batches: batches with 'features' and optionally 'perturbed_features'.
+    head: `(kernel [D, K], bias [K])`.
+    num_classes: optional K, checked against the head.
+    max_rows: the subsample bound.
+    seed: of the subsample.
+    k1: percentage of units in the correction term (5, as OpenOOD and the paper).
+    k2: percentage of units in the shift term (1).
+    lmbda: λ ≥ 0 (10).
+
+  Returns:
+    An `AdaScaleState`.
+  """
+  name = 'adascale'
+  head = base.as_head(head, detector=name)
+  if num_classes is not None and head.bias.shape[0] != num_classes:
+    raise ValueError(f'head has {head.bias.shape[0]} outputs but num_classes={num_classes}.')
+  max_rows = _checks.positive_int('max_rows', max_rows)
+  _checks.nonnegative('lmbda', lmbda)
+  dim = head.kernel.shape[0]
+  c1, c2 = _adascale_counts(dim, k1, k2)
+  rng = np.random.default_rng(seed)
+  kept, keys = np.zeros((0,)), np.zeros((0,))
+  for index, batch in enumerate(base.batch_source(batches, detector=name)()):
+    h = base.host(batch, 'features', index, detector=name)
+    base.check_dim('features', h, dim, index)
+    perturbed = h
+    if batch.get('perturbed_features') is not None:
+      perturbed = base.host(batch, 'perturbed_features', index, detector=name)
+      if perturbed.shape != h.shape:
+        raise ValueError(f"'perturbed_features' (batch {index}) have shape {perturbed.shape}, the features "
+                         f'{h.shape}.')
+    kept = np.concatenate([kept, _host_q(h, perturbed, c1, c2, float(lmbda))])
+    keys = np.concatenate([keys, rng.random(h.shape[0])])
+    if keys.size > max_rows:
+      keep = np.argpartition(keys, max_rows - 1)[:max_rows]
+      kept, keys = kept[keep], keys[keep]
+  if not kept.size:
+    raise ValueError(f'detector {name!r}: batches yielded no examples.')
+  return AdaScaleState(head, base.to_device(np.sort(kept)), base.to_device(c1, np.int32),
+                       base.to_device(c2, np.int32), base.to_device(float(lmbda)))
+
+
+def adascale(state: AdaScaleState, features, *, low=75.0, high=85.0, variant='a', perturbed_features=None):
+  """AdaScale: SCALE with a per-example percentile, lower for examples whose large activations look OOD.
+
+    q = Q′(h, h̃),  p = low + (1 − F̂(q))·(high − low),  k = D − round(D·p/100),
+    c = Σ_j max(h_j, 0) / Σ_{k largest} max(h_j, 0),
+    AdaScale-A: score = logsumexp(Wᵀ(h·e^c) + b);   AdaScale-L: score = logsumexp(c²·(Wᵀh + b))
+
+  (Regmi 2025, "AdaSCALE: Adaptive scaling for OOD detection", Algorithm 1; F̂ the ECDF of the fitted Q′.)
+  A large Q′ (OOD-like) gives a low percentile, so more activations count in the denominator and the scaling
+  is weaker. Defaults follow OpenOOD's `adascale_a` / `adascale_l` configs: [low, high] = [75, 85],
+  k1 = 5 %, k2 = 1 %, λ = 10. AdaScale-L with low = high = p is LTS at percentile p.
+
+  Without `perturbed_features` (the registered detectors) h̃ = h: the post-hoc variant that needs no model.
+  The paper's full method perturbs the input (`adascale_perturbed_features`), which needs the model; pass
+  those features here and in the fit's batches.
+
+  Args:
+    state: from `fit_adascale`.
+    features: `[N, D]`.
+    low: the smallest percentile, in (0, 100).
+    high: the largest percentile, in [low, 100).
+    variant: 'a' (scale the activations) or 'l' (scale the logits).
+    perturbed_features: optional `[N, D]` features of the perturbed inputs.
+
+  Returns:
+    `[N]` scores.
+  """
+  state, h = _features_and_head(state, features, AdaScaleState, 'adascale')
+  perturbed = h if perturbed_features is None else base.features_arg(
+      perturbed_features, detector='adascale', dim=h.shape[1], name='perturbed_features')
+  if perturbed.shape != h.shape:
+    raise ValueError(f'perturbed_features have shape {perturbed.shape}, the features {h.shape}.')
+  for name, value in (('low', low), ('high', high)):
+    if _checks.is_concrete(value) and not 0 < float(value) < 100:
+      raise ValueError(f'{name} must lie in (0, 100), got {value}.')
+  if _checks.is_concrete(low) and _checks.is_concrete(high) and float(low) > float(high):
+    raise ValueError(f'low must be <= high, got low={low}, high={high}.')
+  if variant not in ('a', 'l'):
+    raise ValueError(f"variant must be 'a' or 'l', got {variant!r}.")
+  return _adascale(state, h, perturbed, base.as_float(low), base.as_float(high), variant=variant)
+
+
+@functools.partial(jax.jit, static_argnames='variant')
+def _adascale(state, h, perturbed, low, high, *, variant):
+  h = base.compute(h)
+  perturbed = perturbed.astype(h.dtype)
+  dim = h.shape[1]
+  q = (jnp.sum(_top_mask(h, state.k1) * jnp.maximum(perturbed, 0.0), axis=-1)
+       + state.lmbda.astype(h.dtype) * jnp.sum(_top_mask(h, state.k2) * jnp.abs(h - perturbed), axis=-1))
+  reference = state.reference.astype(h.dtype)
+  ecdf = jnp.searchsorted(reference, q, side='right').astype(h.dtype) / reference.shape[0]
+  low, high = jnp.asarray(low, h.dtype), jnp.asarray(high, h.dtype)
+  percentile = low + (1.0 - ecdf) * (high - low)
+  k = jnp.clip(dim - jnp.round(dim * percentile / 100.0).astype(jnp.int32), 1, dim)
+  c = _relu_ratio(h, k)
+  if variant == 'a':
+    return _energy(h * jnp.exp(c)[:, None], state.head)
+  return jax.nn.logsumexp(base.head_logits(h, state.head) * (c ** 2)[:, None], axis=-1)
+
+
+def adascale_perturbed_features(apply_fn, inputs, *, fraction=0.05, step=0.5):
+  """AdaScale's perturbation: the features of x + step·sign(g)·m, g = ∇ₓ max_k z_k(x), m = 1 on each example's
+  `fraction` of input entries with the smallest |g| (Regmi 2025, eq. 4; OpenOOD's `perturb`, o = 5 %, step 0.5).
+
+  Perturbing where the prediction is least sensitive moves ID features little and OOD features more. The
+  gradient of Σ_b max z(x_b) is per-example when examples do not interact (inference-mode BatchNorm).
+
+  Args:
+    apply_fn: inputs `[B, ...]` → a dict with 'logits' `[B, K]` and 'features' `[B, D]` (the adapter's extractor).
+    inputs: `[B, ...]` floating inputs.
+    fraction: o in [0, 1], the share of entries perturbed (int(o·size) of them, as OpenOOD).
+    step: the perturbation's size, in the units of `inputs`.
+
+  Returns:
+    `[B, D]` features of the perturbed inputs.
+  """
+  if not callable(apply_fn):
+    raise ValueError('adascale_perturbed_features needs apply_fn (inputs -> {"logits", "features"}).')
+  x = _checks.floating('inputs', inputs, min_ndim=2)
+  if not 0 <= float(fraction) <= 1:
+    raise ValueError(f'fraction must lie in [0, 1], got {fraction}.')
+  size = int(np.prod(x.shape[1:]))
+  count = int(size * float(fraction))
+
+  def total_max_logit(v):
+    return jnp.sum(jnp.max(apply_fn(v)['logits'], axis=-1))
+
+  x = x.astype(_checks.compute_dtype(x))
+  grad = jax.grad(total_max_logit)(x).reshape(x.shape[0], size)
+  mask = jnp.zeros_like(grad)
+  if count:
+    # The `count` smallest |g| per row (ties to the lower index): top_k of −|g|.
+    index = jax.lax.top_k(-jnp.abs(grad), count)[1]
+    mask = jax.vmap(lambda m, i: m.at[i].set(1.0))(mask, index)
+  perturbed = x + jnp.asarray(step, x.dtype) * (jnp.sign(grad) * mask).reshape(x.shape)
+  return apply_fn(perturbed)['features']
+
+
+# OpenOOD's sweep of [low, high] (every pair has low < high); k1, k2, λ fixed at their configs' values.
+_ADASCALE_FIT = {'max_rows': 5000, 'seed': 0, 'k1': 5.0, 'k2': 1.0, 'lmbda': 10.0}
+for _variant in 'al':
+  registry.register(f'adascale_{_variant}', needs={'features', 'head'}, fit=fit_adascale,
+                    score=functools.partial(adascale, variant=_variant),
+                    defaults={**_ADASCALE_FIT, 'low': 75.0, 'high': 85.0}, fit_params=tuple(_ADASCALE_FIT),
+                    grid={'low': (60, 70, 75, 80), 'high': (85, 90, 95, 99)}, paper='Regmi 2025', year=2025)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Subspace detectors: ViM, Residual and NECO, scores from the principal subspace of the features.
+"""Subspace detectors: ViM, Residual, NECO and pNML, scores from the principal subspace of the features.
 
 On penultimate features h `[N, D]` and the final layer (W `[D, K]`, b `[K]`), higher = more in-distribution:
 
@@ -7,6 +7,9 @@ On penultimate features h `[N, D]` and the final layer (W `[D, K]`, b `[K]`), hi
 * Residual (same paper): −‖residual‖.
 * NECO (Ammar et al. 2024, "NECO: NEural Collapse based out-of-distribution detection", eq. 6):
   ‖P_d h‖ / ‖h‖, P_d the projection on the d leading principal components.
+* pNML (Bibas, Feder & Hassner 2021, "Single layer predictive normalized maximum likelihood for
+  out-of-distribution detection"): −regret of the single-layer pNML learner, from x⊤(X⊤X)⁺x, the
+  projection of the test feature on the training features' span, and the model's probabilities.
 
 Fits stream in float64 on the host (NECO's covariance with `ood_jax.detectors.gaussian.ClassMoments`);
 eigenvectors come from `eigh`.
@@ -28,10 +31,13 @@ from ood_jax.detectors import registry
 
 __all__ = [
     'PCAState',
+    'PNMLState',
     'SubspaceState',
     'fit_neco',
+    'fit_pnml',
     'fit_subspace',
     'neco',
+    'pnml',
     'residual',
     'vim',
     'vim_default_dim',
@@ -266,3 +272,116 @@ registry.register('neco', needs={'features', 'head'}, fit=fit_neco, score=neco,
                   defaults={'dim': None, 'standardize': False, 'use_max_logit': False},
                   grid={'dim': (None, 16, 32, 64, 128, 256), 'standardize': (False, True)},
                   paper='Ammar et al. 2024', year=2024)
+
+
+# ------------------------------------------------------------------------------------------------
+# pNML.
+# ------------------------------------------------------------------------------------------------
+
+
+class PNMLState(NamedTuple):
+  """The eigen-decomposition of the training correlation X⊤X of x = [1, h/‖h‖] (or h/‖h‖ without the bias).
+
+  Attributes:
+    basis: `[D', D']` eigenvectors (columns) of X⊤X, D' = D + 1 with the bias entry.
+    inverse_eigenvalues: `[D']` 1/λ for the eigenvalues above the cut-off, 0 for the others: x⊤(X⊤X)⁺x is
+      Σ (v⊤x)²/λ.
+    null: `[D']` 1 for the eigenvalues at or below the cut-off (the null space of X⊤X), 0 for the others:
+      ‖x_⊥‖² = Σ_null (v⊤x)², the energy of x outside the span of the training features.
+    bias: the entries prepended to h/‖h‖: `[1]` ones with the bias, `[0]` without (a shape, so the kernel
+      needs no flag).
+  """
+
+  basis: jax.Array
+  inverse_eigenvalues: jax.Array
+  null: jax.Array
+  bias: jax.Array
+
+
+def _pnml_rows(h, bias, xp):
+  """[bias, h/‖h‖]: the authors normalise the features and prepend the constant 1."""
+  unit = h / xp.maximum(xp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+  return xp.concatenate([xp.broadcast_to(bias.astype(unit.dtype), (unit.shape[0], bias.shape[0])), unit], axis=1)
+
+
+def fit_pnml(batches, *, bias=True, rcond=None):
+  """X⊤X of the normalised training features, streamed in float64, and its eigen-decomposition
+  (Bibas, Feder & Hassner 2021).
+
+  The pseudo-inverse keeps the eigenvalues above rcond·λ_max; rcond=None is D'·eps (float64), the
+  matrix-rank tolerance (the authors call `numpy.linalg.pinv`, cut-off 1e-15, which keeps round-off
+  eigenvalues when D' exceeds the number of training examples).
+
+  Args:
+    batches: batches with 'features' `[B, D]`.
+    bias: prepend the constant 1 as the authors do (pytorch-ood does not).
+    rcond: relative eigenvalue cut-off, or None.
+
+  Returns:
+    `PNMLState`.
+  """
+  name = 'pnml'
+  bias = np.ones(1) if _checks.boolean('bias', bias) else np.zeros(0)
+  gram, dim, count = None, None, 0
+  for index, batch in enumerate(base.batch_source(batches, detector=name)()):
+    h = base.host(batch, 'features', index, detector=name)
+    dim = base.check_dim('features', h, dim, index)
+    x = _pnml_rows(h, bias, np)
+    gram = x.T @ x if gram is None else gram + x.T @ x
+    count += h.shape[0]
+  if not count:
+    raise ValueError(f'detector {name!r}: batches yielded no examples.')
+  size = gram.shape[0]
+  rcond = size * np.finfo(np.float64).eps if rcond is None else float(_checks.nonnegative('rcond', rcond))
+  eigenvalues, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
+  kept = eigenvalues > rcond * max(eigenvalues[-1], 0.0)
+  inverse = np.where(kept, 1.0 / np.where(kept, eigenvalues, 1.0), 0.0)
+  return PNMLState(base.to_device(vectors), base.to_device(inverse), base.to_device((~kept).astype(np.float64)),
+                   base.to_device(bias))
+
+
+def pnml(state: PNMLState, features, *, logits):
+  """−regret of the single-layer pNML learner (Bibas, Feder & Hassner 2021), higher = in-distribution.
+
+  With x the normalised test feature (with its bias entry), p the model's softmax probabilities and
+  g = max(‖x_⊥‖², x⊤(X⊤X)⁺x / (1 + x⊤(X⊤X)⁺x)) (‖x_⊥‖² the part of x outside the training span), the
+  regret is log Σ_c p_c / (p_c + (1 − p_c)·p_c^g), divided by log K as in the authors' code (so it lies in
+  [0, 1]). pytorch-ood returns the regret itself (higher = OOD), computes p from the head applied to the
+  normalised features and drops ‖x_⊥‖² and the bias entry; here p is the model's own prediction, as in the
+  paper and the authors' code. Each term is written 1/(1 + exp(log(1 − p_c) + (g − 1) log p_c)), so a
+  probability that underflows gives its limit instead of 0/0.
+
+  Args:
+    state: from `fit_pnml`.
+    features: `[N, D]`.
+    logits: `[N, K]`, K ≥ 2.
+
+  Returns:
+    `[N]` scores in [−1, 0].
+  """
+  state = base.check_state(state, PNMLState, detector='pnml')
+  h = base.features_arg(features, detector='pnml', dim=state.basis.shape[0] - state.bias.shape[0])
+  z = base.logits_arg(logits, detector='pnml')
+  if z.shape[0] != h.shape[0]:
+    raise ValueError(f'logits have {z.shape[0]} rows but features have {h.shape[0]}.')
+  if z.shape[1] < 2:
+    raise ValueError(f'pnml needs at least 2 classes (its regret is normalised by log K), got logits {z.shape}.')
+  return _pnml(state, h, z)
+
+
+@jax.jit
+def _pnml(state, h, logits):
+  h = base.compute(h)
+  x = _pnml_rows(h, state.bias, jnp)
+  coords = jnp.square(jnp.dot(x, state.basis.astype(h.dtype), precision=jax.lax.Precision.HIGHEST))
+  inside = jnp.sum(coords * state.inverse_eigenvalues.astype(h.dtype), axis=-1)
+  outside = jnp.sum(coords * state.null.astype(h.dtype), axis=-1)
+  g = jnp.maximum(outside, inside / (1.0 + inside))[:, None]
+  log_p = jax.nn.log_softmax(base.compute(logits).astype(h.dtype), axis=-1)
+  log_rest = jnp.log1p(-jnp.exp(log_p))  # log(1 − p_c)
+  terms = jax.nn.sigmoid(-(log_rest + (g - 1.0) * log_p))
+  return -jnp.log(jnp.sum(terms, axis=-1)) / jnp.log(float(logits.shape[1]))
+
+
+registry.register('pnml', needs={'features', 'logits'}, fit=fit_pnml, score=pnml, defaults={'bias': True},
+                  fit_params=('bias',), paper='Bibas, Feder & Hassner 2021', year=2021)

@@ -209,3 +209,27 @@ def test_logit_detectors_are_the_scores_arithmetic(name, kernel):
   z, _ = _problem(seed=9)
   det = jax.jit(lambda z: detectors.get(name).score((), {'logits': z}))
   np.testing.assert_array_equal(det(z), jax.jit(getattr(scores, kernel))(z))
+
+
+def test_weighted_energy_matches_reference_and_all_ones_is_energy():
+  """log Σ_k max(w_k, 0) e^{z_k} (VOS, eq. 6) in float64; pytorch-ood's `WeightedEBO` is the negation, and
+  clips the weights with a ReLU as here."""
+  z, _ = _problem(seed=7, k=4, scale=20.0)  # large logits: a naive Σ w e^z overflows float32
+  weights = np.array([0.5, 0.0, 2.0, -1.0])
+  det = detectors.get('weighted_energy', weights=weights)
+  state = det.fit(num_classes=4)
+  score = jax.jit(lambda s, x: det.score(s, {'logits': x}))
+  ref = special.logsumexp(z.astype(np.float64), b=np.maximum(weights, 0.0), axis=-1)
+  np.testing.assert_allclose(score(state, z), ref, rtol=1e-6)
+  # A [K, 1] kernel (VOS's Dense(1)) is the same weights.
+  np.testing.assert_allclose(score(logit.fit_weighted_energy(weights=weights[:, None]), z), ref, rtol=1e-6)
+  plain = detectors.get('weighted_energy')
+  np.testing.assert_allclose(score(plain.fit(num_classes=4), z), logit.energy(z), rtol=1e-6)
+  with pytest.raises(ValueError, match='every weight is <= 0'):
+    logit.fit_weighted_energy(weights=[0.0, -1.0])
+  with pytest.raises(ValueError, match='num_classes=3'):
+    logit.fit_weighted_energy(weights=weights, num_classes=3)
+  with pytest.raises(ValueError, match='needs num_classes'):
+    plain.fit()
+  with pytest.raises(ValueError, match='fitted on 4'):
+    plain.score(state, {'logits': z[:, :3]})

@@ -180,3 +180,37 @@ def test_nnguide_matches_reference():
     np.testing.assert_allclose(problems.jit_score(det, state, test, k=k), ref, rtol=1e-4, atol=1e-4)
   small = det.fit(problems.batches(h, labels), head=(w, b), fraction=0.25, seed=1)
   assert 20 < small.bank.shape[0] < 100  # A Bernoulli(0.25) subset of 240 rows.
+
+
+# ------------------------------------------------------------------------------------------------
+# Relation.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_relation_matches_reference():
+  h, labels, w, b, test = problems.problem(seed=21)
+  train = [{**batch, 'logits': batch['features'] @ w + b} for batch in problems.batches(h, labels)]
+  det = detectors.get('relation')
+  state = det.fit(train)
+  test_logits = test @ w + b
+
+  def unit(x):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).sum(1, keepdims=True) + 1e-10)
+
+  # Kim et al. 2023 as OpenOOD runs it: r = max(cos, 0)·⟨p, p'⟩, edges r > 0.03 summed after ** power.
+  r = np.maximum(unit(test) @ unit(h).T, 0) * (special.softmax(test_logits.astype(np.float64), 1)
+                                               @ special.softmax(h.astype(np.float64) @ w + b, 1).T)
+  score = jax.jit(lambda s, f, z, p, t: neighbours.relation(s, f, logits=z, power=p, threshold=t,
+                                                             query_chunk_size=8, bank_chunk_size=64))
+  for power, threshold in ((1.0, 0.03), (4.0, 0.3)):  # traced: one compilation; padded query and bank chunks
+    ref = np.where(r > threshold, r ** power, 0).sum(1)
+    np.testing.assert_allclose(score(state, test, test_logits, power, threshold), ref, rtol=1e-5, atol=1e-6)
+  # The default chunks give the same numbers; a bank subsample keeps about `fraction` of the rows.
+  np.testing.assert_allclose(det.score(state, {'features': test, 'logits': test_logits}),
+                             np.where(r > 0.03, r, 0).sum(1), rtol=1e-5)
+  assert 80 < det.fit(train, fraction=0.5).features.shape[0] < 160
+  with pytest.raises(ValueError, match='power must be > 0'):
+    det.score(state, {'features': test, 'logits': test_logits}, power=0.0)
+  with pytest.raises(ValueError, match="'relation' needs logits"):
+    det.score(state, {'features': test})

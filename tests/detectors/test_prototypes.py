@@ -1,11 +1,14 @@
-"""Tests for ood_jax.detectors.prototypes (SHE, fDBD, NCI) against float64 NumPy references written from the
+"""Tests for ood_jax.detectors.prototypes (SHE, fDBD, NCI, OpenMax) against float64 NumPy references written from the
 papers."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import pytest
 
 from ood_jax import detectors
+from ood_jax.detectors import prototypes
 from tests.detectors import problems
 
 K = problems.K
@@ -44,3 +47,98 @@ def test_fdbd_and_nci_match_reference():
   ref = (np.sum(w64[:, pred].T * centred, axis=1) / np.linalg.norm(centred, axis=1)
          + 0.01 * np.abs(t64).sum(1))
   np.testing.assert_allclose(problems.jit_score(nci, nci_state, test, alpha=0.01), ref, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenMax.
+# ------------------------------------------------------------------------------------------------
+
+
+def _weibull_log_likelihood(x, shape, scale):
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return stats.weibull_min.logpdf(x, shape, scale=scale).sum()
+
+
+def test_weibull_fit_is_the_maximum_likelihood_of_scipy():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  samples = stats.weibull_min.rvs(2.5, scale=3.0, size=(2, 30), random_state=1)
+  tail = np.sort(rng.gamma(3.0, size=20)) + 2.0
+  libmr = tail - tail.min() + 10000.0  # libMR's FitHigh translation: very large shapes
+  for x in (*samples, libmr):
+    shape, scale = prototypes.fit_weibull(x)
+    ref_shape, _, ref_scale = stats.weibull_min.fit(x, floc=0)
+    np.testing.assert_allclose([shape[0], scale[0]], [ref_shape, ref_scale], rtol=2e-5)
+    # The likelihood equation is solved to machine precision: at least as likely as scipy's optimum.
+    assert _weibull_log_likelihood(x, shape[0], scale[0]) >= _weibull_log_likelihood(x, ref_shape, ref_scale) - 1e-9
+  # Padded rows (a class with a short tail) fit their valid entries only; equal values give a step.
+  shape, scale = prototypes.fit_weibull(np.stack([samples[0], np.r_[samples[1][:10], np.ones(20)]]),
+                                        np.stack([np.ones(30, bool), np.arange(30) < 10]))
+  np.testing.assert_allclose([shape[1], scale[1]], [x[0] for x in prototypes.fit_weibull(samples[1][:10])])
+  assert prototypes.fit_weibull(np.full(4, 3.0))[0][0] >= 1e12
+
+
+def _openmax_problem(seed=0, n=200, k=K):
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % k
+  logits = (4.0 * np.eye(k)[labels] + 1.5 * rng.standard_normal((n, k))).astype(np.float32)
+  test = (np.eye(k)[rng.integers(0, k, 12)] * rng.uniform(0, 6, (12, 1)) + rng.standard_normal((12, k)))
+  return logits, labels, test.astype(np.float32)
+
+
+def _openmax_reference(logits, labels, test, *, tailsize, alpha, eu, cos):
+  """Bendale & Boult 2016, Algorithms 1–2, float64, with scipy's Weibull fit of libMR's shifted tail."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  z, t = logits.astype(np.float64), test.astype(np.float64)
+  k = z.shape[1]
+
+  def dist(v, mu):
+    return eu * np.linalg.norm(v - mu, axis=-1) + cos * (1 - v @ mu / (np.linalg.norm(v, axis=-1) * np.linalg.norm(mu)))
+
+  cdfs = []
+  correct = z.argmax(1) == labels
+  for c in range(k):
+    members = z[(labels == c) & correct]
+    mu = members.mean(0)
+    tail = np.sort(dist(members, mu))[-tailsize:]
+    shape, _, scale = stats.weibull_min.fit(tail - tail.min() + 10000.0, floc=0)
+    cdfs.append(stats.weibull_min.cdf(dist(t, mu) - tail.min() + 10000.0, shape, scale=scale))
+  w = np.stack(cdfs, 1)
+  scores = []
+  for v, wv in zip(t, w):
+    omega = np.zeros(k)
+    omega[np.argsort(-v)[:alpha]] = (alpha - np.arange(alpha)) / alpha
+    revised = np.r_[np.sum(v * omega * wv), v * (1 - omega * wv)]
+    scores.append(-np.exp(revised[0]) / np.exp(revised).sum())
+  return np.array(scores)
+
+
+def test_openmax_matches_reference():
+  logits, labels, test = _openmax_problem()
+  train = [{'logits': logits[i:i + 64], 'labels': labels[i:i + 64]} for i in range(0, len(logits), 64)]
+  det = detectors.get('openmax')
+  score = jax.jit(lambda s, z, a: det.score(s, {'logits': z}, alpha=a))  # alpha traced: one compilation
+  for distance, eu, cos in (('euclidean', 1.0, 0.0), ('eucos', 1 / 200, 1.0)):
+    state = det.fit(train, tailsize=8, distance=distance)
+    for alpha in (2, K):
+      ref = _openmax_reference(logits, labels, test, tailsize=8, alpha=alpha, eu=eu, cos=cos)
+      assert ref.min() < -0.05 and ref.max() > -0.05  # some outliers and some inliers
+      np.testing.assert_allclose(score(state, test, alpha), ref, atol=2e-4)
+  # pytorch-ood's sign is the opposite (P(unknown) as outlier score) and its alpha is clipped to K alike.
+  np.testing.assert_allclose(det.score(state, {'logits': test}, alpha=50), det.score(state, {'logits': test}, alpha=K))
+
+
+def test_openmax_errors():
+  logits, labels, _ = _openmax_problem()
+  det = detectors.get('openmax')
+  with pytest.raises(ValueError, match='distance must be one of'):
+    det.fit([{'logits': logits, 'labels': labels}], distance='manhattan')
+  with pytest.raises(ValueError, match='class 3 has no examples'):
+    det.fit([{'logits': logits, 'labels': labels % 3}])
+  with pytest.raises(TypeError, match='makes 2 passes'):
+    det.fit(iter([{'logits': logits, 'labels': labels}]))
+  state = det.fit([{'logits': logits, 'labels': labels}])
+  with pytest.raises(ValueError, match='alpha must be a number >= 1'):
+    det.score(state, {'logits': logits}, alpha=0)
+  with pytest.raises(ValueError, match='fitted on 4'):
+    det.score(state, {'logits': logits[:, :3]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import special
@@ -194,3 +195,102 @@ def test_errors():
     shaping.rankfeat(shaping.fit_head(head=(w, b)), {'a': np.ones((1, 2, 2, D)), 'b': np.ones((1, 2, 2, D))})
   with pytest.raises(ValueError, match='channels'):
     shaping.rankfeat(shaping.fit_head(head=(w, b)), np.ones((1, 2, 2, 3), np.float32))
+
+
+def _ref_relu_ratio(x, k):
+  """Σ r / Σ of the k largest r, r = max(x, 0), one row; float64."""
+  r = np.maximum(np.asarray(x, np.float64), 0.0)
+  return r.sum() / np.sort(r)[::-1][:k].sum()
+
+
+def _ref_lts(x, w, b, p):
+  x = np.asarray(x, np.float64)
+  k = max(x.shape[1] - int(np.round(x.shape[1] * p / 100)), 1)
+  factor = np.array([_ref_relu_ratio(row, k) for row in x]) ** 2
+  return special.logsumexp(factor[:, None] * (x @ w.astype(np.float64) + b), axis=-1)
+
+
+def test_lts_matches_reference():
+  """Logits × (Σ r / Σ top-k r)², r = ReLU(h) (Djurisic, Liu & Nikolić 2024, the authors' code). pytorch-ood's `LTS`
+  divides the logits by this factor instead of multiplying (its p = 0.05 is the percentile 95 default here)."""
+  h, w, b, test = _problem(seed=7)
+  test = test - 0.3 + 0.01 * np.arange(D)  # some negative features: the ReLU matters
+  det, state = _fit('lts', h, w, b)
+  score = jax.jit(lambda s, f, p: det.score(s, {'features': f}, percentile=p), static_argnums=2)
+  for p in (95.0, 65.0):
+    np.testing.assert_allclose(score(state, test, p), _ref_lts(test, w, b, p), rtol=2e-5)
+
+
+def _ref_adascale(h_fit, ht_fit, x, xt, w, b, low, high, variant, k1=5.0, k2=1.0, lmbda=10.0):
+  """AdaScale (Regmi 2025, Algorithm 1) in float64: Q′, its ECDF over the fitted rows, the per-example percentile."""
+  d = x.shape[1]
+  c1, c2 = max(int(d * k1 / 100), 1), max(int(d * k2 / 100), 1)
+
+  def q(a, at):
+    out = []
+    for row, prow in zip(np.asarray(a, np.float64), np.asarray(at, np.float64)):
+      order = np.argsort(-row, kind='stable')
+      out.append(np.maximum(prow[order[:c1]], 0).sum() + lmbda * np.abs(row - prow)[order[:c2]].sum())
+    return np.array(out)
+
+  reference = q(h_fit, ht_fit)
+  ecdf = np.array([(reference <= v).mean() for v in q(x, xt)])
+  percentile = low + (1 - ecdf) * (high - low)
+  x = np.asarray(x, np.float64)
+  ratio = np.array([_ref_relu_ratio(row, min(max(d - int(np.round(d * p / 100)), 1), d))
+                    for row, p in zip(x, percentile)])
+  if variant == 'a':
+    return special.logsumexp((x * np.exp(ratio)[:, None]) @ w + b, axis=-1)
+  return special.logsumexp(ratio[:, None] ** 2 * (x @ w + b), axis=-1)
+
+
+def test_adascale_matches_reference_with_and_without_the_perturbation():
+  h, w, b, test = _problem(seed=8)
+  rng = np.random.default_rng(8)
+  test = np.concatenate([h[:10], test]) + 0.01 * np.arange(D)  # ID-like rows too: ECDF values across [0, 1]
+  h_t = (h + 0.3 * rng.standard_normal(h.shape)).astype(np.float32)
+  test_t = (test + 0.3 * rng.standard_normal(test.shape)).astype(np.float32)
+  # The registered, post-hoc AdaScale-A: no perturbation (h̃ = h); the percentile range is traced (one compile).
+  det, state = _fit('adascale_a', h, w, b)
+  score = jax.jit(lambda s, f, lo, hi: det.score(s, {'features': f}, low=lo, high=hi))
+  for low, high in ((75.0, 85.0), (60.0, 99.0)):
+    np.testing.assert_allclose(score(state, test, low, high), _ref_adascale(h, h, test, test, w, b, low, high, 'a'),
+                               rtol=2e-5)
+  # The paper's method (AdaScale-L here): fitted and scored with the perturbed inputs' features.
+  state = shaping.fit_adascale([{'features': h, 'perturbed_features': h_t}], head=(w, b))
+  np.testing.assert_allclose(shaping.adascale(state, test, perturbed_features=test_t, variant='l'),
+                             _ref_adascale(h, h_t, test, test_t, w, b, 75.0, 85.0, 'l'), rtol=2e-5)
+  # AdaScale-L with a fixed percentile is LTS.
+  np.testing.assert_allclose(shaping.adascale(state, test, low=80.0, high=80.0, variant='l', perturbed_features=test),
+                             shaping.lts(shaping.fit_head(head=(w, b)), test, percentile=80.0), rtol=1e-6)
+  with pytest.raises(ValueError, match='low must be <= high'):
+    shaping.adascale(state, test, low=90.0, high=80.0)
+  with pytest.raises(ValueError, match=r'\(0, 100\)'):
+    shaping.adascale(state, test, high=100.0)
+  with pytest.raises(ValueError, match='perturbed_features have dimension'):
+    shaping.adascale(state, test, perturbed_features=test[:, :3])
+  with pytest.raises(ValueError, match='k1 is a percentage'):
+    shaping.fit_adascale(_batches(h), head=(w, b), k1=150.0)
+
+
+def test_adascale_perturbation_matches_a_hand_derived_gradient():
+  """x + 0.5·sign(g) on the 5 % … of entries with the smallest |g|, g = ∇ₓ max_k z_k, for a ReLU layer and a head."""
+  rng = np.random.default_rng(9)
+  a = rng.standard_normal((20, D)).astype(np.float32)
+  _, w, b, _ = _problem()
+  x = rng.standard_normal((6, 20)).astype(np.float32)
+
+  def apply_fn(v):
+    f = jax.nn.relu(v @ jnp.asarray(a))
+    return {'features': f, 'logits': f @ jnp.asarray(w) + jnp.asarray(b)}
+
+  out = jax.jit(lambda v: shaping.adascale_perturbed_features(apply_fn, v, fraction=0.25, step=0.5))(x)
+  pre = x.astype(np.float64) @ a
+  feats = np.maximum(pre, 0)
+  top = (feats @ w + b).argmax(1)
+  grad = ((pre > 0) * w[:, top].T) @ a.T  # ∂ z_ŷ / ∂x = A (1[xA > 0] ⊙ W_ŷ)
+  moved = x.astype(np.float64).copy()
+  for i, g in enumerate(grad):
+    idx = np.argsort(np.abs(g), kind='stable')[:5]  # int(20 · 0.25) entries
+    moved[i, idx] += 0.5 * np.sign(g[idx])
+  np.testing.assert_allclose(out, np.maximum(moved @ a, 0), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ the papers."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from scipy import special
@@ -103,3 +104,44 @@ def test_errors():
     det.fit(iter(problems.batches(h, labels)), head=(w, b))
   with pytest.raises(ValueError, match=r'dim must lie in \[0, 8\]'):
     det.score(state, {'features': test}, dim=9)
+
+
+# ------------------------------------------------------------------------------------------------
+# pNML.
+# ------------------------------------------------------------------------------------------------
+
+
+def _ref_pnml(train, test, logits, *, bias, rcond):
+  """The single-layer pNML regret (Bibas, Feder & Hassner 2021), authors' normalisation and bias entry, float64."""
+  def rows(x):
+    x = x.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.hstack([np.ones((len(x), 1)), x]) if bias else x
+
+  x_train, x = rows(train), rows(test)
+  gram = x_train.T @ x_train
+  parallel = np.linalg.pinv(gram, rcond=rcond)
+  bot = np.eye(len(gram)) - parallel @ gram
+  x_par = np.einsum('nd,de,ne->n', x, parallel, x)
+  x_bot = np.einsum('nd,de,ne->n', x, bot, x)
+  g = np.maximum(x_bot, x_par / (1 + x_par))[:, None]
+  p = special.softmax(logits.astype(np.float64), axis=1)
+  regret = np.log(np.sum(p / (p + (1 - p) * p ** g), axis=1)) / np.log(p.shape[1])
+  return -regret, x_bot
+
+
+def test_pnml_matches_reference():
+  h, labels, w, b, test = problems.problem(seed=23)
+  logits = test @ w + b
+  det = detectors.get('pnml')
+  # Full rank (N > D + 1), and rank deficient (5 training rows in D + 1 = 9 dimensions), with and without bias.
+  for train, bias in ((h, True), (h[:5], True), (h[:5], False)):
+    state = det.fit([{'features': train}], bias=bias)
+    ref, x_bot = _ref_pnml(train, test, logits, bias=bias, rcond=(h.shape[1] + bias) * np.finfo(np.float64).eps)
+    got = jax.jit(lambda s, f, z: det.score(s, {'features': f, 'logits': z}))(state, test, logits)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert (x_bot.max() > 0.1) == (len(train) == 5)  # the orthogonal part matters off the training span
+  with pytest.raises(ValueError, match='at least 2 classes'):
+    det.score(state, {'features': test, 'logits': logits[:, :1]})
+  with pytest.raises(ValueError, match='logits have 20 rows but features have 3'):
+    det.score(state, {'features': test[:3], 'logits': logits})
