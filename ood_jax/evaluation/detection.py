@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,28 @@ from ood_jax import detectors
 from ood_jax import metrics
 from ood_jax.evaluation import tuning
 
-__all__ = ['evaluate_detectors']
+__all__ = ['evaluate_detectors', 'streamed']
 
 _LOG = logging.getLogger(__name__)
 
 # Rows per training batch handed to a detector's streamed fit.
 _FIT_BATCH = 4096
+
+
+def streamed(outputs) -> bool:
+  """Whether `outputs` is a streamed set rather than a dict of arrays.
+
+  A streamed set (`ood_jax.trainer.feature_cache.ChunkStore`, or anything with the same four members)
+  has `keys` (its output names), `num_rows`, `dim(key)` (the trailing size of a row) and `blocks(keys,
+  rows)` returning a fresh iterator over dicts of at most `rows` consecutive rows, in order.
+  """
+  return not isinstance(outputs, Mapping) and callable(getattr(outputs, 'blocks', None))
+
+
+def _blocks(outputs, keys):
+  if streamed(outputs):
+    return outputs.blocks(keys, tuning.BLOCK)
+  return [{key: outputs[key] for key in keys}]
 
 
 def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], num_classes: int,
@@ -39,9 +56,11 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
   Args:
     spec: 'all', or detector names (`ood_jax.detectors`); 'all' keeps those the inputs allow.
     train: training-set outputs of `inference.run` ('features', 'labels', and 'logits' for a
-      classifier), in training order.
-    test: in-distribution test outputs ('features', and 'logits' for a classifier).
-    ood: OOD test set name → its outputs.
+      classifier), in training order; or a streamed set (`streamed`), which every fit reads block by
+      block, so that memory holds one block, not the set.
+    test: in-distribution test outputs ('features', and 'logits' for a classifier), or a streamed set.
+    ood: OOD test set name → its outputs (or a streamed set). With any streamed set, every set is
+      scored block by block and only the scores are kept.
     num_classes: K.
     head: the final dense layer's (kernel, bias), or None when the head is not affine.
     validation: in-distribution validation outputs; with `validation_ood`, detectors with a grid are
@@ -54,19 +73,31 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
     {'hparams', 'validation_auroc', 'candidates'}} for tuned detectors and, for detectors that failed
     on this model, 'errors': {detector: message} (logged too).
   """
-  outputs = tuple(key for key in ('logits', 'features') if key in train)  # a function model may give logits only
+  present = tuple(train.keys) if streamed(train) else tuple(train)
+  outputs = tuple(key for key in ('logits', 'features') if key in present)  # a function model may give logits only
   if not outputs:
     raise ValueError("the training outputs hold neither 'logits' nor 'features'.")
-  available = set(outputs) | ({'head'} if head is not None and 'features' in train else set())
+  available = set(outputs) | ({'head'} if head is not None and 'features' in present else set())
   chosen = detectors.resolve(spec, available=available, hparams=pinned)
   keys = (*outputs, 'labels')
-  batches = [{key: train[key][start:start + _FIT_BATCH] for key in keys}
-             for start in range(0, len(train['labels']), _FIT_BATCH)]
+  if streamed(train):  # read again for every pass of every fit: one chunk in memory at a time
+    batches = lambda: train.blocks(keys, _FIT_BATCH)
+    num_train, feature_dim = train.num_rows, train.dim('features') if 'features' in present else None
+  else:
+    batches = [{key: train[key][start:start + _FIT_BATCH] for key in keys}
+               for start in range(0, len(train['labels']), _FIT_BATCH)]
+    num_train, feature_dim = len(train['labels']), train['features'].shape[-1] if 'features' in present else None
   tune = bool(validation_ood) and validation is not None and len(validation[outputs[0]]) > 0
-  # One pass per detector over the test set and every OOD set together (in row blocks), then split.
   sets = [test] + list(ood.values())
-  inputs = {key: np.concatenate([s[key] for s in sets]) for key in keys[:-1]}
-  bounds = np.cumsum([len(s[outputs[0]]) for s in sets])[:-1]
+  if any(streamed(s) for s in sets):
+    # Each set scored block by block as it is read; only the scores (one float per row) are kept.
+    score_sets = lambda det, state, hp: [
+        np.concatenate([tuning.score_rows(det, state, block, **hp) for block in _blocks(s, keys[:-1])]) for s in sets]
+  else:
+    # One pass per detector over the test set and every OOD set together (in row blocks), then split.
+    inputs = {key: np.concatenate([s[key] for s in sets]) for key in keys[:-1]}
+    bounds = np.cumsum([len(s[outputs[0]]) for s in sets])[:-1]
+    score_sets = lambda det, state, hp: np.split(tuning.score_rows(det, state, inputs, **hp), bounds)
   per_set, errors, tuned = {name: {} for name in ood}, {}, {}
   fitted: dict[tuple, Any] = {}
 
@@ -85,10 +116,9 @@ def evaluate_detectors(spec, *, train: dict, test: dict, ood: dict[str, dict], n
       if tune and det.grid:
         hparams, tuned[det.name] = tuning.select(
             det, lambda _det=det, **hp: fit(_det, **hp), validation_in={k: validation[k] for k in keys[:-1]},
-            validation_ood=validation_ood, feature_dim=train['features'].shape[-1] if 'features' in train else None,
-            num_classes=num_classes, num_train=len(train['labels']))
+            validation_ood=validation_ood, feature_dim=feature_dim, num_classes=num_classes, num_train=num_train)
       state = fit(det, **{k: v for k, v in hparams.items() if k in det.fit_params})
-      values = np.split(tuning.score_rows(det, state, inputs, **hparams), bounds)
+      values = score_sets(det, state, hparams)
     except (ValueError, TypeError, np.linalg.LinAlgError) as e:
       _LOG.warning('detector %s failed on this model: %s', det.name, e)
       errors[det.name] = f'{type(e).__name__}: {e}'

@@ -37,11 +37,13 @@ import os
 import time
 from typing import Any
 
+from flax import serialization
 import flax.linen as nn
 from flax import nnx
 import jax
 import numpy as np
 
+from ood_jax import _extras
 from ood_jax import calibration
 from ood_jax import metrics
 from ood_jax.detectors import adapter
@@ -49,7 +51,7 @@ from ood_jax.evaluation import detection
 from ood_jax.evaluation import leaderboard
 from ood_jax.evaluation import report as report_lib
 
-__all__ = ['Report', 'calibration_block', 'evaluate', 'extract']
+__all__ = ['Report', 'calibration_block', 'evaluate', 'evaluate_outputs', 'extract', 'extractor', 'load_variables']
 
 _LOG = logging.getLogger(__name__)
 
@@ -129,6 +131,57 @@ def _model_fn(model, variables, *, head, features, apply_kwargs) -> tuple[Callab
   if isinstance(head, tuple) and len(head) == 2:  # (kernel [D, K], bias [K]) given directly
     weights = tuple(np.asarray(w) for w in head)
   return fn, weights
+
+
+def extractor(model, variables=None, *, head='head', features=None, apply_kwargs: Mapping[str, Any] | None = None
+              ) -> tuple[Callable, tuple | None]:
+  """(x → {'logits', 'features'}, the final layer's (kernel, bias) or None): the forward pass `evaluate` runs.
+
+  For callers that feed batches themselves (the trainer's streamed ImageNet evaluation); the arguments are
+  `evaluate`'s.
+  """
+  return _model_fn(model, variables, head=head, features=features, apply_kwargs=apply_kwargs)
+
+
+def load_variables(path: str | os.PathLike, *, target=None):
+  """A model's variables from a checkpoint: a Flax msgpack file or an orbax checkpoint folder.
+
+  Args:
+    path: a file written by `flax.serialization.to_bytes` / `msgpack_serialize` (any name; '.msgpack' by
+      custom), or a folder written by orbax (`ocp.StandardCheckpointer().save(path, variables)`; a folder
+      holding a 'default' item, as `CheckpointManager` writes one, works too).
+    target: optional pytree of the expected structure (e.g. `model.init(...)`), which the restored values
+      must match; None returns the stored nested dicts of arrays, which `module.apply` accepts as they are.
+
+  Returns:
+    The variables ({'params': ..., 'batch_stats': ...}) as host arrays.
+
+  Raises:
+    FileNotFoundError: nothing at `path`. ValueError: a file that is not a msgpack checkpoint.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(path):
+    # orbax is the 'train' extra; the core imports it only here, when asked to read an orbax folder.
+    ocp = _extras.import_optional('orbax.checkpoint', needed_by='Reading an orbax checkpoint')
+    folder = os.path.join(path, 'default') if os.path.isdir(os.path.join(path, 'default')) else path
+    checkpointer = ocp.StandardCheckpointer()
+    if target is None:
+      restored = checkpointer.restore(folder)
+    else:
+      restored = checkpointer.restore(folder, jax.tree.map(np.asarray, target))
+    return jax.tree.map(np.asarray, restored)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No checkpoint at {path!r}: pass a Flax msgpack file or an orbax checkpoint folder.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    state = serialization.msgpack_restore(data)
+  except Exception as err:  # msgpack raises its own exception types for a file that is not msgpack
+    raise ValueError(f'{path!r} is not a Flax msgpack checkpoint ({type(err).__name__}: {err}); an orbax '
+                     'checkpoint is a folder.') from err
+  if target is not None:
+    state = serialization.from_state_dict(target, state)
+  return jax.tree.map(np.asarray, state)
 
 
 def _batches(data, what: str, *, labelled: bool) -> Iterable[tuple[np.ndarray, np.ndarray | None]]:
@@ -311,30 +364,70 @@ def evaluate(model, variables=None, *, train, test, ood: Mapping[str, Any], vali
   ood_out = {set_name: outputs(images, f'ood[{set_name!r}]', False) for set_name, images in ood.items()}
   validation_ood_out = {set_name: outputs(images, f'validation_ood[{set_name!r}]', False)
                         for set_name, images in validation_ood.items()}
-  if 'logits' in test_out:
-    num_classes = test_out['logits'].shape[-1]
-  else:
-    num_classes = int(max(train_out['labels'].max(), test_out['labels'].max())) + 1
-
   model_name = name or (type(model).__name__ if isinstance(model, (nn.Module, nnx.Module))
                         else getattr(model, '__name__', 'model'))
-  results: dict[str, Any] = {'model': model_name, 'num_classes': num_classes}
-  if 'logits' in test_out:
-    in_dist = {'num_examples': len(test_out['labels']),
-               **metrics.classification_metrics(_softmax64(np.asarray(test_out['logits'], np.float64)),
-                                                test_out['labels'])}
-    if validation_out is not None and 'logits' in validation_out:
-      summary, calibrate = calibration_block(validation_out['logits'], validation_out['labels'])
-      results['calibration'] = {**summary, 'validation_examples': len(validation_out['labels'])}
-      in_dist['calibrated'] = metrics.classification_metrics(calibrate(test_out['logits']), test_out['labels'])
-    results['in_distribution'] = in_dist
-  if 'features' not in test_out and 'logits' not in test_out:
-    raise ValueError('the model gave neither logits nor features.')
-  results['detectors'] = detection.evaluate_detectors(
-      detectors, train=train_out, test=test_out, ood=ood_out, num_classes=num_classes, head=head_weights,
-      validation=validation_out, validation_ood=validation_ood_out or None,
-      pinned={k: dict(v) for k, v in (detector_kwargs or {}).items()} or None)
-  results['benchmark'] = leaderboard.benchmark_block(results, protocol='', groups=groups,
-                                                     validation=tuple(validation_ood))
+  report = evaluate_outputs(train=train_out, test=test_out, ood=ood_out, validation=validation_out,
+                            validation_ood=validation_ood_out, groups=groups, detectors=detectors,
+                            detector_kwargs=detector_kwargs, head=head_weights, name=model_name)
   _LOG.info('evaluate: done in %.1f s', time.perf_counter() - began)
+  return report
+
+
+def evaluate_outputs(*, train, test, ood: Mapping[str, Any], validation: Mapping[str, np.ndarray] | None = None,
+                     validation_ood: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                     groups: Mapping[str, Iterable[str]] | None = None, detectors='all',
+                     detector_kwargs: Mapping[str, Mapping[str, Any]] | None = None, head=None,
+                     name: str = 'model', protocol: str = '') -> Report:
+  """The report of `evaluate` from outputs extracted already: what `evaluate` runs after its forward passes.
+
+  Args:
+    train: {'logits' and/or 'features', 'labels'} host arrays, or a streamed set
+      (`detection.streamed`: e.g. the chunks on disk of an ImageNet-scale set, which every detector fit
+      then reads block by block instead of holding).
+    test: the in-distribution test outputs, likewise (a streamed test set is read for its logits and
+      labels, N × K floats, for the classification metrics).
+    ood: OOD test set name → its outputs ({'logits'/'features'}), or a streamed set.
+    validation: in-distribution validation outputs with 'labels', in memory (calibration and tuning).
+    validation_ood: validation OOD set name → outputs, in memory; must not share names with `ood`.
+    groups, detectors, detector_kwargs, name: as for `evaluate`.
+    head: the final layer's (kernel [D, K], bias [K]) or None.
+    protocol: the protocol's name in the leaderboard ('' for none).
+
+  Returns:
+    A `Report`.
+  """
+  validation_ood = dict(validation_ood or {})
+  leaked = sorted(set(validation_ood) & set(ood))
+  if leaked:
+    raise ValueError(f'validation_ood sets {leaked} are also test sets: tuning on a test set overstates every '
+                     'number measured on it.')
+  groups = {g: tuple(sets) for g, sets in (groups or {'ood': tuple(ood)}).items()}
+  present = tuple(test.keys) if detection.streamed(test) else tuple(test)
+  if 'features' not in present and 'logits' not in present:
+    raise ValueError('the model gave neither logits nor features.')
+  # What the classification metrics need in memory: the test logits and labels (N × K, not the features).
+  test_in_memory = (test.load([k for k in ('logits', 'labels') if k in present]) if detection.streamed(test)
+                    else test)
+  if 'logits' in present:
+    num_classes = test_in_memory['logits'].shape[-1]
+  else:
+    train_labels = train.load(['labels'])['labels'] if detection.streamed(train) else train['labels']
+    num_classes = int(max(train_labels.max(), test_in_memory['labels'].max())) + 1
+
+  results: dict[str, Any] = {'model': name, 'num_classes': num_classes}
+  if 'logits' in present:
+    test_logits, test_labels = test_in_memory['logits'], test_in_memory['labels']
+    in_dist = {'num_examples': len(test_labels),
+               **metrics.classification_metrics(_softmax64(np.asarray(test_logits, np.float64)), test_labels)}
+    if validation is not None and 'logits' in validation:
+      summary, calibrate = calibration_block(validation['logits'], validation['labels'])
+      results['calibration'] = {**summary, 'validation_examples': len(validation['labels'])}
+      in_dist['calibrated'] = metrics.classification_metrics(calibrate(test_logits), test_labels)
+    results['in_distribution'] = in_dist
+  results['detectors'] = detection.evaluate_detectors(
+      detectors, train=train, test=test, ood=dict(ood), num_classes=num_classes, head=head,
+      validation=None if validation is None else dict(validation), validation_ood=validation_ood or None,
+      pinned={k: dict(v) for k, v in (detector_kwargs or {}).items()} or None)
+  results['benchmark'] = leaderboard.benchmark_block(results, protocol=protocol, groups=groups,
+                                                     validation=tuple(validation_ood))
   return Report(results)

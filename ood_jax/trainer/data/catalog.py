@@ -29,9 +29,11 @@ ODIN_PREFIX = 'odin:'
 BENCHMARK_DIR_ENV = 'OOD_JAX_BENCHMARK_DIR'
 DEFAULT_BENCHMARK_DIR = '~/ood_jax_data'
 _ODIN_FOLDERS = ('Imagenet_resize', 'Imagenet', 'LSUN_resize', 'LSUN', 'iSUN')
+_OPENOOD_LARGESCALE = ('imagenet', 'imagenet200')  # OpenOOD list folders whose images are large-scale
 
 __all__ = [
     'DIGITS_OUTLIERS',
+    'openood_images',
     'resolve_benchmark_dir',
     'check_prepared',
     'check_ood_set',
@@ -73,12 +75,25 @@ def resolve_benchmark_dir(path: str | os.PathLike | None = None) -> str:
   return os.path.expanduser(path)
 
 
+def openood_images(list_name: str) -> str:
+  """The folder of OpenOOD's release that holds the images of `list_name` ('<dataset>/<list>').
+
+  OpenOOD keeps its ImageNet-200 / ImageNet-1K images (ImageNet itself, SSB-hard, NINCO, iNaturalist,
+  OpenImage-O) in images_largescale/ and every other set, Textures of the ImageNet lists included, in
+  images_classic/ (configs/datasets/imagenet200/imagenet200_ood.yml).
+  """
+  dataset, _, listed = list_name.strip('/').partition('/')
+  large = dataset in _OPENOOD_LARGESCALE and listed != 'test_textures'
+  return 'images_largescale' if large else 'images_classic'
+
+
 def _file_set(name: str, root: str) -> str | None:
   """The ood_sets name ('imglist:...' / 'folder:...') of a release set, or None for other names."""
   if name.startswith(OPENOOD_PREFIX):
     openood = os.path.join(root, 'openood')
-    return (f'{IMGLIST_PREFIX}{os.path.join(openood, "benchmark_imglist", name[len(OPENOOD_PREFIX):])}.txt'
-            f'@{os.path.join(openood, "images_classic")}')
+    listed = name[len(OPENOOD_PREFIX):]
+    return (f'{IMGLIST_PREFIX}{os.path.join(openood, "benchmark_imglist", listed)}.txt'
+            f'@{os.path.join(openood, openood_images(listed))}')
   if name.startswith(ODIN_PREFIX):
     return FOLDER_PREFIX + os.path.join(root, 'odin', name[len(ODIN_PREFIX):])
   return None
@@ -87,12 +102,20 @@ def _file_set(name: str, root: str) -> str | None:
 def _how_to_prepare(name: str, root: str) -> str:
   if name.startswith(OPENOOD_PREFIX):
     save_dir = os.path.join(root, 'openood')
-    return (f'OpenOOD v1.5 set {name!r} needs {_file_set(name, root).split("@")[0][len(IMGLIST_PREFIX):]} '
-            f'and its images under {os.path.join(save_dir, "images_classic")}. Prepare them with OpenOOD\'s '
+    listed = name[len(OPENOOD_PREFIX):]
+    large = listed.split('/')[0] in _OPENOOD_LARGESCALE
+    benchmarks = 'imagenet-200 imagenet-1k' if large else 'cifar-10 cifar-100'
+    text = (f'OpenOOD v1.5 set {name!r} needs {_file_set(name, root).split("@")[0][len(IMGLIST_PREFIX):]} '
+            f"and its images under {os.path.join(save_dir, openood_images(listed))}. Prepare them with OpenOOD's "
             'script: git clone https://github.com/Jingkang50/OpenOOD && pip install gdown && python '
-            'OpenOOD/scripts/download/download.py --contents datasets --datasets cifar-10 cifar-100 '
+            f'OpenOOD/scripts/download/download.py --contents datasets --datasets {benchmarks} '
             f'--dataset_mode benchmark --save_dir {save_dir}  (or set --config.benchmark_dir / '
             f'${BENCHMARK_DIR_ENV} to a folder that holds openood/).')
+    if large and listed.split('/')[-1].startswith('train_'):
+      text += (' The ImageNet training images are not in that download: extract ILSVRC2012_img_train.tar (from '
+               f'https://image-net.org) so that {os.path.join(save_dir, "images_largescale", "imagenet_1k", "train")}'
+               '/<wnid>/<image>.JPEG exist.')
+    return text
   return (f'ODIN set {name!r} needs the folder {os.path.join(root, "odin", name[len(ODIN_PREFIX):])}: download '
           f'{name[len(ODIN_PREFIX):]}.tar.gz from the links in https://github.com/facebookresearch/odin and '
           f'untar it into {os.path.join(root, "odin")} (or set --config.benchmark_dir / ${BENCHMARK_DIR_ENV}).')

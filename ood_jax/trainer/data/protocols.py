@@ -25,6 +25,8 @@ the command that prepares it.
 | ova | cifar10 / cifar100 | the other CIFAR | SVHN | TIN val |
 | reweightood | cifar10 / cifar100 | – | MNIST, iSUN, LSUN-r, LSUN-c, SVHN, Textures, Places365 | TIN val |
 | digits | digits | digits 6–9 | photos, Gaussian and uniform noise | held-out train digits 6–9 |
+| openood_v1_5 | imagenet200 | SSB-hard, NINCO | iNaturalist, Textures, OpenImage-O | OpenImage-O val |
+| openood_v1_5 | imagenet | SSB-hard, NINCO | iNaturalist, Textures, OpenImage-O | OpenImage-O val |
 
 `openood_v1_5` reads CIFAR, MNIST, SVHN and Textures from TFDS (MNIST's and SVHN's test splits,
 all 5,640 DTD images) and TinyImageNet and Places365 from OpenOOD's lists; `openood_v1_5_lists`
@@ -33,13 +35,57 @@ overlap the in-distribution classes, which the TFDS splits do not). The papers' 
 no validation OOD set (they used defaults or tuned elsewhere); ood_jax tunes them on OpenOOD's
 TinyImageNet validation list, and their near/far grouping follows OpenOOD's taxonomy (another
 CIFAR or TinyImageNet is near, everything else far).
+
+The ImageNet protocols are *large* (`Protocol.large`): their in-distribution data is named by the protocol
+(`InDistribution`), streamed from disk and sharded over processes (`ood_jax.trainer.data.stream`), never
+held in memory. ImageNet-200 (OpenOOD v1.5's 200-class subset of ImageNet-1K) reads its train / val / test
+split from OpenOOD's lists (train_imagenet200, val_imagenet200, test_imagenet200); ImageNet-1K reads TFDS
+`imagenet2012` (train; ood_jax's split of the 50,000 validation images: the first 5,000 for validation,
+the other 45,000 for test). Both share OpenOOD's ImageNet OOD lists: near SSB-hard and NINCO, far
+iNaturalist, Textures and OpenImage-O, tuned on the OpenImage-O validation list; images at 224 × 224,
+the shorter side resized to 256 and centre-cropped (OpenOOD's `pre_size` and `image_size`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-__all__ = ['PROTOCOLS', 'Protocol', 'get', 'names']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PROTOCOLS', 'InDistribution', 'Protocol', 'get', 'names']
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, as OpenOOD normalises
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class InDistribution:
+  """The in-distribution data of a large protocol, which no registry dataset describes.
+
+  Attributes:
+    num_classes: K.
+    train: the detectors' fitting set, a stream source name (`ood_jax.trainer.data.stream.open_source`):
+      'openood:<dataset>/<list>' (a labelled OpenOOD list) or 'tfds:<name>/<split>[<a>:<b>]'.
+    validation: the in-distribution validation set (calibration and tuning), a source name.
+    test: the in-distribution test set, a source name.
+    image_size: (height, width) the model sees.
+    resize: the shorter side is resized to this before the centre crop to `image_size`; None resizes
+      straight to `image_size`.
+    mean: per-channel normalisation means on [0, 1].
+    std: per-channel standard deviations on [0, 1].
+  """
+
+  num_classes: int
+  train: str
+  validation: str
+  test: str
+  image_size: tuple[int, int] = (224, 224)
+  resize: int | None = 256
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+
+  @property
+  def sets(self) -> tuple[str, ...]:
+    return (self.train, self.validation, self.test)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +99,8 @@ class Protocol:
     far: far-OOD test sets.
     validation: OOD sets for hyperparameter selection, disjoint from the test sets.
     source: where the protocol comes from.
+    in_distribution: for a large protocol, its streamed in-distribution data; None for one whose
+      dataset is a registry dataset, loaded into memory.
   """
 
   name: str
@@ -61,6 +109,12 @@ class Protocol:
   far: tuple[str, ...]
   validation: tuple[str, ...]
   source: str
+  in_distribution: InDistribution | None = None
+
+  @property
+  def large(self) -> bool:
+    """Whether the protocol is evaluated streamed from disk and sharded over processes."""
+    return self.in_distribution is not None
 
   @property
   def test_sets(self) -> tuple[str, ...]:
@@ -94,6 +148,21 @@ def _paper(name: str, dataset: str, near: tuple[str, ...], far: tuple[str, ...],
   return Protocol(name, dataset, near, far, validation, source)
 
 
+def _openood_imagenet(dataset: str) -> Protocol:
+  # OpenOOD v1.5's ImageNet OOD lists live under benchmark_imglist/imagenet/ for both ID datasets; only the
+  # OpenImage-O validation list is per dataset (configs/datasets/imagenet200/imagenet200_ood.yml).
+  listed = lambda name: f'openood:imagenet/test_{name}'
+  if dataset == 'imagenet200':
+    split = lambda name: f'openood:imagenet200/{name}_imagenet200'
+    data = InDistribution(200, split('train'), split('val'), split('test'))
+  else:
+    data = InDistribution(1000, 'tfds:imagenet2012/train', 'tfds:imagenet2012/validation[:5000]',
+                          'tfds:imagenet2012/validation[5000:]')
+  return Protocol('openood_v1_5', dataset, (listed('ssb_hard'), listed('ninco')),
+                  (listed('inaturalist'), listed('textures'), listed('openimage_o')),
+                  (f'openood:{dataset}/val_openimage_o',), _OPENOOD.replace('<dataset>', dataset), data)
+
+
 _ICE_FAR = ('dtd', 'svhn_cropped', 'places365_small', 'odin:LSUN', 'odin:iSUN')
 _REWEIGHTOOD_FAR = ('mnist', 'odin:iSUN', 'odin:LSUN_resize', 'odin:LSUN', 'svhn_cropped', 'dtd', 'places365_small')
 
@@ -119,6 +188,7 @@ for _protocol in (
            'SMOT, section 5 / Datasets'),
     Protocol('digits', 'digits', ('digits/near',), ('digits/photos', 'digits/gaussian_noise', 'digits/uniform_noise'),
              ('digits/validation',), 'ood_jax.trainer.data.digits: real scikit-learn digits and photos, offline'),
+    _openood_imagenet('imagenet200'), _openood_imagenet('imagenet'),
 ):
   PROTOCOLS[(_protocol.name, _protocol.dataset)] = _protocol
 

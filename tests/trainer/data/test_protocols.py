@@ -18,7 +18,10 @@ from ood_jax.trainer.data import sources
 def test_every_protocol_is_well_formed():
   for (name, dataset), protocol in protocols.PROTOCOLS.items():
     assert (protocol.name, protocol.dataset) == (name, dataset)
-    registry.get_info(dataset)
+    if protocol.large:  # ImageNet: its own streamed in-distribution data, no registry dataset
+      assert protocol.in_distribution.num_classes > 0 and len(set(protocol.in_distribution.sets)) == 3, name
+    else:
+      registry.get_info(dataset)
     assert protocol.test_sets and protocol.validation, name
     for set_name in protocol.test_sets + protocol.validation:
       catalog.check_ood_set(set_name)
