@@ -1,4 +1,4 @@
-"""Prototype detectors: SHE, fDBD, NCI and OpenMax, scores against per-class or mean training vectors.
+"""Prototype detectors: SHE, fDBD, NCI, OpenMax, CARef and CADRef, scores against per-class or mean training vectors.
 
 On penultimate features h `[N, D]`, the final layer (W `[D, K]`, b `[K]`) and ŷ = argmax z (higher = more
 in-distribution):
@@ -13,6 +13,12 @@ in-distribution):
 * OpenMax (Bendale & Boult 2016, "Towards open set deep networks", Algorithms 1–2): −P(unknown) after
   recalibrating the top classes' logits by a Weibull model of their distance to the class's mean activation
   vector (libMR's FitHigh convention, `fit_weibull` the maximum-likelihood fit).
+* CARef (Ling et al. 2025, "CADRef: Robust out-of-distribution detection via class-aware decoupled relative
+  feature leveraging", CVPR): −‖h − μ_ŷ‖₁/‖h‖₁, μ_k the mean feature of the training examples
+  predicted as class k.
+* CADRef (same paper, eqs. 7–10): the relative error split by the sign of w_ŷ into the part that raises the
+  predicted logit, divided by the example's logit confidence S(z), and the part that lowers it, divided by
+  the training mean of S; negated.
 
 Each fit is one streamed float64 pass (OpenMax's two: means, then distance tails).
 """
@@ -34,7 +40,8 @@ __all__ = [
     'OpenMaxState',
     'SHEState',
     'fdbd',
-    'fit_fdbd',
+    'fit_caref',
+  'fit_fdbd',
     'fit_openmax',
     'fit_she',
     'fit_weibull',
@@ -419,3 +426,187 @@ registry.register('openmax', needs={'logits'}, fit=fit_openmax, score=openmax,
                   defaults={'tailsize': 20, 'distance': 'euclidean', 'alpha': 10},
                   fit_params=('tailsize', 'distance'), grid={'alpha': (1, 2, 3, 5, 10)},
                   paper='Bendale & Boult 2016', year=2016)
+
+
+# ------------------------------------------------------------------------------------------------
+# CARef and CADRef.
+# ------------------------------------------------------------------------------------------------
+
+
+# CADRef's logit confidences S(z) (the paper's Table 1 ablation; 'energy' its default), in this order in the
+# state's `mean_confidence` and the kernel's index.
+_CADREF_CONFIDENCES = ('energy', 'gen', 'max_logit', 'msp')
+# GEN's γ of the authors' code (and of Liu, Lochman & Zach 2023).
+_CADREF_GEN_GAMMA = 0.1
+# ‖h‖₁ and GEN's sum are clamped here: an all-zero (ReLU) feature scores very low instead of NaN.
+_CADREF_EPS = 1e-12
+
+
+def _logit_confidences(z, xp):
+  """`[N, 4]` confidences S(z) of `_CADREF_CONFIDENCES`, higher = more confident, with `xp` NumPy or jax.numpy.
+
+  The fit evaluates them in float64 NumPy for the training mean S̄, the kernel with jax.numpy, from one
+  definition. Energy is logsumexp z, max-logit max z, MSP max softmax; GEN is the authors' reciprocal
+  1/Σ_{j ≤ M} p_(j)^γ (1 − p_(j))^γ over the M = max(10, ⌊K/10⌋) largest probabilities (all K when fewer),
+  γ = 0.1: a positive divisor, where the paper's Table 1 GEN (−Σ) would be negative.
+  """
+  k = z.shape[-1]
+  top = xp.max(z, axis=-1, keepdims=True)
+  sum_exp = xp.sum(xp.exp(z - top), axis=-1, keepdims=True)
+  lse = top + xp.log(sum_exp)
+  # GEN in log space: p^γ of a tiny probability is not negligible (1e-40^0.1 = 1e-4) but p itself underflows
+  # in float32, and 1 − p of the top class would cancel; log(1 − p_top) is the logsumexp of the other logits.
+  log_p = z - lse
+  is_top = xp.arange(k) == xp.argmax(z, axis=-1)[:, None]
+  others = xp.where(is_top, -np.inf, z)
+  second = xp.max(others, axis=-1, keepdims=True)
+  second = xp.where(xp.isfinite(second), second, 0.0)  # K = 1: no other class, 1 − p = 0
+  log_rest = second + xp.log(xp.sum(xp.exp(others - second), axis=-1, keepdims=True)) - lse
+  log_q = xp.where(is_top, log_rest, xp.log1p(-xp.exp(xp.minimum(log_p, np.log(0.5)))))
+  terms = xp.exp(_CADREF_GEN_GAMMA * (log_p + log_q))
+  largest = xp.take_along_axis(terms, xp.argsort(z, axis=-1)[:, k - min(max(10, k // 10), k):], axis=-1)
+  gen = 1.0 / xp.maximum(xp.sum(largest, axis=-1), _CADREF_EPS)
+  return xp.stack([lse[:, 0], gen, top[:, 0], 1.0 / sum_exp[:, 0]], axis=-1)
+
+
+class CARefState(NamedTuple):
+  """CARef's and CADRef's per-predicted-class mean features, the training mean confidences and the head.
+
+  Attributes:
+    head: the final layer (its argmax is ŷ; CADRef reads the signs of its columns).
+    means: `[K, D]` mean feature of the training examples predicted as each class (the mean of all training
+      features for a class never predicted).
+    mean_confidence: `[4]` training mean S̄ of each confidence in ('energy', 'gen', 'max_logit', 'msp').
+  """
+
+  head: base.Head
+  means: jax.Array
+  mean_confidence: jax.Array
+
+
+def fit_caref(batches, *, head, num_classes=None):
+  """One streamed float64 pass: per predicted class the mean feature, and the mean of each logit confidence.
+
+  Following the paper and the authors' code, the class means group the training examples by the model's
+  prediction ŷ, not by their labels (labels are not read). A class the model never predicts gets the mean
+  of all training features (as pytorch-ood does; the authors' code would give NaN). The prediction uses the
+  batch's logits when it has them, else features @ W + b.
+
+  Returns:
+    `CARefState` (CADRef's S̄ for every confidence, so its `logit_score` is a scoring-time choice).
+  """
+  name = 'caref'
+  head = base.as_head(head, detector=name)
+  k = head.bias.shape[0]
+  if num_classes is not None and num_classes != k:
+    raise ValueError(f'head has {k} outputs but num_classes={num_classes}.')
+  dim = head.kernel.shape[0]
+  sums, counts = np.zeros((k, dim)), np.zeros(k)
+  confidence_sum = np.zeros(len(_CADREF_CONFIDENCES))
+  for index, batch in enumerate(base.batch_source(batches, detector=name)()):
+    h = base.host(batch, 'features', index, detector=name)
+    base.check_dim('features', h, dim, index)
+    z = base.host_logits(batch, index, head, detector=name)
+    base.check_dim('logits', z, k, index)
+    if z.shape[0] != h.shape[0]:
+      raise ValueError(f'logits (batch {index}) have {z.shape[0]} rows for {h.shape[0]} features.')
+    pred = np.argmax(z, axis=1)
+    np.add.at(sums, pred, h)
+    counts += np.bincount(pred, minlength=k)
+    confidence_sum += _logit_confidences(z, np).sum(axis=0)
+  total = counts.sum()
+  if not total:
+    raise ValueError(f'detector {name!r}: batches yielded no examples.')
+  means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], sums.sum(axis=0) / total)
+  return CARefState(head, base.to_device(means), base.to_device(confidence_sum / total))
+
+
+def _caref_inputs(state, features, logits, detector):
+  state = base.check_state(state, CARefState, detector=detector)
+  h = base.features_arg(features, detector=detector, dim=state.means.shape[1])
+  if logits is not None:
+    logits = base.logits_arg(logits, detector=detector, num_classes=state.means.shape[0])
+    if logits.shape[0] != h.shape[0]:
+      raise ValueError(f'logits have {logits.shape[0]} rows but features {h.shape[0]}.')
+  return state, h, logits
+
+
+def caref(state: CARefState, features, *, logits=None):
+  """CARef: −‖h − μ_ŷ‖₁ / ‖h‖₁, ŷ = argmax z (Ling et al. 2025), higher = in-distribution.
+
+  The relative error of the feature against the mean feature of its predicted class, negated as the paper's
+  Score_CARef is (pytorch-ood's `CARef` returns +‖h − μ_ŷ‖₁/‖h‖₁ as its outlier score). ‖h‖₁ is clamped at
+  1e-12 (pytorch-ood's clamp; the authors' code would give NaN for an all-zero feature). Hyperparameter-free.
+
+  Args:
+    state: from `fit_caref`.
+    features: `[N, D]`.
+    logits: `[N, K]` for ŷ (default features @ W + b).
+
+  Returns:
+    `[N]` scores ≤ 0 for non-negative features.
+  """
+  state, h, logits = _caref_inputs(state, features, logits, 'caref')
+  return _caref(state, h, logits)
+
+
+@jax.jit
+def _caref(state, h, logits):
+  h = base.compute(h)
+  z = base.head_logits(h, state.head) if logits is None else base.compute(logits)
+  mu = state.means.astype(h.dtype)[jnp.argmax(z, axis=-1)]
+  norm = jnp.maximum(jnp.sum(jnp.abs(h), axis=-1), _CADREF_EPS)
+  return -jnp.sum(jnp.abs(h - mu), axis=-1) / norm
+
+
+registry.register('caref', needs={'features', 'head'}, fit=fit_caref, score=caref, paper='Ling et al. 2025',
+                  year=2025)
+
+
+def cadref(state: CARefState, features, *, logits=None, logit_score='energy'):
+  """CADRef: −(E_p / S(z) + E_n / S̄) (Ling et al. 2025, eqs. 7–10), higher = in-distribution.
+
+  With r = h − μ_ŷ (CARef's relative feature) and s = sign(w_ŷ), the column of the head for ŷ,
+  E_p = Σ_i max(s_i r_i, 0) / ‖h‖₁ is the error along the directions that raise the predicted logit and
+  E_n = Σ_i max(−s_i r_i, 0) / ‖h‖₁ the rest (E_p + E_n is CARef's error wherever w_ŷ has no zero).
+  E_p is scaled by the example's logit confidence S(z), E_n by its training mean S̄ (from the fit).
+  This follows the authors' code and pytorch-ood, which split the relative feature by the weight signs and
+  sum absolute values; the printed eqs. 7–8 split on sign(w_i h_i), which contradicts the paper's text and
+  its claim E_p + E_n = CARef's error. pytorch-ood's `CADRef` returns the un-negated sum (outlier score).
+
+  S(z) is assumed positive, as in the paper: energy (logsumexp z, the default) and max-logit can be ≤ 0 for
+  unusual logits, where the score is then meaningless; MSP and GEN are always positive.
+
+  Args:
+    state: from `fit_caref`.
+    features: `[N, D]`.
+    logits: `[N, K]` for ŷ and S (default features @ W + b).
+    logit_score: S, one of 'energy' (the paper's default), 'gen' (the authors' reciprocal, γ = 0.1,
+      M = max(10, K/10)), 'max_logit', 'msp'; traced in the kernel, so a grid over it compiles once.
+
+  Returns:
+    `[N]` scores.
+  """
+  state, h, logits = _caref_inputs(state, features, logits, 'cadref')
+  if logit_score not in _CADREF_CONFIDENCES:
+    raise ValueError(f'logit_score must be one of {list(_CADREF_CONFIDENCES)}, got {logit_score!r}.')
+  return _cadref(state, h, logits, _CADREF_CONFIDENCES.index(logit_score))
+
+
+@jax.jit
+def _cadref(state, h, logits, which):
+  h = base.compute(h)
+  z = base.head_logits(h, state.head) if logits is None else base.compute(logits)
+  pred = jnp.argmax(z, axis=-1)
+  aligned = (h - state.means.astype(h.dtype)[pred]) * jnp.sign(state.head.kernel.astype(h.dtype).T[pred])
+  norm = jnp.maximum(jnp.sum(jnp.abs(h), axis=-1), _CADREF_EPS)
+  positive = jnp.sum(jnp.maximum(aligned, 0.0), axis=-1) / norm
+  negative = jnp.sum(jnp.maximum(-aligned, 0.0), axis=-1) / norm
+  confidence = _logit_confidences(z, jnp)[:, which]
+  return -(positive / confidence + negative / state.mean_confidence.astype(h.dtype)[which])
+
+
+# The grid is the paper's ablation of S (pytorch-ood's `hyperparameter_space`); energy is its choice.
+registry.register('cadref', needs={'features', 'head'}, fit=fit_caref, score=cadref,
+                  defaults={'logit_score': 'energy'}, grid={'logit_score': _CADREF_CONFIDENCES},
+                  paper='Ling et al. 2025', year=2025)

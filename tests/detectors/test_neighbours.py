@@ -214,3 +214,55 @@ def test_relation_matches_reference():
     det.score(state, {'features': test, 'logits': test_logits}, power=0.0)
   with pytest.raises(ValueError, match="'relation' needs logits"):
     det.score(state, {'features': test})
+
+
+# ------------------------------------------------------------------------------------------------
+# CF-OOD.
+# ------------------------------------------------------------------------------------------------
+
+
+def _cfood_reference(bank, test, k):
+  """The authors' OpenOOD postprocessor in float64 NumPy: radii from full sorted self-distances, then the first
+  fraction whose neighbourhoods hold the query for at least a fraction k of the bank."""
+  unit = lambda x: np.asarray(x, np.float64) / (np.linalg.norm(np.asarray(x, np.float64), axis=1, keepdims=True)
+                                                + 1e-10)
+  b, t = unit(bank), unit(test)
+  n = len(b)
+  kval = np.concatenate([np.linspace(0.001, 0.1, 100), np.linspace(0.105, 0.5, 81), np.linspace(0.51, 0.99, 49)])
+  kpos = np.array(kval * n - 1, dtype=int)
+  keep = np.concatenate(([True], kpos[:-1] < kpos[1:]))
+  kval, kpos = kval[keep], kpos[keep]
+  self_sq = np.sum((b[:, None] - b[None]) ** 2, axis=-1)
+  radii = np.sort(self_sq, axis=1)[:, kpos + 1]
+  out = []
+  for v in t:
+    count = (radii >= np.sum((v - b) ** 2, axis=1)[:, None]).sum(0) / n
+    hit = np.flatnonzero(count >= k)
+    out.append(-(kval[hit[0]] if hit.size else 1.0))
+  return np.array(out)
+
+
+def test_cfood_matches_reference():
+  h, labels, _, _, test = problems.problem(seed=21)
+  test = np.concatenate([test, 5.0 * np.random.default_rng(0).standard_normal((4, problems.D))]).astype(np.float32)
+  det = detectors.get('cfood')
+  state = det.fit(problems.batches(h, labels), fraction=1.0)  # the whole set: the reference's bank
+  score = jax.jit(lambda s, f, k: det.score(s, {'features': f}, k=k))  # k traced: one compilation
+  for k in (0.01, 0.05, 0.3):
+    ref = _cfood_reference(h, test, k)
+    assert len(np.unique(ref)) > 3
+    np.testing.assert_allclose(score(state, test, k), ref, rtol=1e-6)
+  assert score._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_cfood_errors():
+  h, labels, _, _, test = problems.problem(seed=21)
+  det = detectors.get('cfood')
+  with pytest.raises(ValueError, match='at least 2'):
+    det.fit([{'features': h[:1]}], fraction=1.0)
+  state = det.fit(problems.batches(h, labels))
+  assert 10 <= state.bank.shape[0] <= 40  # Bernoulli(0.1) of 240 rows
+  with pytest.raises(ValueError, match=r'k must lie in \(0, 1\]'):
+    det.score(state, {'features': test}, k=0.0)
+  with pytest.raises(ValueError, match='fitted on dimension'):
+    det.score(state, {'features': test[:, :3]})

@@ -1,5 +1,5 @@
-"""Tests for ood_jax.detectors.prototypes (SHE, fDBD, NCI, OpenMax) against float64 NumPy references written from the
-papers."""
+"""Tests for ood_jax.detectors.prototypes (SHE, fDBD, NCI, OpenMax, CARef, CADRef) against float64 NumPy references
+written from the papers."""
 
 from __future__ import annotations
 
@@ -142,3 +142,80 @@ def test_openmax_errors():
     det.score(state, {'logits': logits}, alpha=0)
   with pytest.raises(ValueError, match='fitted on 4'):
     det.score(state, {'logits': logits[:, :3]})
+
+
+# ------------------------------------------------------------------------------------------------
+# CARef and CADRef.
+# ------------------------------------------------------------------------------------------------
+
+
+def _cadref_reference(h, fit_logits, test, w, b):
+  """Ling et al. 2025 in float64: class means by predicted class (the global mean for a class never predicted),
+  CARef's −‖h − μ_ŷ‖₁/‖h‖₁, and CADRef's −(E_p/S(z) + E_n/S̄) for each confidence S (the authors' code)."""
+  h, fit_logits, t = (np.asarray(x, np.float64) for x in (h, fit_logits, test))
+  fit_pred = fit_logits.argmax(1)
+  means = np.stack([h[fit_pred == c].mean(0) if (fit_pred == c).any() else h.mean(0) for c in range(K)])
+
+  def confidences(z):
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    rest = p @ (1 - np.eye(K))  # 1 − p_j as the others' mass: 1 − p cancels for p_j ≈ 1, even in float64
+    order = np.argsort(-p, axis=1)[:, :max(10, K // 10)]  # M = 10 > K: every class
+    top, top_rest = np.take_along_axis(p, order, 1), np.take_along_axis(rest, order, 1)
+    return {'energy': np.log(np.exp(z).sum(1)), 'gen': 1 / np.sum(top ** 0.1 * top_rest ** 0.1, axis=1),
+            'max_logit': z.max(1), 'msp': p.max(1)}
+
+  z = t @ w.astype(np.float64) + b
+  pred = z.argmax(1)
+  relative = t - means[pred]
+  l1 = np.abs(t).sum(1)
+  caref = -np.abs(relative).sum(1) / l1
+  sign = np.sign(w.astype(np.float64)[:, pred].T)
+  e_p = np.where(sign * relative > 0, np.abs(relative), 0).sum(1) / l1
+  e_n = np.where(sign * relative < 0, np.abs(relative), 0).sum(1) / l1
+  np.testing.assert_allclose(e_p + e_n, -caref)  # the decomposition is exact (no zero weight)
+  train, here = confidences(fit_logits), confidences(z)
+  return caref, {s: -(e_p / here[s] + e_n / train[s].mean()) for s in here}, pred
+
+
+def test_caref_and_cadref_match_reference():
+  # ŷ and the means come from the batches' logits when they have them; there class 3 never wins, so its mean
+  # falls back to the global one, which test rows predicted as 3 (by the head) then use.
+  h, _, w, b, test = problems.problem(seed=14)
+  fit_logits = h.astype(np.float64) @ w + b - np.array([0.0, 0.0, 0.0, 100.0])
+  train = [{'features': h[i:i + 100], 'logits': fit_logits[i:i + 100].astype(np.float32)} for i in range(0, 240, 100)]
+  caref_ref, cadref_ref, pred = _cadref_reference(h, fit_logits, test, w, b)
+  assert (pred == 3).sum() >= 3
+  caref, cadref = detectors.get('caref'), detectors.get('cadref')
+  state = caref.fit(train, head=(w, b), num_classes=K)
+  np.testing.assert_allclose(problems.jit_score(caref, state, test), caref_ref, rtol=1e-5)
+  np.testing.assert_allclose(problems.jit_score(cadref, state, test), cadref_ref['energy'], rtol=1e-5)
+  before = prototypes._cadref._cache_size()  # pylint: disable=protected-access
+  for score in cadref.grid['logit_score']:
+    logits = test.astype(np.float64) @ w + b  # given logits replace the head's
+    np.testing.assert_allclose(cadref.score(state, {'features': test, 'logits': logits.astype(np.float32)},
+                                            logit_score=score), cadref_ref[score], rtol=1e-5, err_msg=score)
+  assert prototypes._cadref._cache_size() <= before + 1  # pylint: disable=protected-access  (S is traced)
+  # pytorch-ood's CARef and CADRef return these scores negated (outlier scores), with the same predicted-class
+  # means, global-mean fallback, 1e-12 clamp of ‖h‖₁ and S̄ from the fitting data; its default S is energy too.
+
+
+def test_caref_errors():
+  h, labels, w, b, test = problems.problem(seed=14)
+  caref, cadref = detectors.get('caref'), detectors.get('cadref')
+  with pytest.raises(ValueError, match='no examples'):
+    caref.fit([], head=(w, b))
+  with pytest.raises(ValueError, match='num_classes=3'):
+    caref.fit(problems.batches(h, labels), head=(w, b), num_classes=3)
+  with pytest.raises(ValueError, match='3 rows for 4 features'):
+    caref.fit([{'features': h[:4], 'logits': h[:3, :K]}], head=(w, b))
+  state = caref.fit(problems.batches(h, labels), head=(w, b))
+  with pytest.raises(ValueError, match='logit_score must be one of'):
+    cadref.score(state, {'features': test}, logit_score='entropy')
+  with pytest.raises(ValueError, match='fitted on dimension 8'):
+    caref.score(state, {'features': test[:, :5]})
+  with pytest.raises(ValueError, match='fitted on 4'):
+    cadref.score(state, {'features': test, 'logits': test[:, :3]})
+  with pytest.raises(ValueError, match='logits have 2 rows but features 20'):
+    caref.score(state, {'features': test, 'logits': test[:2, :K]})
+  with pytest.raises(ValueError, match='CARefState'):
+    cadref.score((), {'features': test})
