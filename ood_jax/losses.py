@@ -31,7 +31,8 @@ Papers: IsoMax (Macêdo et al., "Entropic Out-of-Distribution Detection", 2021),
 Energy), one-vs-all (Padhy et al. 2020), ReweightOOD (Regmi et al. 2024, with SupCon), SMOT ("Out-of-Distribution
 Detection with Smooth Training"); and
 training baselines of OpenOOD v1.5's leaderboard: LogitNorm (Wei et al. 2022), Mixup (Zhang et al. 2018),
-RegMixup (Pinto et al. 2022), ConfBranch (DeVries & Taylor 2018).
+RegMixup (Pinto et al. 2022), ConfBranch (DeVries & Taylor 2018), RotPred (Hendrycks et al. 2019), MixOE (Zhang et al.
+2023), VOS (Du et al. 2022), NPOS (Tao et al. 2023), CIDER (Ming et al. 2023).
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ __all__ = [
     'ice_out',
     'isomax',
     'logit_norm',
+    'mixoe',
     'mixup_cross_entropy',
     'one_vs_all',
     'outlier_exposure',
+    'outlier_logistic',
     'regmixup',
+    'prototype_compactness',
+    'prototype_dispersion',
     'reweighted_contrastive',
+    'rotation_prediction',
     'smooth_training',
     'smot_smoothing',
     'softmax_cross_entropy',
@@ -712,3 +718,159 @@ def confidence_branch(logits, confidence_logits, labels, *, weight, hints=None):
     task = jnp.where(hints, task, -log_p_y)
   values = _nan_where_invalid(valid, task + weight * -log_c)
   return _traced_hyperparameter(values, 'weight', weight, lambda w: w >= 0, '>= 0')
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-supervised and outlier-mixing baselines of OpenOOD v1.5: RotPred, MixOE.
+
+
+def rotation_prediction(logits, rotation_logits, labels, *, weight=1.0):
+  """RotPred loss (Hendrycks, Mazeika, Kadavath & Song 2019): CE(z, y) + λ·(1/R) Σ_r CE(ρ_r, r).
+
+  Every image is also shown in its R = 4 quarter turns (0°, 90°, 180°, 270°), and an auxiliary R-way head
+  on the same features predicts which turn it sees. The class cross-entropy is taken on the unrotated copy
+  only and the rotation cross-entropy on every copy, averaged over the R turns, as OpenOOD's `RotPredTrainer`
+  (whose `F.cross_entropy` over the 4B rotation rows is the batch mean of this second term; λ = 1 there).
+
+  Args:
+    logits: `[..., K]` class logits of the unrotated images.
+    rotation_logits: `[..., R, R]` rotation logits: row r holds the R-way logits of the copy turned r
+      quarter turns, whose target is r.
+    labels: `[...]` integer labels in [0, K) (ValueError when concrete and outside, NaN under jit).
+    weight: λ ≥ 0, the rotation term's weight; 1 in OpenOOD. A traced λ < 0 gives NaN losses.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  _checks.nonnegative('weight', weight)
+  logits, labels, valid = _logits_and_labels(logits, labels)
+  rotation_logits = _checks.floating('rotation_logits', rotation_logits, min_ndim=2)
+  turns = rotation_logits.shape[-1]
+  if rotation_logits.shape != labels.shape + (turns, turns) or turns < 2:
+    raise ValueError(f'rotation_logits must have shape {tuple(labels.shape) + ("R", "R")} (R ≥ 2 rotations, '
+                     f'row r the logits of the copy turned r times), got {tuple(rotation_logits.shape)}.')
+  log_q = jax.nn.log_softmax(rotation_logits.astype(logits.dtype), axis=-1)
+  rotation = -jnp.mean(jnp.diagonal(log_q, axis1=-2, axis2=-1), axis=-1)  # row r, target r
+  values = softmax_cross_entropy(logits, labels) + weight * rotation
+  values = _nan_where_invalid(valid, values)
+  return _traced_hyperparameter(values, 'weight', weight, lambda w: w >= 0, '>= 0')
+
+
+def mixoe(logits, mixed_logits, labels, mix, *, weight=1.0):
+  """MixOE loss (Zhang, Inkawhich, Linderman, Chen & Li 2023): CE(z, y) + β·CE(z̃, λ·onehot(y) + (1 − λ)·u).
+
+  z̃ are the logits of x̃, the in-distribution image x mixed with an auxiliary outlier with weight λ on x
+  (mixup or cutmix, `methods.mixoe`), and u the uniform distribution over the K classes: the target moves
+  from the label to uniform as the outlier's share grows, so the outlier-exposure term of Hendrycks et al.
+  is the case λ = 0. The soft cross-entropy splits as λ·CE(z̃, y) + (1 − λ)·`outlier_exposure`(z̃).
+  OpenOOD's `MixOETrainer` (and the paper) add no separate uniform term on the pure outliers; β = 1 there.
+
+  Args:
+    logits: `[..., K]` logits of the in-distribution inputs.
+    mixed_logits: `[..., K]` logits of the mixed inputs, row i mixing example i with an outlier.
+    labels: `[...]` labels y in [0, K) (ValueError when concrete and outside, NaN under jit).
+    mix: λ in [0, 1], the in-distribution share: a scalar (one draw per batch, as OpenOOD) or `[...]`;
+      ValueError when concrete and outside [0, 1], NaN loss for those examples when traced.
+    weight: β ≥ 0 (OpenOOD's `lambda_oe`, 1); a traced β < 0 gives NaN losses.
+
+  Returns:
+    `[...]` per-example losses.
+  """
+  _checks.nonnegative('weight', weight)
+  mixed_logits = _checks.floating('mixed_logits', mixed_logits)
+  if mixed_logits.shape != np.shape(logits):
+    raise ValueError(f'mixed_logits must have the shape of logits {tuple(np.shape(logits))}, '
+                     f'got {tuple(mixed_logits.shape)}.')
+  _, labels_safe, valid = _logits_and_labels(mixed_logits, labels)
+  mix, in_range = _fraction('mix', mix, labels_safe.shape)
+  z = mixed_logits.astype(_checks.compute_dtype(mixed_logits))
+  log_p = jax.nn.log_softmax(z, axis=-1)
+  mix = mix.astype(z.dtype)
+  soft = mix * -_pick(log_p, labels_safe) + (1.0 - mix) * -jnp.mean(log_p, axis=-1)
+  if in_range is not None:
+    soft = jnp.where(in_range, soft, jnp.asarray(jnp.nan, soft.dtype))
+  values = softmax_cross_entropy(logits, labels) + weight * soft
+  values = _nan_where_invalid(valid, values)
+  return _traced_hyperparameter(values, 'weight', weight, lambda w: w >= 0, '>= 0')
+
+
+# ----------------------------------------------------------------------------------------------
+# Outlier synthesis (VOS, NPOS) and hyperspherical prototypes (CIDER, NPOS).
+
+
+def outlier_logistic(inlier_logits, outlier_logits):
+  """Logistic loss of an in-distribution-vs-outlier logit: −log σ(s) for inliers, −log σ(−s) for outliers.
+
+  VOS's uncertainty loss (Du et al. 2022, eq. 5): s = φ(−E) the logistic regression of the negative weighted
+  energy (the reference's two-class cross-entropy of `Linear(1, 2)` is the logistic loss of the difference of
+  its two outputs, which `layers.VirtualOutlierHead` returns); NPOS's binary loss (Tao et al. 2023; OpenOOD's
+  `BCEWithLogitsLoss` of the MLP on ID features, label 1, and synthesised outliers, label 0). The reference
+  averages over all B + M rows: take the mean of the result.
+
+  Args:
+    inlier_logits: `[B]` logits s of the in-distribution examples.
+    outlier_logits: `[M]` logits of the (synthesised) outliers.
+
+  Returns:
+    `[B + M]` per-row losses, the inliers first.
+  """
+  inl = _checks.floating('inlier_logits', inlier_logits, ndim=1)
+  out = _checks.floating('outlier_logits', outlier_logits, ndim=1)
+  dtype = _checks.compute_dtype(inl, out)
+  return jnp.concatenate([jax.nn.softplus(-inl.astype(dtype)), jax.nn.softplus(out.astype(dtype))])
+
+
+def prototype_compactness(embeddings, prototypes, labels, *, temperature=0.1):
+  """CIDER's compactness loss (Ming et al. 2023, eq. 5): −log softmax_k(z·μ̂_k/τ)_y, μ̂ the unit prototypes.
+
+  The cross-entropy of each unit embedding against the K class prototypes (normalised here, as OpenOOD's
+  `CompLoss`), at temperature τ. The reference code scales the batch mean by τ/τ_base with τ_base = 0.07; that
+  constant factor is the caller's (`methods.prototypes` applies it to reproduce the recipe's weighting).
+
+  Args:
+    embeddings: `[N, E]` unit embeddings.
+    prototypes: `[K, E]` class prototypes (normalised inside; treat them as constants: CIDER detaches them).
+    labels: `[N]` integer labels in [0, K) (ValueError when concrete and outside, NaN under jit).
+    temperature: τ > 0 (0.1 in CIDER and OpenOOD).
+
+  Returns:
+    `[N]` per-example losses.
+  """
+  _checks.positive('temperature', temperature)
+  embeddings = _checks.floating('embeddings', embeddings, ndim=2)
+  prototypes = _checks.floating('prototypes', prototypes, ndim=2)
+  if embeddings.shape[1] != prototypes.shape[1]:
+    raise ValueError(f'embeddings [N, E] and prototypes [K, E] must share E, got {tuple(embeddings.shape)} and '
+                     f'{tuple(prototypes.shape)}.')
+  dtype = _checks.compute_dtype(embeddings, prototypes)
+  unit = prototypes.astype(dtype) * jax.lax.rsqrt(
+      jnp.maximum(jnp.sum(jnp.square(prototypes.astype(dtype)), axis=-1, keepdims=True), 1e-24))
+  logits = jnp.matmul(embeddings.astype(dtype), unit.T, precision=jax.lax.Precision.HIGHEST) / temperature
+  values = softmax_cross_entropy(logits, labels)
+  return _traced_hyperparameter(values, 'temperature', temperature, lambda t: t > 0, '> 0')
+
+
+def prototype_dispersion(prototypes, *, temperature=0.1):
+  """CIDER's dispersion loss (Ming et al. 2023, eq. 4): log (1/(K − 1)) Σ_{j≠i} exp(μ_i·μ_j/τ), per prototype.
+
+  Pushes the class prototypes apart on the sphere; OpenOOD's `DisLoss` (its τ/τ_base is 1) on the prototypes
+  after this batch's moving-average update, whose gradient reaches the embeddings (`layers.ema_prototypes`).
+  The prototypes are used as given (unit vectors, or zero for a class not seen yet, as the reference).
+
+  Args:
+    prototypes: `[K, E]`, K ≥ 2.
+    temperature: τ > 0 (0.1).
+
+  Returns:
+    `[K]` per-prototype losses (the reference takes their mean).
+  """
+  _checks.positive('temperature', temperature)
+  prototypes = _checks.floating('prototypes', prototypes, ndim=2)
+  num_classes = prototypes.shape[0]
+  if num_classes < 2:
+    raise ValueError(f'prototypes must hold K >= 2 classes to disperse, got shape {tuple(prototypes.shape)}.')
+  p = prototypes.astype(_checks.compute_dtype(prototypes))
+  logits = jnp.matmul(p, p.T, precision=jax.lax.Precision.HIGHEST) / temperature
+  others = ~jnp.eye(num_classes, dtype=bool)
+  values = _masked_logsumexp(logits, others) - jnp.log(num_classes - 1.0)
+  return _traced_hyperparameter(values, 'temperature', temperature, lambda t: t > 0, '> 0')

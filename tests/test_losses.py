@@ -722,3 +722,110 @@ def test_openood_baseline_losses_reject_bad_arguments():
     losses.confidence_branch(z, z[:, 0], y, weight=0.1, hints=np.ones(4, np.int32))
   with pytest.raises(TypeError):
     losses.logit_norm(z, y, 0.04)  # hyperparameters are keyword-only
+
+
+# ------------------------------------------------------------------------------------------
+# RotPred (Hendrycks et al. 2019) and MixOE (Zhang et al. 2023).
+
+
+def test_rotation_prediction_matches_openoods_two_cross_entropies():
+  z, y = _data((5, 4), seed=50, scale=3.0)
+  rho = (np.random.default_rng(51).normal(size=(5, 4, 4)) * 3).astype(np.float32)
+  for weight in (1.0, 0.5):
+    got = np.asarray(jax.jit(functools.partial(losses.rotation_prediction, weight=weight))(z, rho, y))
+    # OpenOOD's RotPredTrainer, literally: F.cross_entropy(logits[:B], y) + F.cross_entropy over the 4B rotated
+    # rows with targets [0]*B + [1]*B + [2]*B + [3]*B; per example: CE + mean over the four turns.
+    rotation_ce = np.array([[-_np_log_softmax(rho[i, r])[r] for r in range(4)] for i in range(5)])
+    want = -_pick(_np_log_softmax(z), y) + weight * rotation_ce.mean(axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    batch_rows = -np.mean([_np_log_softmax(rho[i, r])[r] for r in range(4) for i in range(5)])
+    np.testing.assert_allclose(got.mean(), np.mean(-_pick(_np_log_softmax(z), y)) + weight * batch_rows, rtol=1e-5)
+  with jax.enable_x64(True):
+    check_grads(jax.jit(lambda a, b: losses.rotation_prediction(a, b, y)), (jnp.asarray(z, jnp.float64),
+                                                                   jnp.asarray(rho, jnp.float64)), order=1,
+                modes=['rev'])
+  bad = np.asarray(jax.jit(losses.rotation_prediction)(z, rho, np.array([0, 4, 1, -1, 2], np.int32)))
+  assert np.isnan(bad[[1, 3]]).all() and np.isfinite(bad[[0, 2, 4]]).all()
+  with pytest.raises(ValueError, match='rotation_logits must have shape'):
+    losses.rotation_prediction(z, rho[:, :3], y)
+  with pytest.raises(ValueError, match='weight must be >= 0'):
+    losses.rotation_prediction(z, rho, y, weight=-1.0)
+
+
+def test_mixoe_is_the_cross_entropy_to_the_label_moved_towards_uniform():
+  z, y = _data((6, 5), seed=52, scale=3.0)
+  mixed, _ = _data((6, 5), seed=53, scale=3.0)
+  for lam, weight in ((np.float32(0.3), 1.0), (np.linspace(0.0, 1.0, 6).astype(np.float32), 0.5)):
+    got = np.asarray(jax.jit(functools.partial(losses.mixoe, weight=weight))(z, mixed, y, lam))
+    # OpenOOD's MixOETrainer: F.cross_entropy(net(x), y) + lambda_oe·SoftCE(net(x̃), λ·onehot(y) + (1 − λ)/K).
+    mix = np.broadcast_to(np.asarray(lam, np.float64), (6,))[:, None]
+    target = mix * np.eye(5)[y] + (1 - mix) * np.full((6, 5), 1 / 5)
+    want = -_pick(_np_log_softmax(z), y) + weight * -np.sum(target * _np_log_softmax(mixed), axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  # λ = 0 is outlier exposure on the mixed row; λ = 1 the plain cross-entropy on both rows.
+  np.testing.assert_allclose(losses.mixoe(z, mixed, y, 0.0, weight=1.0) - losses.softmax_cross_entropy(z, y),
+                             losses.outlier_exposure(mixed), rtol=1e-5)
+  with jax.enable_x64(True):
+    check_grads(jax.jit(lambda a, b: losses.mixoe(a, b, y, 0.4)), (jnp.asarray(z, jnp.float64),
+                                                          jnp.asarray(mixed, jnp.float64)), order=1, modes=['rev'])
+  traced = np.asarray(jax.jit(losses.mixoe)(z, mixed, y, np.float32(1.5)))
+  assert np.isnan(traced).all()  # λ outside [0, 1] under jit
+  with pytest.raises(ValueError, match='mix must lie in'):
+    losses.mixoe(z, mixed, y, 1.5)
+  with pytest.raises(ValueError, match='mixed_logits must have the shape'):
+    losses.mixoe(z, mixed[:2], y, 0.5)
+  with pytest.raises(TypeError):
+    losses.mixoe(z, mixed, y, 0.5, 1.0)  # β is keyword-only
+
+
+# ------------------------------------------------------------------------------------------
+# VOS / NPOS outlier loss and CIDER's prototype losses (float64 references from the papers' equations).
+
+
+def test_outlier_logistic_is_voss_two_class_cross_entropy_of_linear_1_2():
+  rng = np.random.default_rng(0)
+  energies = rng.normal(size=9) * 3  # the negative weighted energies of 6 inliers and 3 virtual outliers
+  w, b = rng.normal(size=2), rng.normal(size=2)
+  phi = energies[:, None] * w + b  # the reference's Linear(1, 2)
+  targets = np.array([1] * 6 + [0] * 3)  # 1: in-distribution
+  expected = -(phi[np.arange(9), targets] - _np_logsumexp(phi))  # F.cross_entropy, per row
+  s = (phi[:, 1] - phi[:, 0]).astype(np.float32)
+  got = jax.jit(losses.outlier_logistic)(s[:6], s[6:])
+  assert got.shape == (9,)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='outlier_logits'):
+    losses.outlier_logistic(s[:6], s[6:, None])
+
+
+def _np_compactness(e, p, y, tau):
+  out = []
+  for i in range(len(y)):
+    sims = [e[i] @ (p[k] / np.linalg.norm(p[k])) / tau for k in range(len(p))]
+    out.append(-(sims[y[i]] - np.log(np.sum(np.exp(sims)))))
+  return np.array(out)
+
+
+def _np_dispersion(p, tau):
+  k = len(p)
+  return np.array([np.log(sum(np.exp(p[i] @ p[j] / tau) for j in range(k) if j != i) / (k - 1)) for i in range(k)])
+
+
+def test_prototype_losses_match_cider_equations():
+  rng = np.random.default_rng(1)
+  e = rng.normal(size=(7, 5))
+  e /= np.linalg.norm(e, axis=1, keepdims=True)
+  p = rng.normal(size=(3, 5))
+  p[1] *= 4.0  # compactness normalises the prototypes; dispersion takes them as given
+  y = rng.integers(0, 3, 7)
+  compact = jax.jit(functools.partial(losses.prototype_compactness, temperature=0.1))
+  np.testing.assert_allclose(compact(e.astype(np.float32), p.astype(np.float32), y), _np_compactness(e, p, y, 0.1),
+                             rtol=1e-5)
+  unit = p / np.linalg.norm(p, axis=1, keepdims=True)
+  disperse = jax.jit(functools.partial(losses.prototype_dispersion, temperature=0.5))
+  np.testing.assert_allclose(disperse(unit.astype(np.float32)), _np_dispersion(unit, 0.5), rtol=1e-5)
+  with pytest.raises(ValueError, match='temperature'):
+    losses.prototype_compactness(e, p, y, temperature=0.0)
+  with pytest.raises(ValueError, match='K >= 2'):
+    losses.prototype_dispersion(unit[:1])
+  with pytest.raises(ValueError, match='labels'):
+    losses.prototype_compactness(e, p, np.full(7, 3))

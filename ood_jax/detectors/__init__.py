@@ -26,14 +26,14 @@ Every detector is a frozen `Detector` record with one calling convention, data a
   fixed row blocks, so every set size shares that shape).
 
 `needs` says what a detector reads: 'logits', 'features', 'head' (given to fit), 'feature_maps',
-'model' (it runs the network: ODIN, MC-dropout, input-preprocessed Mahalanobis) and 'members'
+'model' (it runs the network: ODIN, MC-dropout, input-preprocessed Mahalanobis, RotPred) and 'members'
 (logits of several networks or dropout samples).
 
 `get(name, **hparams)`, `names()`, `resolve(('react', 'vim'))` / `resolve('all', available=('logits',
 'features', 'head'), hparams={'react': {'percentile': 95.0}})`. Each family module holds its detectors'
 math and registers them where they are defined: `logit`, `shaping`, `gaussian`, `multilayer`,
-`neighbours`, `subspace`, `prototypes`, `gradient`, `ensemble` (imported in that order, which is the
-registry's); `adapter` extracts logits / features / maps from any Linen or NNX module.
+`neighbours`, `subspace`, `prototypes`, `gradient`, `ensemble`, `rotation` (imported in that order, which is
+the registry's); `adapter` extracts logits / features / maps from any Linen or NNX module.
 """
 
 from ood_jax.detectors import registry
@@ -46,6 +46,7 @@ from ood_jax.detectors import subspace
 from ood_jax.detectors import prototypes
 from ood_jax.detectors import gradient
 from ood_jax.detectors import ensemble
+from ood_jax.detectors import rotation
 from ood_jax.detectors import adapter
 from ood_jax.detectors.registry import Detector
 from ood_jax.detectors.registry import INPUTS
@@ -72,6 +73,7 @@ __all__ = [
     'register',
     'registry',
     'resolve',
+    'rotation',
     'shaping',
     'subspace',
 ]

@@ -8,7 +8,12 @@
   the unit sphere.
 * Heads of OpenOOD v1.5's training baselines, whose training and inference outputs differ (they take
   `train=`): `FeatureNormDense` (T2FNorm, Regmi et al. 2023), `ConfidenceBranch` (ConfBranch, DeVries &
-  Taylor 2018; `confidence_branch_logits`) and `GodinHead` (G-ODIN, Hsu et al. 2020; `cosine_logits`).
+  Taylor 2018; `confidence_branch_logits`), `GodinHead` (G-ODIN, Hsu et al. 2020; `cosine_logits`) and
+  `RotationHead` (RotPred, Hendrycks et al. 2019: class logits and an auxiliary 4-way rotation head).
+
+* Heads with a memory of past batches in 'batch_stats' (`ood_jax.layers.synthesis` has their arithmetic):
+  `VirtualOutlierHead` (VOS, Du et al. 2022), `NPOSHead` (NPOS, Tao et al. 2023) and
+  `PrototypeProjectionHead` (CIDER, Ming et al. 2023).
 
 The modules only own parameters; all arithmetic lives in the pure functions so that Linen and the
 NNX twins compute exactly the same thing. Import the twins as `from ood_jax import layers_nnx`: that
@@ -36,6 +41,13 @@ from ood_jax.layers.functional import mahalanobis_logits
 from ood_jax.layers.functional import negative_distances
 from ood_jax.layers.functional import _output_width
 from ood_jax.layers.functional import raw_from_cholesky
+from ood_jax.layers.synthesis import class_gaussians
+from ood_jax.layers.synthesis import ema_prototypes
+from ood_jax.layers.synthesis import enqueue
+from ood_jax.layers.synthesis import kth_neighbour_distance
+from ood_jax.layers.synthesis import npos_outliers
+from ood_jax.layers.synthesis import virtual_outliers
+from ood_jax.layers.synthesis import weighted_logsumexp
 
 __all__ = [
     'ConfidenceBranch',
@@ -43,7 +55,10 @@ __all__ = [
     'FeatureNormDense',
     'GodinHead',
     'MahalanobisLogits',
+    'NPOSHead',
     'ProjectionHead',
+    'PrototypeProjectionHead',
+    'RotationHead',
     'cholesky_factor',
     'cholesky_from_raw',
     'confidence_branch_logits',
@@ -52,6 +67,14 @@ __all__ = [
     'mahalanobis_logits',
     'negative_distances',
     'raw_from_cholesky',
+    'VirtualOutlierHead',
+    'class_gaussians',
+    'ema_prototypes',
+    'enqueue',
+    'kth_neighbour_distance',
+    'npos_outliers',
+    'virtual_outliers',
+    'weighted_logsumexp',
 ]
 
 
@@ -268,3 +291,203 @@ class GodinHead(nn.Module):
     g = nn.Dense(1, name='divisor')(features)
     g = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='divisor_bn')(g)
     return h / jax.nn.sigmoid(g) if train else h
+
+
+class RotationHead(nn.Module):
+  """RotPred head (Hendrycks, Mazeika, Kadavath & Song 2019): class logits and 4-way rotation logits.
+
+  Two affine maps of the pooled features, as OpenOOD's `RotNet` (`fc` and `rot_fc`): 'kernel' `[D, K]` and
+  'bias' `[K]` of the classes (as `nn.Dense`, so the class layer reads like a dense head's) and
+  'rotation_kernel' `[D, 4]`, 'rotation_bias' `[4]` of the auxiliary head that predicts which quarter turn
+  (0°, 90°, 180°, 270°) the image was given.
+
+  Returns:
+    With train=True, `[B, K + 4]`: the class logits, then the rotation logits (`methods.rotation` splits
+    them). With train=False, the `[B, K]` class logits, so every logit score and detector reads the
+    classifier; the rotation logits are sown as 'intermediates'/.../'rotation_logits' (read them with
+    `model.apply(..., mutable='intermediates')`, as `detectors.rotation.model_apply_fn` does for the
+    RotPred score).
+
+  Attributes:
+    num_classes: K.
+    num_rotations: outputs of the rotation head, 4 (quarter turns).
+  """
+
+  num_classes: int
+  num_rotations: int = 4
+
+  def __post_init__(self):
+    _checks.positive_int('num_classes', self.num_classes)
+    _checks.positive_int('num_rotations', self.num_rotations)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, features, *, train: bool = False):
+    features = _checks.floating('features', features, min_ndim=1)
+    kernel, bias = _dense_params(self, features, self.num_classes)
+    rotation_kernel, rotation_bias = _dense_params(self, features, self.num_rotations, prefix='rotation_')
+    logits = features @ kernel + bias
+    rotation_logits = features @ rotation_kernel + rotation_bias
+    if train:
+      return jnp.concatenate([logits, rotation_logits], axis=-1)
+    self.sow('intermediates', 'rotation_logits', rotation_logits)
+    return logits
+
+
+def _feature_queue(module, num_classes, size, dim):
+  """The per-class feature queue of VOS / NPOS as 'batch_stats' variables (`enqueue` documents them)."""
+  queue = module.variable('batch_stats', 'queue', jnp.zeros, (num_classes, size, dim), jnp.float32)
+  module.variable('batch_stats', 'count', jnp.zeros, (num_classes,), jnp.int32)
+  module.variable('batch_stats', 'pointer', jnp.zeros, (num_classes,), jnp.int32)
+  module.variable('batch_stats', 'steps', jnp.zeros, (), jnp.int32)
+  return jax.lax.stop_gradient(queue.value)
+
+
+class VirtualOutlierHead(nn.Module):
+  """VOS head (Du, Wang, Cai & Li 2022): class logits, a feature queue, virtual outliers, an uncertainty logit.
+
+  Parameters: 'kernel', 'bias' of the classes (as `nn.Dense`); 'energy_weight' `[K]`, the weights w of the
+  negative weighted energy log Σ_k max(w_k, 0)·exp(z_k) (`weighted_logsumexp`), uniform in [0, 1) at
+  initialisation like the reference's `torch.nn.init.uniform_`; 'uncertainty_kernel' `[1, 2]` and
+  'uncertainty_bias' `[2]`, the logistic regression φ on it (the reference's `Linear(1, 2)`), whose logit
+  difference s = φ₁ − φ₀ is the in-distribution-vs-outlier logit (two-class cross-entropy = logistic loss of s).
+  State ('batch_stats'): 'queue' `[K, S, D]`, 'count' `[K]`, 'pointer' `[K]` (see `enqueue`) and 'steps', the
+  training steps taken. The head reads the queue; `methods.synthesis` writes it after the forward pass (the
+  head does not see labels).
+
+  Returns:
+    With train=False, the `[B, K]` class logits. With train=True, `[B + K·select, K + 1]`: the rows of the
+    batch, then the virtual outliers drawn from the queue (`virtual_outliers`, from the 'dropout' key), each
+    with its class logits (the outliers through the same affine layer, as the reference's `fc`) and, last,
+    its uncertainty logit s.
+
+  Attributes:
+    num_classes: K.
+    queue_size: S, features kept per class (1000 in VOS and OpenOOD).
+    num_samples: draws per class per step (10 000).
+    select: outliers kept per class per step (1).
+    ridge: added to the shared covariance's diagonal (1e-4).
+  """
+
+  num_classes: int
+  queue_size: int = 1000
+  num_samples: int = 10000
+  select: int = 1
+  ridge: float = 1e-4
+
+  def __post_init__(self):
+    for name in ('num_classes', 'queue_size', 'num_samples', 'select'):
+      _checks.positive_int(name, getattr(self, name))
+    if self.select > self.num_samples:
+      raise ValueError(f'select ({self.select}) must be <= num_samples ({self.num_samples}).')
+    _checks.positive_real('ridge', self.ridge)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, features, *, train: bool = False):
+    features = _checks.floating('features', features, ndim=2)
+    kernel, bias = _dense_params(self, features, self.num_classes)
+    energy_weight = self.param('energy_weight', nn.initializers.uniform(1.0), (self.num_classes,), jnp.float32)
+    lr_kernel = self.param('uncertainty_kernel', nn.initializers.lecun_normal(), (1, 2), jnp.float32)
+    lr_bias = self.param('uncertainty_bias', nn.initializers.zeros, (2,), jnp.float32)
+    queue = _feature_queue(self, self.num_classes, self.queue_size, features.shape[-1])
+    logits = features @ kernel + bias
+    if not train:
+      return logits
+    outliers = virtual_outliers(queue, self.make_rng('dropout'), num_samples=self.num_samples,
+                                select=self.select, ridge=self.ridge)
+    rows = jnp.concatenate([logits, outliers @ kernel + bias], axis=0)
+    phi = weighted_logsumexp(rows, energy_weight)[:, None] * lr_kernel + lr_bias  # [N, 2]
+    return jnp.concatenate([rows, (phi[:, 1] - phi[:, 0])[:, None]], axis=-1)
+
+
+class PrototypeProjectionHead(nn.Module):
+  """CIDER head (Ming, Sun, Dia & Li 2023): `ProjectionHead` unit embeddings and class prototypes as state.
+
+  Submodule 'projection' (`ProjectionHead`, Dense(D) → ReLU → Dense(E) → normalise, as CIDER's and OpenOOD's
+  'mlp' head). State ('batch_stats'): 'prototypes' `[K, E]`, zeros until a class is seen, moved by
+  `ema_prototypes` in the method's update (`methods.prototypes`). Returns the `[B, E]` embeddings in training
+  and inference alike.
+
+  Attributes:
+    num_classes: K.
+    output_dim: E (128).
+  """
+
+  num_classes: int
+  output_dim: int = 128
+
+  def __post_init__(self):
+    _checks.positive_int('num_classes', self.num_classes)
+    _checks.positive_int('output_dim', self.output_dim)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, features):
+    features = _checks.floating('features', features, ndim=2)
+    self.variable('batch_stats', 'prototypes', jnp.zeros, (self.num_classes, self.output_dim), jnp.float32)
+    return ProjectionHead(hidden_dim=features.shape[-1], output_dim=self.output_dim, name='projection')(features)
+
+
+class NPOSHead(nn.Module):
+  """NPOS head (Tao, Du, Zhu & Li 2023): unit embeddings and prototypes (as CIDER), a feature queue, outliers
+  synthesised from it and a binary in-distribution-vs-outlier MLP on the penultimate features.
+
+  Submodules: 'projection' (`ProjectionHead`, OpenOOD's `NPOSNet.head`), 'mlp_hidden' and 'mlp_output'
+  (Dense(E) → ReLU → Dense(1), OpenOOD's `NPOSNet.mlp`). State: 'queue', 'count', 'pointer', 'steps' (as
+  `VirtualOutlierHead`) and 'prototypes' `[K, E]` (as `PrototypeProjectionHead`), written by
+  `methods.synthesis`.
+
+  Returns:
+    With train=False, the `[B, E]` unit embeddings (an embedding model: it is scored by KNN on the backbone
+    features). With train=True, `[B + K·pick·keep, E + 1]`: the batch's embeddings, then zeros for the outliers
+    (`npos_outliers`, from the 'dropout' key), each row ending with its MLP logit.
+
+  Attributes:
+    num_classes: K.
+    output_dim: E (128).
+    queue_size: S (1000 in OpenOOD's recipe).
+    neighbours: the k of the k-NN distance (`npos_outliers`' k, 300).
+    boundary, pick, num_candidates, noise, keep: `npos_outliers`'.
+  """
+
+  num_classes: int
+  output_dim: int = 128
+  queue_size: int = 1000
+  neighbours: int = 300
+  boundary: int = 200
+  pick: int = 2
+  num_candidates: int = 600
+  noise: float = 0.1
+  keep: int = 200
+
+  def __post_init__(self):
+    for name in ('num_classes', 'output_dim', 'queue_size', 'neighbours', 'boundary', 'pick', 'num_candidates',
+                 'keep'):
+      _checks.positive_int(name, getattr(self, name))
+    for name, bound in (('neighbours', 'queue_size'), ('boundary', 'queue_size'), ('pick', 'boundary'),
+                        ('keep', 'num_candidates')):
+      if getattr(self, name) > getattr(self, bound):
+        raise ValueError(f'{name} ({getattr(self, name)}) must be <= {bound} ({getattr(self, bound)}).')
+    _checks.positive_real('noise', self.noise)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, features, *, train: bool = False):
+    features = _checks.floating('features', features, ndim=2)
+    self.variable('batch_stats', 'prototypes', jnp.zeros, (self.num_classes, self.output_dim), jnp.float32)
+    queue = _feature_queue(self, self.num_classes, self.queue_size, features.shape[-1])
+    embeddings = ProjectionHead(hidden_dim=features.shape[-1], output_dim=self.output_dim,
+                                name='projection')(features)
+    hidden = nn.Dense(self.output_dim, name='mlp_hidden')
+    output = nn.Dense(1, name='mlp_output')
+    mlp = lambda x: output(nn.relu(hidden(x)))[:, 0]
+    if not train:
+      if self.is_initializing():
+        mlp(features)  # create the MLP's parameters
+      return embeddings
+    outliers = npos_outliers(queue, self.make_rng('dropout'), k=self.neighbours, boundary=self.boundary, pick=self.pick,
+                             num_candidates=self.num_candidates, noise=self.noise, keep=self.keep)
+    rows = jnp.concatenate([embeddings, jnp.zeros((outliers.shape[0], self.output_dim), embeddings.dtype)])
+    scores = mlp(jnp.concatenate([features, outliers.astype(features.dtype)], axis=0))
+    return jnp.concatenate([rows, scores[:, None]], axis=-1)

@@ -18,8 +18,11 @@ from ood_jax.methods import mixup
 from ood_jax.methods import normalization
 from ood_jax.methods import outlier_exposure
 from ood_jax.methods import ova
+from ood_jax.methods import prototypes
+from ood_jax.methods import rotation
 from ood_jax.methods import smot
 from ood_jax.methods import softmax
+from ood_jax.methods import synthesis
 
 METHODS: dict[str, Method] = {
     'softmax': softmax.SOFTMAX,
@@ -40,6 +43,11 @@ METHODS: dict[str, Method] = {
     'regmixup': mixup.REGMIXUP,
     'confbranch': confidence.CONFBRANCH,
     'godin': confidence.GODIN,
+    'rotpred': rotation.ROTPRED,
+    'mixoe': mixup.MIXOE,
+    'vos': synthesis.VOS,
+    'npos': synthesis.NPOS,
+    'cider': prototypes.CIDER,
 }
 
 

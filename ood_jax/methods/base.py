@@ -43,9 +43,18 @@ class Method:
     needs_base_model: the trainer loads `config.base_model` (a workdir) and passes it to `inputs`.
     needs_outliers: the trainer adds `batch['outlier']`, a batch of auxiliary outliers
       (`config.outliers`), to every training batch.
+    update_state: for methods with a memory of past batches in the head's 'batch_stats' (VOS and NPOS
+      feature queues, CIDER prototypes): `update_state(batch_stats, outputs, features, batch, **hparams)
+      → (batch_stats, extra)`, run in the step after the forward pass and before `loss`; `extra` is added
+      to the batch the loss sees and may carry gradients (CIDER's prototypes after this batch). None: the
+      head's own updates only.
     calibration: the post-hoc calibrator the evaluator fits on the validation split:
       'temperature' (softmax probabilities; Guo et al. 2017) or 'platt' (per-class sigmoids of
       one-vs-all models; Platt 1999).
+    model_scores: scores that run the model rather than read its logits: names of registered
+      detectors with needs {'model'} and no fit (RotPred's 'rotpred', which turns each image four
+      times). The evaluator computes them in its inference pass over every set, with their default
+      hyperparameters, and reports them before `scores`; the first is then the method's default.
   """
 
   name: str
@@ -59,7 +68,9 @@ class Method:
   augment: str | None = None
   needs_outliers: bool = False
   needs_base_model: bool = False
+  update_state: Callable[..., Any] | None = None
   calibration: str = 'temperature'
+  model_scores: tuple[str, ...] = ()
 
   def __post_init__(self):
     unknown = set(self.head_hparams) - set(self.hparams)

@@ -4,8 +4,10 @@ The head decides the method family: 'dense' (affine logits: softmax, OvA, outlie
 energy), 'distance' (IsoMax / distance-OvA, `ood_jax.layers.DistanceLogits`) or 'mahalanobis'
 (ICE, `ood_jax.layers.MahalanobisLogits`) or 'projection' (SupCon / ReweightOOD: the
 `ood_jax.layers.ProjectionHead` MLP to 128-d unit embeddings, returned in place of logits), or one of
-the heads of OpenOOD's training baselines, 't2fnorm', 'confidence' and 'godin'
-(`ood_jax.layers.FeatureNormDense`, `ConfidenceBranch`, `GodinHead`). Any other Linen module mapping
+the heads of OpenOOD's training baselines, 't2fnorm', 'confidence', 'godin' and 'rotation'
+(`ood_jax.layers.FeatureNormDense`, `ConfidenceBranch`, `GodinHead`, `RotationHead`). Heads with a memory
+of past batches in 'batch_stats': 'virtual_outlier' (VOS), 'npos' and 'prototype_projection' (CIDER)
+(`ood_jax.layers.synthesis`). Any other Linen module mapping
 `[B, D]` features to `[B, K]` logits can be passed instead of a name. A head whose `__call__` takes
 `train` gets the classifier's: those heads compute something else in training (normalised features,
 a confidence output, quotient logits) than at inference. The head's parameters live under 'head', so
@@ -33,6 +35,10 @@ _HEAD_MODULES = {
     't2fnorm': lambda k, d, **kw: layers.FeatureNormDense(k, name='head', **kw),
     'confidence': lambda k, d, **kw: layers.ConfidenceBranch(k, name='head', **kw),
     'godin': lambda k, d: layers.GodinHead(k, name='head'),
+    'rotation': lambda k, d: layers.RotationHead(k, name='head'),
+    'virtual_outlier': lambda k, d, **kw: layers.VirtualOutlierHead(k, name='head', **kw),
+    'npos': lambda k, d, **kw: layers.NPOSHead(k, name='head', **kw),
+    'prototype_projection': lambda k, d: layers.PrototypeProjectionHead(k, name='head'),
 }
 HEADS = tuple(_HEAD_MODULES)
 

@@ -43,15 +43,38 @@ from ood_jax.evaluation import report
 from ood_jax import scores as scores_lib
 from ood_jax.trainer import sharding
 from ood_jax.trainer import step
+from ood_jax.trainer import streamed
 from ood_jax.trainer.data import catalog
 from ood_jax.trainer.data import protocols
 from ood_jax.trainer.data import registry
 from ood_jax.trainer.data import sources
+from ood_jax import detectors
 from ood_jax.detectors import adapter
+from ood_jax.detectors import rotation
 
 def score_all(logits: np.ndarray, names) -> dict[str, np.ndarray]:
   """Every named logit score (`ood_jax.scores`), as float64 host arrays."""
   return {name: np.asarray(getattr(scores_lib, name)(logits), np.float64) for name in names}
+
+
+def method_scores(out, method) -> dict[str, np.ndarray]:
+  """The method's scores of one set's outputs: its model scores (inference outputs `[N, 1]`), then its logit scores."""
+  model = {name: np.asarray(out[name][:, 0], np.float64) for name in method.model_scores}
+  return {**model, **score_all(out['logits'], method.scores)}
+
+
+@functools.lru_cache(maxsize=16)
+def _apply_with_model_scores(model, names: tuple[str, ...]) -> inference.ApplyFn:
+  """`(variables, images) -> (logits, features, score_1 [B, 1], ...)`: the method's model scores (`Method.model_scores`,
+  detectors that run the model, at their defaults) computed in the same inference pass; one function per model."""
+  chosen = tuple(detectors.get(name) for name in names)
+
+  def apply(variables, images):
+    logits, features = model.apply(variables, images, train=False)
+    inputs = {'inputs': images, 'apply_fn': rotation.model_apply_fn(model, variables)}
+    return (logits, features, *(det.score((), inputs)[:, None] for det in chosen))
+
+  return apply
 
 
 def _shift_metrics(probs, labels) -> dict[str, float]:
@@ -97,14 +120,16 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
   data_dir, download, bench_dir = settings.data_dir, settings.download, settings.benchmark_dir
   # A contrastive model's projection head returns unit embeddings where a classifier has logits.
   names = ('logits', 'features') if method.probabilities else ('embeddings', 'features')
+  model_scores = tuple(method.model_scores) if method.probabilities else ()
   plan = settings.eval.sets
   catalog.check_prepared(plan.test_sets + plan.validation, benchmark_dir=bench_dir)
-  cache = _feature_cache(exp, variables, workdir, names)
+  cache = _feature_cache(exp, variables, workdir, names + model_scores)
 
-  def run(data):
+  def run(data, extra=model_scores):
     labels = data.labels if data.labels.min() >= 0 else None
-    return inference.run(inference.model_apply(exp.model), variables, data.images, labels, mesh=mesh,
-                         batch_size=settings.eval.batch_size, mean=exp.mean, std=exp.std, names=names)
+    apply = _apply_with_model_scores(exp.model, extra) if extra else inference.model_apply(exp.model)
+    return inference.run(apply, variables, data.images, labels, mesh=mesh,
+                         batch_size=settings.eval.batch_size, mean=exp.mean, std=exp.std, names=names + extra)
 
   def outputs(key, load):
     """The model's outputs on one set (with its labels, −1 for OOD), from the cache when it has them."""
@@ -145,7 +170,7 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
   validation_out = (outputs(f'{info.name}:validation@{fraction}', lambda: split()[1])
                     if fraction > 0 and (spec or method.probabilities) else None)
   results: dict[str, Any] = {'dataset': info.name, 'backbone': config.backbone, 'method': method.name,
-                             'default_score': method.scores[0]}
+                             'default_score': (model_scores + method.scores)[0]}
 
   if method.probabilities is None:
     block = embedding_eval.evaluate_embeddings(train_out, test_out, ood_out, num_classes=info.num_classes,
@@ -162,17 +187,18 @@ def evaluate_model(exp: experiment_lib.Experiment, variables, mesh, *, workdir: 
     results['in_distribution'] = {
         'num_examples': len(test_out['labels']),
         **_classification_block(exp, calibrate, test_out['logits'], test_out['labels'], with_reliability=True)}
-    in_scores = score_all(test_out['logits'], method.scores)
+    in_scores = method_scores(test_out, method)
+    default = results['default_score']
     ood, default_scores = {}, {}
     for name, out in ood_out.items():
-      out_scores = score_all(out['logits'], method.scores)
-      ood[name] = {score: metrics.ood_metrics(in_scores[score], out_scores[score]) for score in method.scores}
-      default_scores[name] = out_scores[method.scores[0]]
+      out_scores = method_scores(out, method)
+      ood[name] = {score: metrics.ood_metrics(in_scores[score], out_scores[score]) for score in in_scores}
+      default_scores[name] = out_scores[default]
     results['ood'] = ood
     if ood:
       results['ood_mean'] = metrics.mean_over_sets(ood)
       # What results.md's score figure draws (results.json keeps no per-example scores).
-      results['score_histogram'] = metrics.score_histogram(in_scores[method.scores[0]], default_scores)
+      results['score_histogram'] = metrics.score_histogram(in_scores[default], default_scores)
     if settings.eval.corruptions:
       results['corrupted'] = _corrupted(exp, run, calibrate)
 
@@ -211,7 +237,7 @@ def _corrupted(exp, run, calibrate) -> dict[str, Any]:
     for severity in eval_config.severities:
       data = catalog.load_corrupted_set(exp.info, corruption, severity, data_dir=settings.data_dir,
                                         download=settings.download)
-      per_pair[f'{corruption}_{severity}'] = _classification_block(exp, calibrate, run(data)['logits'], data.labels)
+      per_pair[f'{corruption}_{severity}'] = _classification_block(exp, calibrate, run(data, ())['logits'], data.labels)
   out: dict[str, Any] = _levels(eval_config, per_pair)
   if calibrate is not None:
     calibrated = _levels(eval_config, {pair: block['calibrated'] for pair, block in per_pair.items()})
@@ -243,7 +269,8 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None) -> d
 
 def evaluate_protocol(model, variables=None, *, protocol: str, dataset: str, validation_fraction: float = 0.1,
                       preprocess=None, data_dir: str | None = None, benchmark_dir: str | None = None,
-                      download: bool = False, batch_size: int = 256, **kwargs) -> evaluator.Report:
+                      download: bool = False, batch_size: int = 256, workdir: str | None = None,
+                      chunk_size: int = 4096, **kwargs) -> evaluator.Report:
   """A benchmark protocol (`data.protocols`: 'openood_v1_5', 'digits', ...) on a model of your own, in one call.
 
   Loads the in-distribution training split (less a stratified validation part), test split and the protocol's
@@ -260,13 +287,28 @@ def evaluate_protocol(model, variables=None, *, protocol: str, dataset: str, val
     data_dir, benchmark_dir, download: where the data is (`config.data_dir`, `config.benchmark_dir`,
       `config.download`).
     batch_size: rows per forward pass.
-    **kwargs: further arguments of `ood_jax.evaluation.evaluate` (detectors, detector_kwargs, head, ...).
+    workdir: for a large protocol (ImageNet: `protocols.Protocol.large`), where the streamed sets' outputs
+      are cached in chunks (<workdir>/features); required there, a folder every process sees.
+    chunk_size: for a large protocol, rows per cached chunk (a multiple of `batch_size`).
+    **kwargs: further arguments of `ood_jax.evaluation.evaluate` (detectors, detector_kwargs, head, ...); for a
+      large protocol also `image_size` and `resize` (`streamed.evaluate_large_protocol`).
+
+  A large protocol takes the streamed, process-sharded path (`ood_jax.trainer.streamed`): nothing is loaded
+  into memory, each process reads its shard of every set, and `validation_fraction` and `download` do not
+  apply (the protocol names its validation split; TFDS ImageNet needs a manual download).
 
   Returns:
     The `Report`; its leaderboard is grouped near / far as the protocol says.
   """
-  info = registry.get_info(dataset)
   plan = protocols.get(protocol, dataset)
+  if plan.large:
+    if workdir is None:
+      raise ValueError(f'protocol {protocol!r} on {dataset!r} streams its sets through a feature cache: pass '
+                       'workdir= (a folder every process sees; its features/ keeps the outputs for reruns).')
+    return streamed.evaluate_large_protocol(model, variables, plan, workdir=workdir, chunk_size=chunk_size,
+                                            batch_size=batch_size, preprocess=preprocess, data_dir=data_dir,
+                                            benchmark_dir=benchmark_dir, **kwargs)
+  info = registry.get_info(dataset)
   catalog.check_validation_fraction(validation_fraction)
   catalog.check_available(info, splits=(info.train_split, info.test_split),
                           ood_names=plan.test_sets + plan.validation, data_dir=data_dir,

@@ -76,8 +76,12 @@ def train_step(state: TrainState, batch, base_variables=None, *, model, method, 
     (logits, features), updates = model.apply(
         model_variables(params, state.batch_stats), inputs, train=True, mutable=['batch_stats'],
         rngs={'dropout': dropout_rng})
-    loss, metrics = method.loss(logits, features, batch, **hparams)
-    return loss, (metrics, updates.get('batch_stats', state.batch_stats))
+    batch_stats, seen = updates.get('batch_stats', state.batch_stats), batch
+    if method.update_state is not None:  # a memory of past batches (VOS/NPOS feature queues, CIDER prototypes)
+      batch_stats, extra = method.update_state(batch_stats, logits, features, batch, **hparams)
+      seen = {**batch, **extra}
+    loss, metrics = method.loss(logits, features, seen, **hparams)
+    return loss, (metrics, batch_stats)
 
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

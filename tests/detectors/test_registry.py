@@ -147,6 +147,8 @@ def test_every_detector_end_to_end_on_a_digits_model(random_variables):
 
   members = {k: jnp.stack([extract(v + 0.01 * i)['logits'] for i in range(3)]) for k, v in inputs.items()}
   for det in detectors.resolve('all'):
+    if det.name == 'rotpred':
+      continue  # reads a rotation head this dense model lacks (it raises so): tests/detectors/test_rotation.py
     hp = {'map_name': 'backbone'} if det.name == 'rankfeat' else {}
     if det.name == 'nnguide':
       hp = {'fraction': 0.1, 'k': 10}  # the default 1 % of 240 rows is a bank of ~2, fewer than any k

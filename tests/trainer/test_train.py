@@ -131,11 +131,17 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
 
 
 # One method per way a method adds state or randomness to a step: a loss (LogitNorm), a head with state of its
-# own and random hints (ConfBranch's λ, kept in batch_stats), and inputs mixed on the device from the step's
-# key (RegMixup). The MLP keeps each of the three subprocess runs to seconds.
-@pytest.mark.parametrize('method', ['logitnorm', 'confbranch', 'regmixup'])
+# own and random hints (ConfBranch's λ, kept in batch_stats), inputs mixed on the device from the step's
+# key (RegMixup), that key's box cut from the outlier stream and pasted into the images (MixOE), and a memory of
+# past batches written by the method's update_state and sampled from with the step key (VOS's feature queue, small
+# enough to fill and draw virtual outliers before the kill). The MLP keeps each of the subprocess runs to seconds.
+_RESUME_FLAGS = {'vos': ("--config.method_kwargs={'queue_size': 4, 'num_samples': 64}",)}
+
+
+@pytest.mark.parametrize('method', ['logitnorm', 'confbranch', 'regmixup', 'mixoe', 'vos'])
 def test_sigkill_resume_of_openood_baselines_is_bitwise_identical(tmp_path, method):
-  _check_sigkill_resume(tmp_path, 200, f'--config.method={method}', '--config.backbone=mlp')
+  _check_sigkill_resume(tmp_path, 200, f'--config.method={method}', '--config.backbone=mlp',
+                        *_RESUME_FLAGS.get(method, ()))
 
 
 def _check_sigkill_resume(tmp_path, num_steps, *flags):
