@@ -2,10 +2,10 @@
 
 setup.py: core `install_requires` = jax, flax, optax, chex, numpy; extras train, colab (train without
 tensorflow-cpu), plots, digits, all, docs, test. `ood_jax._extras` maps each trainer-side module to the
-optional packages it needs. The slow tests, marked `venv` (about a minute each), pip-install into fresh venvs
-from PyPI (pip's cache is reused): `test_bare_core_in_a_fresh_venv` runs the Flax example of
-docs/own_model.md on the core alone, and `test_wheel_and_sdist_build_pass_twine_and_install` builds the
-distributions as a release would, checks them with twine and installs them, core and extras.
+optional packages it needs. The slow test, marked `venv` (a few minutes), pip-install into fresh venvs
+from PyPI (pip's cache is reused): `test_release_builds_passes_twine_and_installs_core_and_extras` builds the
+distributions as a release would, checks them with twine, installs the wheel alone (the core: the Flax example of
+docs/own_model.md runs without any extra), the sdist, and the extras, all in one venv.
 """
 
 import ast
@@ -242,59 +242,6 @@ def _run(command, **kwargs):
   return result.stdout
 
 
-@pytest.mark.venv
-def test_bare_core_in_a_fresh_venv(tmp_path):
-  # The package as a user gets it: a copy of the sources (so pip's builds never write into the
-  # checkout), installed into a fresh venv with its core requirements only, from PyPI.
-  source = tmp_path / 'ood_jax_src'
-  shutil.copytree(REPO / 'ood_jax', source / 'ood_jax', ignore=shutil.ignore_patterns('__pycache__'))
-  for name in ('setup.py', 'README.md'):
-    shutil.copy(REPO / name, source / name)
-  env_dir = tmp_path / 'venv'
-  venv.create(env_dir, with_pip=True)
-  python = str(env_dir / 'bin' / 'python')
-  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
-  env['PIP_DISABLE_PIP_VERSION_CHECK'] = '1'
-  _run([python, '-m', 'pip', 'install', '--quiet', str(source)], env=env, cwd=tmp_path)
-
-  optional = ','.join(OPTIONAL_MODULES)
-  out = _run([python, '-c', _CORE_SCRIPT, str(REPO / 'docs' / 'own_model.md'), optional, ','.join(_TRAINER_MODULES)],
-             env=env, cwd=tmp_path)
-  report = json.loads(out.strip().splitlines()[-1])
-  assert report['installed'] == [], report['installed']  # none of TF, TFDS, clu, ml_collections, ... is there
-  assert report['imported'] == [], report['imported']  # nor orbax (a flax dependency) imported
-  assert report['values']['auroc'] > 0.95 and report['values']['loss'] < 0.5  # the docs' example, as in CI
-  assert report['values']['distance'] == [[0.0, 0.0, 0.0]] and report['values']['ece'] == pytest.approx(0.0)
-  for module, extra in _TRAINER_MODULES.items():
-    message = report['errors'][module]
-    assert message and f"pip install 'ood_jax[{extra}]'" in message, (module, message)
-
-  # The notebook's install cell in a runtime that has `tensorflow` (as Colab does; a stand-in
-  # distribution here) with OOD_JAX_REPO a local checkout: no clone, the 'colab' extra, and pip's
-  # resolution of that command (a dry run against PyPI) installs no TensorFlow beside it.
-  site = pathlib.Path(_run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-                           env=env).strip())
-  (site / 'tensorflow').mkdir()
-  (site / 'tensorflow' / '__init__.py').write_text("__version__ = '2.19.0'\n")
-  (site / 'tensorflow-2.19.0.dist-info').mkdir()
-  (site / 'tensorflow-2.19.0.dist-info' / 'METADATA').write_text(
-      'Metadata-Version: 2.1\nName: tensorflow\nVersion: 2.19.0\n')
-  plan = _install_cell_functions() + textwrap.dedent(f"""
-      import json
-      checkout, commands = install_commands({str(source)!r}, '/nonexistent/clone',
-                                            tensorflow_installed=have_tensorflow())
-      print(json.dumps([checkout, commands]))""")
-  checkout, commands = json.loads(_run([python, '-c', plan], env=env, cwd=tmp_path).strip().splitlines()[-1])
-  assert checkout == str(source) and len(commands) == 1 and commands[0][0] == python
-  assert commands[0][-1] == f'{source}[colab,plots]'
-  report_path = tmp_path / 'pip_report.json'
-  _run(commands[0] + ['--dry-run', '--report', str(report_path)], env=env, cwd=tmp_path)
-  pip_report = json.loads(report_path.read_text())
-  would_install = {canonicalize_name(item['metadata']['name']) for item in pip_report['install']}
-  assert {'ood-jax', 'tensorflow-datasets', 'clu', 'matplotlib'} <= would_install
-  assert not would_install & TENSORFLOW_DISTRIBUTIONS, would_install & TENSORFLOW_DISTRIBUTIONS
-
-
 _WHEEL_SCRIPT = r"""
 import importlib.util, json, sys
 import ood_jax
@@ -306,10 +253,13 @@ print(json.dumps({'version': ood_jax.__version__, 'file': ood_jax.__file__,
 
 
 @pytest.mark.venv
-def test_wheel_and_sdist_build_pass_twine_and_install(tmp_path):
-  # The release: `python -m build` on a clean copy of what setup.py packages, `twine check` as PyPI's upload
-  # would, then each distribution installed into a fresh venv from PyPI: the wheel alone (the core, no
-  # TensorFlow), the sdist (built from source) and the wheel with extras.
+def test_release_builds_passes_twine_and_installs_core_and_extras(tmp_path):
+  # The release as a user gets it: `python -m build` on a clean copy of what setup.py packages, `twine check` as
+  # PyPI's upload would, then one fresh venv from PyPI (pip's cache reused): the wheel alone is the core (the Flax
+  # example of docs/own_model.md runs, nothing optional is installed or imported, the trainer wing names its
+  # extra), the sdist builds and installs in its place, the notebook's install cell resolves without TensorFlow
+  # in a Colab-like runtime, and the extras install (plots) or resolve (all). One venv for all of it: each fresh
+  # core install costs about a minute of CI.
   source = tmp_path / 'src'
   shutil.copytree(REPO / 'ood_jax', source / 'ood_jax', ignore=shutil.ignore_patterns('__pycache__'))
   for name in ('setup.py', 'README.md', 'CHANGELOG.md'):
@@ -331,19 +281,57 @@ def test_wheel_and_sdist_build_pass_twine_and_install(tmp_path):
   report = json.loads(_run([python, '-c', _WHEEL_SCRIPT], env=env, cwd=tmp_path).strip().splitlines()[-1])
   assert report['version'] == version and str(env_dir) in report['file']
   assert not report['tensorflow'] and not report['imported'], report
+
+  # The core alone: the docs' Flax example and a few calls; no optional package installed or imported.
+  optional = ','.join(OPTIONAL_MODULES)
+  out = _run([python, '-c', _CORE_SCRIPT, str(REPO / 'docs' / 'own_model.md'), optional, ','.join(_TRAINER_MODULES)],
+             env=env, cwd=tmp_path)
+  report = json.loads(out.strip().splitlines()[-1])
+  assert report['installed'] == [], report['installed']  # none of TF, TFDS, clu, ml_collections, ... is there
+  assert report['imported'] == [], report['imported']  # nor orbax (a flax dependency) imported
+  assert report['values']['auroc'] > 0.95 and report['values']['loss'] < 0.5  # the docs' example, as in CI
+  assert report['values']['distance'] == [[0.0, 0.0, 0.0]] and report['values']['ece'] == pytest.approx(0.0)
+  for module, extra in _TRAINER_MODULES.items():
+    message = report['errors'][module]
+    assert message and f"pip install 'ood_jax[{extra}]'" in message, (module, message)
+
   # The sdist builds and installs in place of the wheel (its dependencies are already there).
   _run([python, '-m', 'pip', 'install', '--quiet', '--force-reinstall', '--no-deps', str(sdist)], env=env,
        cwd=tmp_path)
   assert json.loads(_run([python, '-c', _WHEEL_SCRIPT], env=env, cwd=tmp_path).strip().splitlines()[-1])[
       'version'] == version
+
+  # The notebook's install cell in a runtime that has `tensorflow` (as Colab does; a stand-in distribution here)
+  # with OOD_JAX_REPO a local checkout: no clone, the 'colab' extra, and pip's resolution of that command (a dry
+  # run against PyPI) installs no TensorFlow beside it.
+  site = pathlib.Path(_run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                           env=env).strip())
+  (site / 'tensorflow').mkdir()
+  (site / 'tensorflow' / '__init__.py').write_text("__version__ = '2.19.0'\n")
+  (site / 'tensorflow-2.19.0.dist-info').mkdir()
+  (site / 'tensorflow-2.19.0.dist-info' / 'METADATA').write_text(
+      'Metadata-Version: 2.1\nName: tensorflow\nVersion: 2.19.0\n')
+  plan = _install_cell_functions() + textwrap.dedent(f"""
+      import json
+      checkout, commands = install_commands({str(source)!r}, '/nonexistent/clone',
+                                            tensorflow_installed=have_tensorflow())
+      print(json.dumps([checkout, commands]))""")
+  checkout, commands = json.loads(_run([python, '-c', plan], env=env, cwd=tmp_path).strip().splitlines()[-1])
+  assert checkout == str(source) and len(commands) == 1 and commands[0][0] == python
+  assert commands[0][-1] == f'{source}[colab,plots]'
+  _run(commands[0] + ['--dry-run', '--report', str(tmp_path / 'colab.json')], env=env, cwd=tmp_path)
+  would_install = {canonicalize_name(item['metadata']['name'])
+                   for item in json.loads((tmp_path / 'colab.json').read_text())['install']}
+  assert {'ood-jax', 'tensorflow-datasets', 'clu', 'matplotlib'} <= would_install
+  assert not would_install & TENSORFLOW_DISTRIBUTIONS, would_install & TENSORFLOW_DISTRIBUTIONS
+
   # Extras: plots installs matplotlib and ood_jax.plots imports; pip resolves 'all' (a dry run: no TensorFlow
   # download) with the packages the trainer needs.
   _run([python, '-m', 'pip', 'install', '--quiet', f'{wheel}[plots]'], env=env, cwd=tmp_path)
   _run([python, '-c', 'import ood_jax.plots'], env=env, cwd=tmp_path)
-  report_path = tmp_path / 'all.json'
-  _run([python, '-m', 'pip', 'install', '--quiet', '--dry-run', '--report', str(report_path), f'{wheel}[all]'],
-       env=env, cwd=tmp_path)
-  plan = json.loads(report_path.read_text())['install']
+  _run([python, '-m', 'pip', 'install', '--quiet', '--dry-run', '--ignore-installed', '--report',
+        str(tmp_path / 'all.json'), f'{wheel}[all]'], env=env, cwd=tmp_path)
+  plan = json.loads((tmp_path / 'all.json').read_text())['install']
   would_install = {canonicalize_name(item['metadata']['name']) for item in plan}
   assert {'tensorflow-cpu', 'tensorflow-datasets', 'clu', 'scikit-learn'} <= would_install  # orbax: with flax
 
