@@ -68,10 +68,12 @@ def run(workdir: str, output_dir: str, *, smoke: bool = False, seeds=seeds_lib.D
   start = time.time()
   labels = list(METHODS) if labels is None else list(labels)
   per_seed = {label: [] for label in labels}
+  reused = 0
   for seed in seeds:  # seed by seed: an interrupted sweep leaves whole seeds
     for label in labels:
       run_dir = seeds_lib.run_dir(workdir, METHODS[label], seed)
       path = os.path.join(run_dir, 'results.json')
+      reused += os.path.isdir(os.path.join(run_dir, 'checkpoints'))
       if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
           per_seed[label].append(json.load(f))
@@ -96,7 +98,7 @@ def run(workdir: str, output_dir: str, *, smoke: bool = False, seeds=seeds_lib.D
                          (['--smoke'] if smoke else []))
   data = 'tiny smoke runs (2 epochs, 2 corruptions), not results' if smoke else "real data: scikit-learn's 8×8 digits"
   header = seeds_lib.provenance(command, seeds, (time.time() - start) / 60,
-                                f'{data}; {len(labels)} losses × {len(seeds)} seeds')
+                                f'{data}; {len(labels)} losses × {len(seeds)} seeds', reused=reused)
   summary = header + summary_table(results)
   with open(os.path.join(output_dir, 'digits_c_summary.md'), 'w', encoding='utf-8') as f:
     f.write(summary)

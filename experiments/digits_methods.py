@@ -124,10 +124,10 @@ def run(workdir: str, output: str | None, *, leaderboard_output: str | None = No
   return table, matrix
 
 
-def provenance(command: str, seeds, minutes: float, smoke: bool, runs: int = len(RUNS)) -> str:
+def provenance(command: str, seeds, minutes: float, smoke: bool, runs: int = len(RUNS), reused: int = 0) -> str:
   """The paragraph that says how the committed tables were made, prepended to both files by `main`."""
   data = 'tiny smoke runs (8 steps each), not results' if smoke else "real data: scikit-learn's 8×8 digits"
-  return seeds_lib.provenance(command, seeds, minutes, f'{data}; {runs} runs × {len(seeds)} seeds')
+  return seeds_lib.provenance(command, seeds, minutes, f'{data}; {runs} runs × {len(seeds)} seeds', reused=reused)
 
 
 def main(argv):
@@ -135,11 +135,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   seeds = seeds_lib.from_flag(flags.FLAGS.seeds, smoke=flags.FLAGS.smoke)
   start = time.time()
+  # Runs an earlier (interrupted or parallel) invocation trained: this one only evaluates them, and says so.
+  reused = sum(os.path.isdir(os.path.join(seeds_lib.run_dir(flags.FLAGS.workdir, name, seed), 'checkpoints'))
+               for seed in seeds for name in RUNS)
   # The files are written here, not by `run`: their first line needs the runtime, known only now.
   table, matrix = run(flags.FLAGS.workdir, None, smoke=flags.FLAGS.smoke, seeds=seeds)
   minutes = (time.time() - start) / 60
   command = shlex.join(['python', '-m', 'experiments.digits_methods', *sys.argv[1:]])
-  header = provenance(command, seeds, minutes, flags.FLAGS.smoke)
+  header = provenance(command, seeds, minutes, flags.FLAGS.smoke, reused=reused)
   for path, text in ((flags.FLAGS.output, table), (flags.FLAGS.leaderboard, matrix)):
     _write(path, header + text)
   print(header + table)

@@ -158,8 +158,15 @@ def machine() -> str:
   return f'{cores} CPU cores ({model}), JAX backend {jax.default_backend()}; {versions}'
 
 
-def provenance(command: str, seeds: Sequence[int], minutes: float, what: str) -> str:
-  """The paragraph that heads a table made over seeds: the command, n and the seeds, the runtime, the machine."""
+def provenance(command: str, seeds: Sequence[int], minutes: float, what: str, *, reused: int = 0) -> str:
+  """The paragraph that heads a table made over seeds: the command, n and the seeds, the runtime, the machine.
+
+  `reused`: how many runs this invocation found already trained (by an earlier, interrupted or parallel
+  invocation of the same command) and only evaluated; the runtime then covers this invocation, not the sweep.
+  """
+  timing = f'trained and evaluated in {minutes:.1f} minutes on {machine()}'
+  if reused:
+    timing = (f'{minutes:.1f} minutes on {machine()} for the invocation that wrote this file, which found {reused} '
+              f'runs already trained by earlier invocations and evaluated them from their last checkpoint')
   return (f'Written by `{command}` ({what}; every number is the mean ± sample standard deviation over '
-          f'n = {len(seeds)} seed(s), {", ".join(map(str, seeds))}, trained and evaluated in {minutes:.1f} minutes '
-          f'on {machine()}).\n\n')
+          f'n = {len(seeds)} seed(s), {", ".join(map(str, seeds))}, {timing}).\n\n')

@@ -96,6 +96,9 @@ def test_provenance_names_the_command_the_seeds_the_machine_and_the_versions():
   assert f'{len(os.sched_getaffinity(0))} CPU cores (' in real
   for library in ('jax', 'flax', 'optax', 'numpy'):
     assert f'{library} {importlib.metadata.version(library)}' in real
+  reused = digits_methods.provenance(command, (0, 1, 2), 3.0, smoke=False, reused=54)
+  assert '3.0 minutes on ' in reused and 'which found 54 runs already trained' in reused
+  assert 'trained and evaluated in' not in reused
   smoke = digits_methods.provenance(command, (0, 1), 0.5, smoke=True)
   assert 'not results' in smoke and 'real data' not in smoke and 'n = 2 seed(s), 0, 1,' in smoke
   for path in ('docs/digits_methods.md', 'docs/digits_leaderboard.md'):  # the committed tables carry it
