@@ -2,10 +2,11 @@
 
 setup.py: core `install_requires` = jax, flax, optax, chex, numpy; extras train, colab (train without
 tensorflow-cpu), plots, digits, all, docs, test. `ood_jax._extras` maps each trainer-side module to the
-optional packages it needs. The slow test, marked `venv` (a few minutes), pip-install into fresh venvs
-from PyPI (pip's cache is reused): `test_release_builds_passes_twine_and_installs_core_and_extras` builds the
-distributions as a release would, checks them with twine, installs the wheel alone (the core: the Flax example of
-docs/own_model.md runs without any extra), the sdist, and the extras, all in one venv.
+optional packages it needs. The slow test, marked `venv` and `slow` (a few minutes; the release check runs it),
+pip-installs into a fresh venv from PyPI (pip's cache is reused):
+`test_release_builds_passes_twine_and_installs_core_and_extras` builds the distributions as a release would,
+checks them with twine, installs the wheel alone (the core: the Flax example of docs/own_model.md runs without
+any extra), the sdist, and the extras, all in one venv.
 """
 
 import ast
@@ -252,6 +253,7 @@ print(json.dumps({'version': ood_jax.__version__, 'file': ood_jax.__file__,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.venv
 def test_release_builds_passes_twine_and_installs_core_and_extras(tmp_path):
   # The release as a user gets it: `python -m build` on a clean copy of what setup.py packages, `twine check` as

@@ -1,6 +1,6 @@
 """What a GPU/TPU run needs, checked on this CPU: traces of chosen steps, the process settings `prepare` applies
 before JAX starts, the persistent compilation cache across processes, and installs that resolve JAX's CUDA and TPU
-builds within ood_jax's JAX range (pip dry runs against PyPI: marked `venv`).
+builds within ood_jax's JAX range (pip dry runs against PyPI: marked `venv` and `slow`, run by the release check).
 
 The platform-specific programs (no CPU rewrites in a GPU/TPU program) are tested in tests/test_batch_norm.py, MFU
 per device in tests/trainer/test_throughput.py, the deterministic-ops flags in tests/trainer/test_xla_options.py.
@@ -180,6 +180,7 @@ _PLUGINS = {'cuda12': ('jax-cuda12-plugin', 'jax-cuda12-pjrt'), 'cuda13': ('jax-
             'tpu': ()}
 
 
+@pytest.mark.slow
 @pytest.mark.venv
 def test_all_with_an_accelerator_resolves_jax_and_its_plugin_within_the_range(tmp_path):
   # The documented install line, `pip install -e '.[all,cuda12]'`, in a fresh environment: one resolution.
@@ -231,6 +232,7 @@ def _install_cell_functions() -> str:
   return ast.unparse(tree)
 
 
+@pytest.mark.slow
 @pytest.mark.venv
 @pytest.mark.parametrize('runtime, extra, kept', [
     (('jax[cuda12]==0.5.2', 'flax==0.10.6'), 'cuda12', False),  # an older Colab GPU runtime: upgraded together
