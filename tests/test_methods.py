@@ -327,3 +327,82 @@ def test_openood_baselines_train_and_evaluate_from_the_digits_config(tmp_path):
     assert results['method'] == name and results['default_score'] == method.scores[0]
     assert set(results['ood']['digits/near']) == set(method.scores)
     assert 0.0 <= results['in_distribution']['accuracy'] <= 1.0 and results['in_distribution']['nll'] > 0
+
+
+# ------------------------------------------------------------------------------------------
+# RotPred (Hendrycks et al. 2019) and MixOE (Zhang et al. 2023).
+
+
+def test_rotpred_turns_the_batch_and_composes_openoods_two_cross_entropies():
+  method = methods.get_method('rotpred')
+  assert method.head == 'rotation' and method.model_scores == ('rotpred',)
+  assert 'rotpred' in detectors.names() and detectors.get('rotpred').needs == {'model'}
+  images = np.random.default_rng(9).normal(size=(3, 4, 4, 2)).astype(np.float32)
+  turned = np.asarray(jax.jit(lambda x: method.inputs({'image': x}, None, method.hparams, None))(images))
+  want = np.concatenate([np.rot90(images, r, axes=(1, 2)) for r in range(4)])  # torch.rot90(x, r, [2, 3]) in NCHW
+  np.testing.assert_array_equal(turned, want)
+  with pytest.raises(ValueError, match='must be square'):
+    method.inputs({'image': jnp.zeros((2, 4, 3, 1))}, None, method.hparams, None)
+  rng = np.random.default_rng(10)
+  outputs = (rng.normal(size=(12, 5 + 4)) * 2).astype(np.float32)  # [4B, K + 4]: class logits, rotation logits
+  y = np.array([0, 4, 2], np.int32)
+  loss, aux = jax.jit(lambda o, b: method.loss(o, None, b, **method.hparams))(outputs, {'label': jnp.asarray(y)})
+  # OpenOOD's RotPredTrainer: F.cross_entropy(logits[:B], y) + F.cross_entropy(rot_logits, [0]*B + ... + [3]*B).
+  rotation_targets = np.repeat(np.arange(4), 3)
+  want = (np.mean(-_np_log_softmax(outputs[:3, :5])[np.arange(3), y]) +
+          np.mean(-_np_log_softmax(outputs[:, 5:])[np.arange(12), rotation_targets]))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(aux['rotation_accuracy']), np.mean(outputs[:, 5:].argmax(-1) == rotation_targets))
+
+
+def test_mix_outliers_pastes_one_box_of_the_outliers_and_mixes_pure_in_the_key():
+  rng = np.random.default_rng(11)
+  images = rng.normal(size=(3, 8, 8, 2)).astype(np.float32)
+  outliers = rng.normal(size=(3, 8, 8, 2)).astype(np.float32) + 10.0  # never equal to an image pixel
+  method = methods.get_method('mixoe')
+  batch = {'image': images, 'label': np.arange(3, dtype=np.int32), 'outlier': np.concatenate([outliers, outliers])}
+  both = jax.jit(lambda keys: (  # one compilation: the two ops over many keys, and MixOE's inputs
+      jax.vmap(lambda k: [mixup_lib.mix_outliers(images, outliers, k, alpha=0.1, beta=1.0, op=op)
+                          for op in ('cutmix', 'mixup')])(keys),
+      method.inputs(batch, keys[0], method.hparams, None)))
+  keys = jax.random.split(jax.random.key(0), 400)
+  ((mixed, lam), (mixed_up, lam_up)), (inputs, extra) = jax.tree.map(np.asarray, both(keys))
+  again = np.asarray(both(keys)[0][0][0])
+  np.testing.assert_array_equal(mixed, again)  # a function of the key alone: what bitwise resume needs
+  for m, share in zip(mixed[:50], lam[:50]):
+    from_outlier = (m == outliers)
+    assert np.all(from_outlier | (m == images))
+    box = from_outlier[0, :, :, 0]
+    np.testing.assert_array_equal(from_outlier, np.broadcast_to(box[None, :, :, None], m.shape))  # one box, all rows
+    rows, columns = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+    if box.any():  # a rectangle
+      assert box[rows.min():rows.max() + 1, columns.min():columns.max() + 1].all()
+      assert box.sum() == rows.size * columns.size
+    np.testing.assert_allclose(share, 1 - box.mean(), rtol=1e-6)  # λ = the share of the image's pixels left
+  np.testing.assert_allclose(mixed_up, lam_up[:, None, None, None, None] * images +
+                             (1 - lam_up[:, None, None, None, None]) * outliers, rtol=1e-5, atol=1e-5)
+  # λ ~ Beta(0.1, 1), mean 1/11: mostly outlier. The box (even half-sides, clipped) leaves a little more image.
+  assert abs(lam_up.mean() - 1 / 11) < 0.03 and lam.mean() >= lam_up.mean()
+  # MixOE feeds [x; x̃] through one forward pass, x̃ mixing image i with outlier i (the first B of the stream).
+  np.testing.assert_array_equal(inputs[:3], images)
+  np.testing.assert_array_equal(inputs[3:], mixed[0])
+  assert float(extra['mix']) == float(lam[0])
+  with pytest.raises(ValueError, match='outlier batch'):
+    jax.eval_shape(lambda b: method.inputs(b, keys[0], method.hparams, None), {**batch, 'outlier': outliers[:2]})
+  with pytest.raises(ValueError, match='must be one of'):
+    mixup_lib.mix_outliers(images, outliers, keys[0], alpha=0.1, beta=1.0, op='cut')
+  with pytest.raises(ValueError, match='outliers must have the shape'):
+    mixup_lib.mix_outliers(images, outliers[:2], keys[0], alpha=0.1, beta=1.0)
+
+
+def test_mixoe_composes_openoods_loss():
+  method = methods.get_method('mixoe')
+  assert method.needs_outliers and method.hparams == {'alpha': 0.1, 'beta': 1.0, 'mix_op': 'cutmix', 'weight': 1.0}
+  logits, labelled, z_in, z_mixed, y = _batch(seed=13, n_in=6, n_out=6, k=5)
+  loss, _ = jax.jit(lambda z, b: method.loss(z, None, b, **method.hparams))(
+      logits, {**labelled, 'mix': jnp.float32(0.2)})
+  # OpenOOD's MixOETrainer: CE(net(x), y) + lambda_oe·SoftCE(net(x̃), λ·onehot(y) + (1 − λ)·uniform).
+  target = 0.2 * np.eye(5)[y] + 0.8 / 5
+  want = np.mean(-_np_log_softmax(z_in)[np.arange(6), y]) + np.mean(-np.sum(target * _np_log_softmax(z_mixed), -1))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
