@@ -5,12 +5,14 @@ collection (so it is checkpointed, resumed bit for bit and guarded against non-f
 statistics, and updated inside the jitted step by the method's `update_state`):
 
 * a per-class FIFO queue of the last S penultimate features (`enqueue`), from which
+
   - VOS (Du, Wang, Cai & Li 2022, "VOS: Learning What You Don't Know by Virtual Outlier Synthesis", Sec. 3.1)
     fits class-conditional Gaussians with one shared covariance and keeps the least likely of many samples
     (`virtual_outliers`, `class_gaussians`);
   - NPOS (Tao, Du, Zhu & Li 2023, "Non-Parametric Outlier Synthesis", Sec. 3.2) perturbs the boundary points of
     each class (largest k-NN distance in the queue) with Gaussian noise and keeps the candidates farthest from
     the queue (`npos_outliers`, `kth_neighbour_distance`);
+
 * class prototypes on the unit sphere, moved towards each embedding of their class by an exponential moving
   average (`ema_prototypes`; CIDER, Ming, Sun, Dia & Li 2023, eq. 6, and NPOS).
 
