@@ -293,6 +293,9 @@ def test_energy_config_trains_from_scratch_on_mock_cifar(tmp_path):
   _check_outlier_exposure_run(_train_on_mock_data(config, tmp_path), config, tmp_path, 'energy', 'energy')
 
 
+# The release check runs the two-stage configs (pytest -m slow): 2–3 minutes each on 2 cores; CI trains OE → ICE
+# fine-tuning and SMOT from its base run on digits (tests/test_methods.py).
+@pytest.mark.slow
 def test_oe_config_trains_from_scratch_and_the_ice_config_fine_tunes_from_its_run(tmp_path):
   """ICE's fine-tune protocol (Wu et al. 2022) on mock CIFAR-10: a WRN-40-2 with a softmax head, then ICE from its
   checkpoint.
@@ -316,7 +319,7 @@ def test_oe_config_trains_from_scratch_and_the_ice_config_fine_tunes_from_its_ru
   assert jax.tree.structure(tuned['backbone']) == jax.tree.structure(source['backbone'])
 
 
-@pytest.mark.parametrize('method', ['reweightood', 'supcon'])
+@pytest.mark.parametrize('method', ['reweightood', pytest.param('supcon', marks=pytest.mark.slow)])
 def test_contrastive_configs_train_and_evaluate_by_features_on_mock_cifar(tmp_path, method):
   config = _module('reweightood').get_config(f'{method},smoke')
   results = _train_on_mock_data(config, tmp_path, num_examples=100)  # 100: every class has embeddings
@@ -326,6 +329,7 @@ def test_contrastive_configs_train_and_evaluate_by_features_on_mock_cifar(tmp_pa
   assert ind['num_examples'] == 100 and len(ind['mes_radius']) == 10 and 0.0 <= ind['accuracy'] <= 1.0
 
 
+@pytest.mark.slow
 def test_smot_config_trains_its_second_stage_from_its_first(tmp_path):
   smot = _module('smot')
   _train_on_mock_data(smot.get_config('base,smoke'), tmp_path / 'base')
