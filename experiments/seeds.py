@@ -167,6 +167,6 @@ def provenance(command: str, seeds: Sequence[int], minutes: float, what: str, *,
   timing = f'trained and evaluated in {minutes:.1f} minutes on {machine()}'
   if reused:
     timing = (f'{minutes:.1f} minutes on {machine()} for the invocation that wrote this file, which found {reused} '
-              f'runs already trained by earlier invocations and evaluated them from their last checkpoint')
+              f'runs already trained by earlier invocations of the same command (and evaluated those without results)')
   return (f'Written by `{command}` ({what}; every number is the mean ± sample standard deviation over '
           f'n = {len(seeds)} seed(s), {", ".join(map(str, seeds))}, {timing}).\n\n')
