@@ -99,6 +99,24 @@ registry.register('gradnorm', needs={'features', 'head'}, fit=shaping.fit_head, 
                   defaults={'temperature': 1.0, 'include_bias': False}, paper='Huang, Geng & Li 2021', year=2021)
 
 
+def _perturbation_inputs(name, apply_fn, inputs, temperature, epsilon):
+  """ODIN's and iODIN's argument checks, and their temperature-scaled logits as a function of the inputs."""
+  if not callable(apply_fn):
+    raise ValueError(f"detector '{name}' needs apply_fn (inputs -> logits) and inputs; got no apply_fn.")
+  if inputs is None:
+    raise ValueError(f"detector '{name}' needs inputs (it perturbs them); got None.")
+  inputs = _checks.floating('inputs', inputs, min_ndim=1)
+  _checks.positive('temperature', temperature)
+  _checks.nonnegative('epsilon', epsilon)
+
+  def scaled_logits(x):
+    out = apply_fn(x)
+    logits = base.any_logits(out['logits'] if isinstance(out, Mapping) else out, name='apply_fn(inputs)')
+    return logits / jnp.asarray(temperature, dtype=logits.dtype)
+
+  return inputs, scaled_logits
+
+
 def odin(apply_fn: Callable, inputs, *, temperature=1000.0, epsilon=0.0014):
   """ODIN score: temperature-scaled MSP of a gradient-perturbed input (Liang et al. 2018, eq. 2).
 
@@ -141,18 +159,7 @@ def odin(apply_fn: Callable, inputs, *, temperature=1000.0, epsilon=0.0014):
     `[batch]` scores in (0, 1], in at least float32. The perturbed inputs are formed in at least
     float32, because ε is below bfloat16's resolution near 1.
   """
-  if not callable(apply_fn):
-    raise ValueError("detector 'odin' needs apply_fn (inputs -> logits) and inputs; got no apply_fn.")
-  if inputs is None:
-    raise ValueError("detector 'odin' needs inputs (it perturbs them); got None.")
-  inputs = _checks.floating('inputs', inputs, min_ndim=1)
-  _checks.positive('temperature', temperature)
-  _checks.nonnegative('epsilon', epsilon)
-
-  def scaled_logits(x):
-    out = apply_fn(x)
-    logits = base.any_logits(out['logits'] if isinstance(out, Mapping) else out, name='apply_fn(inputs)')
-    return logits / jnp.asarray(temperature, dtype=logits.dtype)
+  inputs, scaled_logits = _perturbation_inputs('odin', apply_fn, inputs, temperature, epsilon)
 
   if _checks.is_concrete(epsilon) and float(epsilon) == 0:
     # Without a perturbation ODIN is temperature scaling; skip the useless backward pass.
@@ -204,18 +211,7 @@ def iodin(apply_fn: Callable, inputs, *, temperature=1000.0, epsilon=0.0014):
   Returns:
     `[batch]` scores in (0, 1].
   """
-  if not callable(apply_fn):
-    raise ValueError("detector 'iodin' needs apply_fn (inputs -> logits) and inputs; got no apply_fn.")
-  if inputs is None:
-    raise ValueError("detector 'iodin' needs inputs (it perturbs them); got None.")
-  inputs = _checks.floating('inputs', inputs, min_ndim=1)
-  _checks.positive('temperature', temperature)
-  _checks.nonnegative('epsilon', epsilon)
-
-  def scaled_logits(x):
-    out = apply_fn(x)
-    logits = base.any_logits(out['logits'] if isinstance(out, Mapping) else out, name='apply_fn(inputs)')
-    return logits / jnp.asarray(temperature, dtype=logits.dtype)
+  inputs, scaled_logits = _perturbation_inputs('iodin', apply_fn, inputs, temperature, epsilon)
 
   def total_log_msp(x):
     log_probs = jax.nn.log_softmax(scaled_logits(x), axis=-1)
