@@ -305,6 +305,16 @@ class Report:
 # The call.
 
 
+def _tuning_sets(validation_ood, ood) -> dict:
+  """`validation_ood` as a dict; ValueError if a tuning set is also a test set."""
+  validation_ood = dict(validation_ood or {})
+  leaked = sorted(set(validation_ood) & set(ood))
+  if leaked:
+    raise ValueError(f'validation_ood sets {leaked} are also test sets: tuning on a test set overstates every '
+                     'number measured on it.')
+  return validation_ood
+
+
 def evaluate(model, variables=None, *, train, test, ood: Mapping[str, Any], validation=None,
              validation_ood: Mapping[str, Any] | None = None, groups: Mapping[str, Iterable[str]] | None = None,
              detectors='all', detector_kwargs: Mapping[str, Mapping[str, Any]] | None = None, head='head',
@@ -340,11 +350,7 @@ def evaluate(model, variables=None, *, train, test, ood: Mapping[str, Any], vali
   """
   if not isinstance(ood, Mapping) or not ood:
     raise ValueError('ood must map at least one OOD set name to its images.')
-  validation_ood = dict(validation_ood or {})
-  leaked = sorted(set(validation_ood) & set(ood))
-  if leaked:
-    raise ValueError(f'validation_ood sets {leaked} are also test sets: tuning on a test set overstates every '
-                     'number measured on it.')
+  validation_ood = _tuning_sets(validation_ood, ood)
   groups = {g: tuple(sets) for g, sets in (groups or {'ood': tuple(ood)}).items()}
   unknown = sorted({s for sets in groups.values() for s in sets} - set(ood))
   if unknown:
@@ -396,11 +402,7 @@ def evaluate_outputs(*, train, test, ood: Mapping[str, Any], validation: Mapping
   Returns:
     A `Report`.
   """
-  validation_ood = dict(validation_ood or {})
-  leaked = sorted(set(validation_ood) & set(ood))
-  if leaked:
-    raise ValueError(f'validation_ood sets {leaked} are also test sets: tuning on a test set overstates every '
-                     'number measured on it.')
+  validation_ood = _tuning_sets(validation_ood, ood)
   groups = {g: tuple(sets) for g, sets in (groups or {'ood': tuple(ood)}).items()}
   present = tuple(test.keys) if detection.streamed(test) else tuple(test)
   if 'features' not in present and 'logits' not in present:
